@@ -1,0 +1,202 @@
+"""The ``lmtune`` command: parse arguments, then call the library.
+
+Heavy imports (torch, transformers) happen inside the command handlers, so ``lmtune --help``
+and argument errors answer at once. Exit status: 0 success, 2 usage or input error (one
+readable message, no traceback), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from lmtune.errors import InputError
+
+EXAMPLES = """examples:
+  lmtune demo
+  lmtune train examples/lora.yaml train.lr=2e-4
+  lmtune train data.train=my.jsonl method=lora output_dir=runs/a
+  lmtune generate --prompt "where is the"
+"""
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lmtune.config import load_config
+    from lmtune.run import run_training
+
+    config_file, overrides = _split_config_args(args.args)
+    cfg = load_config(config_file, overrides)
+    run_training(cfg)
+    return 0
+
+
+def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG.yaml] [key=value ...]``: the first item without '=' is the config file."""
+    config_file = None
+    overrides = []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif config_file is None:
+            config_file = item
+        else:
+            raise InputError(f"'{item}' is neither key=value nor the (single) config file; "
+                             f"the config file is already {config_file}")
+    return config_file, overrides
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from lmtune.models.shipped import pretrain
+
+    pretrain(args.corpus, args.out, args.overrides)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lmtune.generate import generate_text
+    from lmtune.models.loading import load_model_and_tokenizer
+
+    model, tokenizer, folder = load_model_and_tokenizer(args.model)
+    if args.adapter:
+        from lmtune.methods.adapters import load_adapter
+
+        model = load_adapter(model, args.adapter, tokenizer=tokenizer)
+    prompt = args.prompt
+    stop_ids: list[int] = []
+    if args.chat:
+        from lmtune.data.chat import render_generation_prompt
+
+        prompt, stop_ids = render_generation_prompt(tokenizer, args.prompt)
+    text = generate_text(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                         stop_ids=stop_ids, add_bos=not args.chat)
+    print(text)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lmtune.evaluate import run_eval
+
+    results = run_eval(model=args.model, adapter=args.adapter, data=args.data, metrics=args.metrics,
+                       shots=args.shots, shots_file=args.shots_file, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for k, v in results.items():
+            print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lmtune.methods.adapters import merge_command
+
+    merge_command(model=args.model, adapter=args.adapter, out=args.out)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lmtune.footprint import run_inspect
+
+    report = run_inspect(model=args.model, overrides=args.overrides)
+    print(json.dumps(report, indent=2) if args.json else report["text"])
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lmtune.demo import run_demo
+
+    run_demo(args.out, steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmtune", description="Fine-tune language models.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from lmtune import __version__
+
+    parser.add_argument("--version", action="version", version=f"lmtune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    model_help = "local model folder (default: the shipped model)"
+
+    p = sub.add_parser("demo", help="pre-training vs fine-tuning vs LoRA on the shipped model, end to end")
+    p.add_argument("--out", default="lmtune-demo", help="output folder (default: lmtune-demo)")
+    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps per arm (default: 300)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="one training run",
+                       description="Train from a YAML config and/or key=value overrides of its dotted keys. "
+                                   "Keys and defaults: lmtune train --keys")
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]")
+    p.add_argument("--keys", action="store_true", help="list every config key with its default")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pretrain", help="word tokenizer + small GPT from scratch, with the same loop")
+    p.add_argument("--corpus", required=True, help="text file, one sentence per line")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("eval", help="perplexity, exact match, F1, BLEU, ROUGE, accuracy, AUC")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--adapter", help="adapter folder to apply")
+    p.add_argument("--data", required=True, help="evaluation data file")
+    p.add_argument("--metrics", default="perplexity", help="comma-separated (default: perplexity)")
+    p.add_argument("--shots", type=int, default=0, help="few-shot: examples placed in each prompt")
+    p.add_argument("--shots-file", help="where few-shot examples come from (default: --data)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a model (and adapter)")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--adapter", help="adapter folder to apply without merging")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template, stop at end of turn")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("merge", help="fold an adapter into the base weights")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("inspect", help="parameters and training memory per method")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "train" and args.keys:
+        from lmtune.config import describe_keys
+
+        print(describe_keys())
+        return 0
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return handler(args)
+    except InputError as e:
+        print(f"lmtune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmtune: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> Any:
+    sys.exit(main())

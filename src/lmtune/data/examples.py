@@ -1,0 +1,57 @@
+"""Token-level examples and the statistics every builder reports.
+
+An example is a dict with ``input_ids`` and ``labels`` (the same length; ``-100`` marks a
+position that carries no loss). Labels are *not* shifted: position t's label is the token
+at t, and the loss predicts it from positions < t.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+IGNORE = -100
+
+
+@dataclass
+class BuildStats:
+    """What happened while turning records into examples (logged and put in summary.json)."""
+
+    examples: int = 0
+    truncated: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"examples": self.examples, "truncated": self.truncated, "dropped": dict(self.dropped)}
+
+
+def special_ids(tokenizer: Any) -> tuple[int | None, int | None]:
+    """The (bos, eos) ids the examples are framed with; a word tokenizer may use BOS for both."""
+    bos = tokenizer.bos_token_id
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
+    return bos, eos
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` without any special tokens (framing is added explicitly)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def text_example(tokenizer: Any, text: str, max_length: int, stats: BuildStats) -> dict[str, list[int]] | None:
+    """BOS + text + EOS, all positions carry loss; truncated from the end and counted."""
+    bos, eos = special_ids(tokenizer)
+    ids = ([bos] if bos is not None else []) + encode(tokenizer, text) + ([eos] if eos is not None else [])
+    if len(ids) < 2:
+        stats.drop("empty text")
+        return None
+    if len(ids) > max_length:
+        ids = ids[:max_length]
+        stats.truncated += 1
+    stats.examples += 1
+    labels = list(ids)
+    if bos is not None:
+        labels[0] = IGNORE  # nothing precedes BOS, so nothing predicts it
+    return {"input_ids": ids, "labels": labels}

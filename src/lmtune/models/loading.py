@@ -1,0 +1,150 @@
+"""Load local `transformers` models and tokenizers, safely, and fingerprint what they rely on.
+
+Weights load from safetensors only: a folder holding only pickle files (``pytorch_model.bin``,
+``*.pt``) is refused before anything reads it, because unpickling runs arbitrary code.
+``trust_remote_code`` stays off unless the user sets it. Nothing is downloaded.
+
+Every model lmtune saves carries ``lmtune.json`` with a fingerprint of its tokenizer
+(vocabulary and special tokens). Token ids only mean the words they meant in training
+under that tokenizer, so pairing a model with a different one is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from lmtune.errors import InputError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+META_FILE = "lmtune.json"
+
+
+def shipped_model_dir() -> Path:
+    """The small word-level GPT that ships inside the package."""
+    from importlib.resources import files
+
+    return Path(str(files("lmtune.assets") / "model"))
+
+
+def resolve_model_dir(path: str | Path | None) -> Path:
+    """Check that ``path`` is a loadable model folder (``None``: the shipped model) and return it.
+
+    Raises:
+        InputError: the folder is missing, has no ``config.json``, or has no safetensors
+            weights (pickle-only folders are refused and never read).
+    """
+    folder = shipped_model_dir() if path is None else Path(path)
+    if not folder.exists():
+        raise InputError(f"model folder {folder} does not exist (give a local Hugging Face model folder)")
+    if not folder.is_dir():
+        raise InputError(f"model {folder} is a file; give the folder that holds config.json and *.safetensors")
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{folder} is not a model folder: it has no config.json")
+    if not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise InputError(
+                f"{folder} holds only pickle weights ({', '.join(pickles)}); lmtune loads safetensors only, "
+                "because unpickling can run arbitrary code. Convert a file you trust with "
+                "`model.save_pretrained(dir, safe_serialization=True)`."
+            )
+        raise InputError(f"{folder} has no *.safetensors weights")
+    return folder
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:
+    """Load the tokenizer saved in ``folder``, locally."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{folder}: could not load its tokenizer: {e}") from None
+    if tok.pad_token_id is None:
+        # Padding is masked out of attention and loss, so any id works; EOS is the usual choice.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.bos_token
+    return tok
+
+
+def load_causal_lm(folder: Path, trust_remote_code: bool = False, dtype: Any = None) -> Any:
+    """Load a causal LM from a checked folder, safetensors only, float32 unless told otherwise."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code,
+            dtype=dtype or torch.float32,
+        )
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise InputError(f"{folder} needs custom code to load; set trust_remote_code=true only if you "
+                             "trust the folder's author") from None
+        raise InputError(f"{folder}: not a causal language model this transformers can load: {e}") from None
+    except OSError as e:
+        raise InputError(f"{folder}: could not load the model: {e}") from None
+    return model
+
+
+def load_model_and_tokenizer(path: str | Path | None, tokenizer_path: str | Path | None = None,
+                             trust_remote_code: bool = False) -> tuple[Any, Any, Path]:
+    """Load a causal LM and its tokenizer, refusing a tokenizer the model was not trained with.
+
+    Returns:
+        ``(model, tokenizer, folder)``.
+    """
+    folder = resolve_model_dir(path)
+    tok_folder = Path(tokenizer_path) if tokenizer_path else folder
+    tokenizer = load_tokenizer(tok_folder, trust_remote_code)
+    check_tokenizer(folder, tokenizer, tok_folder)
+    model = load_causal_lm(folder, trust_remote_code)
+    return model, tokenizer, folder
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of the vocabulary (token → id) and the special tokens; equal ids mean equal words."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "unk_token")}
+    payload = json.dumps({"vocab": vocab, "special": special}, sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def weights_fingerprint(model: Any) -> str:
+    """A hash of the model's parameter names and shapes (which base an adapter belongs to)."""
+    shapes = [(n, list(p.shape)) for n, p in model.named_parameters()]
+    return hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """The ``lmtune.json`` a saved model carries, or ``{}`` for a model lmtune did not write."""
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e}); delete it to load the model without its record") from None
+
+
+def check_tokenizer(model_folder: Path, tokenizer: Any, tokenizer_folder: Path | None = None) -> None:
+    """Refuse a tokenizer whose fingerprint differs from the one recorded with the model."""
+    recorded = read_meta(model_folder).get("tokenizer_fingerprint")
+    actual = tokenizer_fingerprint(tokenizer)
+    if recorded and recorded != actual:
+        raise InputError(
+            f"the tokenizer in {tokenizer_folder or model_folder} (fingerprint {actual}) is not the one the model in "
+            f"{model_folder} was trained with ({recorded}): the token ids would no longer mean the same words. "
+            "Use the tokenizer saved with the model."
+        )
+
+
+def save_model(model: Any, tokenizer: Any, folder: Path, extra_meta: dict[str, Any] | None = None) -> None:
+    """Write a plain ``transformers`` folder (safetensors + tokenizer) and lmtune's record."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    meta = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), **(extra_meta or {})}
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,46 @@
+"""Objective ``lm``: next-token loss on plain text (pre-training and continued pre-training)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmtune.data.batching import pad_batch
+from lmtune.data.examples import BuildStats, text_example
+from lmtune.data.readers import Record
+from lmtune.errors import InputError
+from lmtune.objectives.lm import lm_loss
+from lmtune.train import Task
+
+
+def text_examples(records: list[Record], tokenizer: Any, max_length: int,
+                  stats: BuildStats | None = None) -> tuple[list[dict[str, list[int]]], BuildStats]:
+    """Token examples from records with a string ``text`` field."""
+    stats = stats or BuildStats()
+    examples = []
+    for rec in records:
+        text = rec.fields.get("text")
+        if not isinstance(text, str):
+            raise InputError(f"{rec.where}: field 'text' must be a string, got "
+                             f"{'nothing' if text is None else type(text).__name__}")
+        ex = text_example(tokenizer, text, max_length, stats)
+        if ex is not None:
+            examples.append(ex)
+    return examples, stats
+
+
+def build_task(ctx: Any) -> Task:
+    """LM task: every token after BOS carries loss."""
+    cfg, tok = ctx.cfg, ctx.tokenizer
+    train_ex, stats = text_examples(ctx.records("data.train"), tok, cfg["train.max_length"])
+    if not train_ex:
+        raise InputError(f"{cfg['data.train']}: no usable examples")
+    eval_records = ctx.records("data.eval")
+    eval_ex = text_examples(eval_records, tok, cfg["train.max_length"])[0] if eval_records else None
+    if stats.truncated:
+        ctx.log.say(f"truncated {stats.truncated} of {stats.examples} examples to train.max_length="
+                    f"{cfg['train.max_length']} tokens")
+    prepared = ctx.apply_method(ctx.load_causal_lm())
+    pad_id = tok.pad_token_id
+    return Task(model=prepared.model, train_examples=train_ex, eval_examples=eval_ex,
+                collate=lambda exs: pad_batch(exs, pad_id), loss=lm_loss, save=prepared.save,
+                summary={"data": stats.as_dict(), **prepared.summary})

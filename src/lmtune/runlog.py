@@ -1,0 +1,126 @@
+"""What a run tells the user and writes down: console lines, metrics.jsonl, TensorBoard, summary.json."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file and rename it, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+class RunLog:
+    """Console + ``metrics.jsonl`` + TensorBoard for one run.
+
+    Nothing is written to ``output_dir`` until the first step is logged, so a run that
+    fails during setup leaves no file that could be taken for a result.
+    """
+
+    def __init__(self, output_dir: Path, cfg: dict[str, Any] | None = None, quiet: bool = False,
+                 tensorboard: bool = True):
+        self.output_dir = Path(output_dir)
+        self.quiet = quiet
+        self._tensorboard = tensorboard
+        self._writer: Any = None
+        self._bar_active = False
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            print(message, flush=True)
+
+    @contextlib.contextmanager
+    def progress(self, total: int, initial: int) -> Iterator[Any]:
+        """A progress bar on interactive terminals only; logs stay clean in files and CI."""
+        if self.quiet or not sys.stderr.isatty():
+            yield _NoBar()
+            return
+        from tqdm import tqdm
+
+        with tqdm(total=total, initial=initial, unit="step", leave=False, dynamic_ncols=True) as bar:
+            self._bar_active = True
+            try:
+                yield bar
+            finally:
+                self._bar_active = False
+
+    def step(self, record: dict[str, Any], total: int) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with (self.output_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        line = f"step {record['step']:4d} / {total} | loss {record['loss']:.4f}"
+        if "eval_loss" in record:
+            line += f" | eval_loss {record['eval_loss']:.4f}"
+        self._console(line)
+        writer = self._tb()
+        if writer is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, record["step"])
+
+    def _console(self, line: str) -> None:
+        if self.quiet:
+            return
+        if self._bar_active:
+            from tqdm import tqdm
+
+            tqdm.write(line)
+        else:
+            print(line, flush=True)
+
+    def _tb(self) -> Any:
+        if not self._tensorboard:
+            return None
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a dependency; tolerate a trimmed install
+                self._tensorboard = False
+                return None
+            self._writer = SummaryWriter(log_dir=str(self.output_dir))
+        return self._writer
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records logged after ``step`` (a resumed run logs them again, identically)."""
+        path = self.output_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut short by a kill; the resumed run rewrites it
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        write_json_atomic(self.output_dir / "summary.json", summary)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -23,7 +23,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, get_block_absmax, linear_nf4, to_nf4
+
+# torchao is imported inside the functions that need it: it is slow to import and noisy, and
+# ``lmtune inspect`` only needs the arithmetic.
 
 SCALER_BLOCK = 256  # scales per second-level block (QLoRA paper)
 # The 16 NF4 levels, as torchao (and bitsandbytes) define them.
@@ -31,17 +33,26 @@ NF4_LEVELS = (-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
               0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0)
 
 
-def quantize_problem(shape: tuple[int, ...], block_size: int, double_quant: bool) -> str | None:
-    """Why a weight of ``shape`` cannot be stored as NF4 (``None`` when it can)."""
-    numel = 1
-    for d in shape:
-        numel *= d
+def quantize_problem(numel: int, block_size: int, double_quant: bool) -> str | None:
+    """Why a weight of ``numel`` elements cannot be stored as NF4 (``None`` when it can)."""
     if numel % block_size:
         return f"{numel} weights do not divide into blocks of {block_size}"
     if double_quant and (numel // block_size) % SCALER_BLOCK:
         return (f"its {numel // block_size} block scales do not divide into blocks of {SCALER_BLOCK} "
                 f"(needs a multiple of {block_size * SCALER_BLOCK} weights)")
     return None
+
+
+def nf4_nbytes(numel: int, block_size: int = 64, double_quant: bool = True, scale_bytes: int = 4) -> int:
+    """Bytes of an NF4 weight of ``numel`` elements, in closed form (what :func:`quant_nbytes` measures).
+
+    Codes: ``numel/2``. Double quantization: one int8 scale per block, one ``scale_bytes``
+    factor per 256 blocks and one mean; otherwise one fp32 scale per block.
+    """
+    blocks = numel // block_size
+    if double_quant:
+        return numel // 2 + blocks + (blocks // SCALER_BLOCK) * scale_bytes + scale_bytes
+    return numel // 2 + blocks * 4
 
 
 class NF4Single(nn.Module):
@@ -53,6 +64,8 @@ class NF4Single(nn.Module):
 
     def __init__(self, weight: torch.Tensor, block_size: int):
         super().__init__()
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, get_block_absmax
+
         flat = weight.detach().float().flatten()  # (N,)
         n_blocks = flat.numel() // block_size
         self.shape = tuple(weight.shape)
@@ -87,13 +100,15 @@ class _LinearDequant(torch.autograd.Function):
         return grad_out @ ctx.weight.dequantize().to(grad_out.dtype), None
 
 
-QuantWeight = NF4Tensor | NF4Single
+QuantWeight = Any  # torchao's NF4Tensor or NF4Single
 
 
 def quantize(weight: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> QuantWeight:
     """Quantize a 2-D weight to NF4 (call :func:`quantize_problem` first)."""
     weight = weight.detach().contiguous()
     if double_quant:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
         return to_nf4(weight, block_size, SCALER_BLOCK)
     return NF4Single(weight, block_size)
 
@@ -107,6 +122,8 @@ def linear_4bit(x: torch.Tensor, q: QuantWeight) -> torch.Tensor:
     """``x @ W^T`` for a 4-bit ``W``; gradients flow to ``x`` only."""
     if isinstance(q, NF4Single):
         return _LinearDequant.apply(x, q)
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+
     return linear_nf4(x, q)
 
 

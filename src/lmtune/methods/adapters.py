@@ -57,7 +57,7 @@ def base_fingerprint(model: nn.Module) -> str:
 
 
 def inject(model: nn.Module, names: list[str], spec: LoRASpec | dict[str, LoRASpec], adapter: str = DEFAULT,
-           quantize: dict[str, Any] | None = None) -> dict[str, LoRALinear]:
+           quantize: dict[str, Any] | None = None, quantize_only: set[str] | None = None) -> dict[str, LoRALinear]:
     """Wrap the modules ``names`` in LoRA layers (once) and add adapter ``adapter`` to each.
 
     Args:
@@ -66,6 +66,7 @@ def inject(model: nn.Module, names: list[str], spec: LoRASpec | dict[str, LoRASp
         spec: the adapter's hyper-parameters, or one per module name.
         adapter: the adapter's name.
         quantize: ``{"block_size", "double_quant"}`` to store newly wrapped base weights in NF4.
+        quantize_only: with ``quantize``, the names that can be quantized (others stay as they are).
 
     Returns:
         The LoRA layers by module name.
@@ -75,7 +76,8 @@ def inject(model: nn.Module, names: list[str], spec: LoRASpec | dict[str, LoRASp
     for name in names:
         layer = modules[name]
         if not isinstance(layer, LoRALinear):
-            layer = LoRALinear(layer, quantize_base=quantize is not None, **(quantize or {}))
+            q = quantize is not None and (quantize_only is None or name in quantize_only)
+            layer = LoRALinear(layer, quantize_base=q, **(quantize or {}))
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
         try:
@@ -391,13 +393,13 @@ def merge_command(model: str | Path | None, adapter: str | Path, out: str | Path
 
 
 def prepare_lora(model: nn.Module, tokenizer: Any, cfg: dict[str, Any], base_folder: Path,
-                 quantize: dict[str, Any] | None = None) -> Prepared:
+                 quantize: dict[str, Any] | None = None, quantize_only: set[str] | None = None) -> Prepared:
     """Freeze ``model``, add a fresh adapter on ``lora.target_modules``; save it PEFT's way."""
     spec = LoRASpec.from_config(cfg)
     fingerprint = base_fingerprint(model)
     names = resolve_targets(model, cfg["lora.target_modules"], dora=spec.dora)
     model.requires_grad_(False)
-    inject(model, names, spec, DEFAULT, quantize)
+    inject(model, names, spec, DEFAULT, quantize, quantize_only)
     params = adapter_parameters(model)
     for p in params:
         p.requires_grad_(True)

@@ -216,3 +216,18 @@ def test_qlora_layer_runs_forward_and_backward_on_gpu():
     x = torch.randn(4, 128, device="cuda", requires_grad=True)
     layer(x).sum().backward()
     assert x.grad.is_cuda and layer.lora_A["default"].weight.grad is not None
+
+
+def test_streamed_loading_equals_loading_then_quantizing(llama_dir):
+    from lmtune.methods.qlora import apply, load_quantized
+    from lmtune.models.loading import load_causal_lm
+
+    cfg = load_config(overrides={"method": "qlora", "lora.target_modules": "all-linear"})
+    streamed = load_quantized(llama_dir, cfg)
+    quantized = [layer for layer in lora_layers(streamed).values() if layer.quantized]
+    assert len(quantized) == 10 and all(layer.base_layer.weight is None for layer in quantized)
+    tok = word_tokenizer()
+    a = apply(streamed, tok, cfg, llama_dir).model
+    b = apply(load_causal_lm(llama_dir), tok, cfg, llama_dir).model
+    x = ids()
+    torch.testing.assert_close(logits(a, x), logits(b, x), atol=0, rtol=0)

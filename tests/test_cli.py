@@ -37,8 +37,9 @@ def test_every_example_config_is_valid():
 
 
 def test_pretrain_builds_word_tokenizer_and_model(tmp_path, capsys):
-    from conftest import SENTENCES, write_lines
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import SENTENCES, write_lines
 
     corpus = write_lines(tmp_path / "c.txt", SENTENCES * 4)
     out = tmp_path / "pre"

@@ -140,6 +140,11 @@ class Classifier(nn.Module):
         return self.hf.config
 
     @property
+    def base_model(self) -> nn.Module:
+        """The shared body (what ``train.compile`` compiles)."""
+        return self.hf.base_model
+
+    @property
     def task_names(self) -> list[str]:
         return list(self.tasks)
 
@@ -153,7 +158,7 @@ class Classifier(nn.Module):
     def pooled(self, batch: dict[str, Any]) -> torch.Tensor:
         """(B, H) pooled states of the batch's texts."""
         kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if batch.get(k) is not None}
-        out = self.hf.base_model(**kwargs)
+        out = self.base_model(**kwargs)
         pooler = getattr(out, "pooler_output", None)
         if self.pool == "cls" and pooler is not None:
             return pooler  # (B, H): BERT's pretrained tanh(dense(h_cls)), as BertForSequenceClassification
@@ -312,11 +317,14 @@ def predict(model_folder: str | Path, adapter_folder: str | Path | None, records
     from lmtune.data.classification import check_known, label_key, record_text
 
     clf, tokenizer, meta = load_classifier(model_folder, adapter_folder, tokenizer)
+    from lmtune.models.loading import context_length, resolve_model_dir
+
     t = _pick_task(clf, records, task)
     names = clf.tasks[clf.task_names[t]]
     source = records[0].where.rsplit(" ", 2)[0] if records else "data"
     check_known(records, names, source, clf.task_names[t] if len(clf.tasks) > 1 else None)
     index = {n: i for i, n in enumerate(names)}
     y_true = [index[label_key(r.fields.get("label"), r.where)] for r in records]
-    probs = class_probs(clf, tokenizer, [record_text(r) for r in records], t, meta.get("max_length", 512))
+    max_length = min(meta.get("max_length", 512), context_length(resolve_model_dir(model_folder)) or 512)
+    probs = class_probs(clf, tokenizer, [record_text(r) for r in records], t, max_length)
     return y_true, probs.argmax(-1).tolist(), probs.tolist(), list(names)

@@ -201,3 +201,15 @@ def test_classify_refuses_methods_it_does_not_support(gpt2_dir, data, tmp_path, 
                  "method=prompt_tuning"])
     assert code == 2
     assert "method full, freeze, lora" in capsys.readouterr().err
+
+
+def test_generate_classify_prints_each_label_with_the_probability_predict_gives(gpt2_dir, data, tmp_path, capsys):
+    from lmtune.models.heads import predict
+
+    _train(_cfg(gpt2_dir, data[0], tmp_path / "out", **{"train.steps": 2}))
+    assert main(["generate", "--model", str(tmp_path / "out"), "--classify", "--prompt", "i see the cat ."]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    record = read_records(write_jsonl(tmp_path / "one.jsonl", [{"text": "i see the cat .", "label": "animal"}]))
+    _, _, probs, names = predict(tmp_path / "out", None, record)
+    assert {label: float(p) for label, p in lines} == pytest.approx(dict(zip(names, probs[0])), abs=1e-4)
+    assert float(lines[0][1]) >= float(lines[1][1])

@@ -235,14 +235,15 @@ def load_classifier(model_folder: str | Path, adapter_folder: str | Path | None 
     from safetensors.torch import load_file
 
     from lmtune.models.encoders import is_encoder, load_for_classification
-    from lmtune.models.loading import check_tokenizer, load_tokenizer, resolve_model_dir
+    from lmtune.models.loading import check_tokenizer, context_length, load_tokenizer, resolve_model_dir
 
     folder = resolve_model_dir(model_folder)
     adapter = Path(adapter_folder) if adapter_folder else None
     if tokenizer is None:
         tokenizer = load_tokenizer(folder, trust_remote_code)
         check_tokenizer(folder, tokenizer)
-    meta = classify_meta(folder, adapter)
+    meta = dict(classify_meta(folder, adapter))
+    meta["max_length"] = min(meta.get("max_length", 512), context_length(folder) or 512)
     tasks = meta["tasks"]
     first = next(iter(tasks.values()))
     hf = load_for_classification(folder, len(first), tokenizer.pad_token_id, trust_remote_code, labels=first)
@@ -317,14 +318,23 @@ def predict(model_folder: str | Path, adapter_folder: str | Path | None, records
     from lmtune.data.classification import check_known, label_key, record_text
 
     clf, tokenizer, meta = load_classifier(model_folder, adapter_folder, tokenizer)
-    from lmtune.models.loading import context_length, resolve_model_dir
-
     t = _pick_task(clf, records, task)
     names = clf.tasks[clf.task_names[t]]
     source = records[0].where.rsplit(" ", 2)[0] if records else "data"
     check_known(records, names, source, clf.task_names[t] if len(clf.tasks) > 1 else None)
     index = {n: i for i, n in enumerate(names)}
     y_true = [index[label_key(r.fields.get("label"), r.where)] for r in records]
-    max_length = min(meta.get("max_length", 512), context_length(resolve_model_dir(model_folder)) or 512)
-    probs = class_probs(clf, tokenizer, [record_text(r) for r in records], t, max_length)
+    probs = class_probs(clf, tokenizer, [record_text(r) for r in records], t, meta["max_length"])
     return y_true, probs.argmax(-1).tolist(), probs.tolist(), list(names)
+
+
+def classify_text(model_folder: str | Path, adapter_folder: str | Path | None, text: str,
+                  text_pair: str | None = None, task: str | None = None) -> list[tuple[str, float]]:
+    """Class probabilities of one text under a saved classifier, most likely first (``generate --classify``)."""
+    clf, tokenizer, meta = load_classifier(model_folder, adapter_folder)
+    if task is not None and task not in clf.tasks:
+        raise InputError(f"unknown task {task!r}; this model was trained on: {', '.join(clf.task_names)}")
+    t = clf.task_names.index(task) if task is not None else 0
+    probs = class_probs(clf, tokenizer, [(text, text_pair)], t, meta["max_length"])[0]  # (C,)
+    names = clf.tasks[clf.task_names[t]]
+    return sorted(zip(names, probs.tolist()), key=lambda kv: -kv[1])

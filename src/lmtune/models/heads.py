@@ -128,6 +128,8 @@ class Classifier(nn.Module):
         for i, names in enumerate(self.tasks.values()):
             reuse = i == 0 and own is not None and own.out_features == len(names)
             heads.append(own if reuse else _new_head(hf.config, len(names), bias))
+        # The attribute of hf that is the first task's head: PEFT's "module to save".
+        self.hf_head_name = next((n for n in ("score", "classifier") if getattr(hf, n, None) is heads[0]), None)
         self.heads = nn.ModuleList(heads)  # by index: task names may clash with nn.Module attributes
         dropout = getattr(hf, "dropout", None)
         self.dropout = dropout if isinstance(dropout, nn.Dropout) else nn.Identity()
@@ -194,6 +196,29 @@ def save_heads(clf: Classifier, folder: Path, extra: dict[str, Any] | None = Non
     meta = read_meta(folder)
     meta["classify"] = {**meta.get("classify", {}), **clf.describe(), **(extra or {})}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def add_head_to_adapter(clf: Classifier, folder: Path) -> None:
+    """Make a saved LoRA adapter folder carry the first task's head PEFT's way.
+
+    PEFT keeps a fully trained module next to the LoRA tensors when the config lists it in
+    ``modules_to_save``; its weights sit under ``base_model.model.<name>.*``. With that,
+    ``PeftModel.from_pretrained(AutoModelForSequenceClassification...(base), folder)`` runs the
+    trained head. (Every head, the first included, is also in ``classify_heads.safetensors``.)
+    """
+    from safetensors.torch import load_file, save_file
+
+    from lmtune.methods.adapters import CONFIG_FILE, PREFIX, WEIGHTS_FILE
+
+    config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    config["task_type"] = "SEQ_CLS"
+    if clf.hf_head_name is not None:
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+        for k, v in clf.heads[0].state_dict().items():
+            tensors[f"{PREFIX}{clf.hf_head_name}.{k}"] = v.detach().float().cpu().contiguous()
+        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        config["modules_to_save"] = [clf.hf_head_name]
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def classify_meta(model_folder: Path, adapter_folder: Path | None) -> dict[str, Any]:

@@ -140,7 +140,7 @@ def accuracy_on(model: Any, examples: list[dict[str, Any]], pad_id: int, batch_s
 def build_task(ctx: Any) -> Task:
     """Classification task: check labels and pooling, build examples, then load the model."""
     from lmtune.models.encoders import is_encoder, load_for_classification
-    from lmtune.models.heads import Classifier, pool_warning, save_heads
+    from lmtune.models.heads import Classifier, add_head_to_adapter, pool_warning, save_heads
 
     cfg, tok = ctx.cfg, ctx.tokenizer
     if cfg["method"] not in METHODS:
@@ -181,6 +181,8 @@ def build_task(ctx: Any) -> Task:
 
     def save(out: Path) -> None:
         prepared.save(out)
+        if cfg["method"] == "lora":
+            add_head_to_adapter(clf, out)
         save_heads(clf, out, {"max_length": max_len})
 
     evaluators = {}

@@ -213,3 +213,24 @@ def test_generate_classify_prints_each_label_with_the_probability_predict_gives(
     _, _, probs, names = predict(tmp_path / "out", None, record)
     assert {label: float(p) for label, p in lines} == pytest.approx(dict(zip(names, probs[0])), abs=1e-4)
     assert float(lines[0][1]) >= float(lines[1][1])
+
+
+def test_text_pairs_are_framed_and_typed_as_transformers_does(bert_dir, tmp_path):
+    # Oracle: the tokenizer's own pair encoding ([CLS] a [SEP] b [SEP], token types 0/1) fed to transformers.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lmtune.models.heads import predict
+
+    pairs = [{"text": f"i see the {r['text'].split()[-2]} .", "text_pair": r["text"], "label": r["label"]}
+             for r in topic_records(16)]
+    train_file = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    _train(_cfg(bert_dir, train_file, tmp_path / "out", **{"train.steps": 3}))
+    records = read_records(train_file)[:6]
+    _, _, probs, _ = predict(tmp_path / "out", None, records)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    enc = tok([r.fields["text"] for r in records], [r.fields["text_pair"] for r in records], padding=True,
+              return_tensors="pt")
+    assert enc["token_type_ids"].max() == 1
+    with torch.no_grad():
+        theirs = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()(**enc).logits.softmax(-1)
+    torch.testing.assert_close(torch.tensor(probs), theirs, rtol=1e-5, atol=1e-6)

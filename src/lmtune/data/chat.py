@@ -23,6 +23,7 @@ from lmtune.errors import InputError
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 CHAT_ROLES = ("system", "user", "assistant")
+_PROBE = "lmtune-probe-reply"
 
 # ChatML, starting with BOS when the tokenizer has one (the shipped model was pre-trained with
 # BOS opening every sequence).
@@ -71,9 +72,10 @@ def _can_spell(tokenizer: Any, word: str) -> bool:
 
 
 def special_token_ids(tokenizer: Any) -> set[int]:
-    """Ids of every special token, including added ones such as ``<|im_end|>``."""
+    """Ids of every special token, including added ones such as ``<|im_end|>`` (not the unknown token)."""
     ids = set(tokenizer.all_special_ids)
     ids.update(i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special)
+    ids.discard(getattr(tokenizer, "unk_token_id", None))
     return ids
 
 
@@ -94,15 +96,17 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
     _, eos = special_ids(tokenizer)
     stops = []
     if has_chat_template(tokenizer):
-        probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "x"}]
+        # Only the text the template writes *after* the reply is tokenized, so the probe's
+        # content need not be in the vocabulary.
+        probe = [{"role": "user", "content": _PROBE}, {"role": "assistant", "content": _PROBE}]
         try:
-            prompt = render(tokenizer, probe[:1], True, "chat template")
             full = render(tokenizer, probe, False, "chat template")
-            delta = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+            after = full[full.rindex(_PROBE) + len(_PROBE):]
+            tail = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
         except Exception:  # a template that rejects the probe: fall back to EOS alone
-            delta = []
+            tail = []
         specials = special_token_ids(tokenizer)
-        stops = [i for i in delta if i in specials][:1]
+        stops = [i for i in tail if i in specials][:1]
     if eos is not None and eos not in stops:
         stops.append(eos)
     return stops

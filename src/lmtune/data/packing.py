@@ -9,9 +9,8 @@ packed row equivalent to its examples run one by one:
 2. **No attention across examples.** Plain causal attention over the row would let example 2
    read example 1. ``segment_attention`` (registered with ``transformers``' ``AttentionInterface``)
    finds the examples from the restarting ``position_ids`` and runs causal attention on each
-   slice separately: cost Σ Lᵢ² instead of T², and no T×T mask is ever built. (Without it,
-   ``transformers`` itself builds a dense block-diagonal mask from the same ``position_ids``:
-   correct, but it materialises T×T per row.)
+   slice separately: cost Σ Lᵢ² instead of T², and no T×T mask is ever built (a dense
+   block-diagonal mask would also be correct, but costs T² memory and compute per row).
 3. **No loss across examples.** The first token of every example carries no label, so the last
    token of one example is never trained to predict the start of the next.
 """

@@ -234,3 +234,36 @@ def test_text_pairs_are_framed_and_typed_as_transformers_does(bert_dir, tmp_path
     with torch.no_grad():
         theirs = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()(**enc).logits.softmax(-1)
     torch.testing.assert_close(torch.tensor(probs), theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_lora_adapter_with_its_head_loads_in_peft_with_the_same_logits(arch, bert_dir, gpt2_dir, data, tmp_path):
+    # Oracle: PEFT loads the adapter folder (LoRA tensors + the head as a module to save) itself.
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from lmtune.models.heads import predict
+
+    base = bert_dir if arch == "bert" else gpt2_dir
+    _train(_cfg(base, data[0], tmp_path / "out", method="lora", **{"train.steps": 4}))
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    head = "classifier" if arch == "bert" else "score"
+    assert config["modules_to_save"] == [head] and config["task_type"] == "SEQ_CLS"
+    records = read_records(data[1])
+    _, _, probs, _ = predict(base, tmp_path / "out", records)
+    hf = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2, pad_token_id=0 if arch == "bert"
+                                                            else json.loads((base / "config.json").read_text())
+                                                            ["bos_token_id"])
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "out").eval()
+    clf_task, _ = prepare(_cfg(base, data[0], tmp_path / "tmp", **{"data.eval": str(data[1])}))
+    batch = clf_task.collate(clf_task.eval_examples)  # lmtune's tokenization; the model is PEFT's
+    with torch.no_grad():
+        theirs = peft_model(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")
+                               if k in batch}).logits.softmax(-1)
+    torch.testing.assert_close(torch.tensor(probs), theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_on_bert_adapts_query_and_value_by_default(bert_dir, data, tmp_path):
+    _train(_cfg(bert_dir, data[0], tmp_path / "out", method="lora", **{"train.steps": 1}))
+    targets = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["target_modules"]
+    assert sorted({t.rsplit(".", 1)[1] for t in targets}) == ["query", "value"] and len(targets) == 4

@@ -83,3 +83,47 @@ def test_saved_full_model_gives_transformers_the_same_predictions(full_run, held
         theirs = hf(**tok([r.fields["text"] for r in records], padding=True, return_tensors="pt")).logits.softmax(-1)
     torch.testing.assert_close(torch.tensor(probs), theirs, rtol=1e-4, atol=1e-5)
     assert [hf.config.id2label[i] for i in theirs.argmax(-1).tolist()] == [names[i] for i in y_pred]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, held_out):
+    """A few LoRA steps on MiniLM, keeping the in-memory model and its starting weights."""
+    from lmtune.run import prepare
+    from lmtune.train import train
+
+    out = tmp_path_factory.mktemp("minilm-lora") / "out"
+    cfg = load_config(overrides={"model": str(MODEL), "method": "lora", "data.train": str(data_path(
+        "sentiment_train.jsonl")), "data.eval": str(held_out), "output_dir": str(out), "train.steps": 4,
+        "train.batch_size": 16, "train.lr": 1e-3})
+    task, ctx = prepare(cfg, RunLog(out, cfg, quiet=True, tensorboard=False))
+    start = {n: p.detach().clone() for n, p in task.model.named_parameters()}
+    train(task, cfg, out, log=ctx.log)
+    return out, task, start
+
+
+def test_lora_steps_change_only_adapter_and_head_parameters(lora_run):
+    _, task, start = lora_run
+    changed = {n for n, p in task.model.named_parameters() if not torch.equal(p, start[n])}
+    assert changed, "training changed nothing"
+    assert all(".lora_" in n or n.startswith("hf.classifier.") for n in changed), sorted(changed)
+    assert {"hf.classifier.weight", "hf.classifier.bias"} <= changed
+    assert any(".lora_B." in n for n in changed)
+
+
+def test_saved_lora_adapter_gives_peft_the_same_predictions(lora_run, held_out):
+    # Oracle: PEFT on transformers' BertForSequenceClassification, tokenized by transformers.
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lmtune.models.heads import predict
+
+    out = lora_run[0]
+    records = read_records(held_out)
+    _, _, probs, _ = predict(MODEL, out, records)
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    hf = AutoModelForSequenceClassification.from_pretrained(MODEL, num_labels=2)
+    peft_model = PeftModel.from_pretrained(hf, out).eval()
+    with torch.no_grad():
+        theirs = peft_model(**tok([r.fields["text"] for r in records], padding=True,
+                                  return_tensors="pt")).logits.softmax(-1)
+    torch.testing.assert_close(torch.tensor(probs), theirs, rtol=1e-4, atol=1e-5)

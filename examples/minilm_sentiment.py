@@ -91,7 +91,9 @@ def main() -> int:
     if args.markdown:
         settings = (f"{args.steps} steps × batch 16 (AdamW, constant lr, seed 0) on the 200 shipped training "
                     "reviews; accuracy on the 100 held-out sentences, whose sentiment words never occur in training "
-                    "(50% = chance). Pooling: [CLS] through MiniLM's pretrained pooler (the default for encoders).")
+                    "(50% = chance). Pooling: [CLS] through MiniLM's pretrained pooler (the default for encoders). "
+                    "For reference, the plain loop measured while planning this work reached 83% (pre-trained) vs "
+                    "50% (random init) in 16 steps.")
         env = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; python "
                f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
         Path(args.markdown).write_text(

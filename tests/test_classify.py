@@ -267,3 +267,12 @@ def test_lora_on_bert_adapts_query_and_value_by_default(bert_dir, data, tmp_path
     _train(_cfg(bert_dir, data[0], tmp_path / "out", method="lora", **{"train.steps": 1}))
     targets = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["target_modules"]
     assert sorted({t.rsplit(".", 1)[1] for t in targets}) == ["query", "value"] and len(targets) == 4
+
+
+def test_new_heads_start_from_train_seed_alone(gpt2_dir, data, tmp_path):
+    first, _ = prepare(_cfg(gpt2_dir, data[0], tmp_path / "a"))
+    torch.rand(1000)  # whatever ran before in the process must not matter
+    second, _ = prepare(_cfg(gpt2_dir, data[0], tmp_path / "b"))
+    other, _ = prepare(_cfg(gpt2_dir, data[0], tmp_path / "c", **{"train.seed": 1}))
+    assert torch.equal(first.model.heads[0].weight, second.model.heads[0].weight)
+    assert not torch.equal(first.model.heads[0].weight, other.model.heads[0].weight)

@@ -172,6 +172,9 @@ def build_task(ctx: Any) -> Task:
         ctx.log.say(f"truncated {stats.truncated} of {stats.examples} examples to train.max_length={max_len} tokens")
 
     first = next(iter(tasks.values()))
+    # New heads (and LoRA's A matrices) draw from the global RNG: seed it so that a run's
+    # starting point depends on train.seed alone, not on what ran before in the process.
+    torch.manual_seed(cfg["train.seed"])
     hf = load_for_classification(ctx.model_folder, len(first), tok.pad_token_id, cfg["trust_remote_code"],
                                  labels=first)
     clf = Classifier(hf, tasks, pool, encoder)

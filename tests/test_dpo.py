@@ -110,3 +110,101 @@ def test_unknown_loss_type_is_refused():
 
 def read_metrics(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+PAIRS = [
+    {"prompt": "the cat", "chosen": "can run .", "rejected": "is in the cup ."},
+    {"prompt": "the dog", "chosen": "can jump .", "rejected": "sat on the tree ."},
+    {"prompt": "where is", "chosen": "the red ball ?", "rejected": "my mom ?"},
+    {"prompt": "i see", "chosen": "a big dog .", "rejected": "the fish ."},
+    {"prompt": "the girl", "chosen": "has a hat .", "rejected": "can see the bird ."},
+    {"prompt": "the boy", "chosen": "can see the bird .", "rejected": "is big ."},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def run(*args: str) -> int:
+    from lmtune.cli import main
+
+    return main(["train", *args])
+
+
+def test_first_step_loss_is_ln2_with_zero_margins(model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    out = tmp_path / "run"
+    assert run(f"model={model_dir}", f"data.train={data}", f"output_dir={out}", "train.steps=2",
+               "train.batch_size=4") == 0
+    first = read_metrics(out)[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-6
+    assert abs(first["rewards/margins"]) < 1e-7 and first["rewards/chosen"] == first["rewards/rejected"] == 0.0
+    for key in METRIC_KEYS:
+        assert key in first
+    assert json.loads((out / "summary.json").read_text())["objective"] == "dpo"
+
+
+def test_precomputed_reference_gives_the_same_training(gpt2_dir, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    common = [f"model={gpt2_dir}", f"data.train={data}", "train.steps=4", "train.batch_size=3", "train.lr=1e-2"]
+    assert run(*common, f"output_dir={tmp_path / 'live'}") == 0
+    assert run(*common, f"output_dir={tmp_path / 'pre'}", "dpo.precompute_ref=true") == 0
+    live, pre = read_metrics(tmp_path / "live"), read_metrics(tmp_path / "pre")
+    assert len(live) == len(pre) == 4
+    for a, b in zip(live, pre, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
+    assert live[-1]["rewards/margins"] != 0.0  # the policy did move away from the reference
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust"])
+def test_training_prefers_chosen_on_held_out_loss(gpt2_dir, tmp_path, loss_type):
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    out = tmp_path / "run"
+    extra = ["dpo.label_smoothing=0.1"] if loss_type == "robust" else []
+    assert run(f"model={gpt2_dir}", f"data.train={data}", f"data.eval={data}", f"output_dir={out}",
+               "train.steps=15", "train.batch_size=6", "train.lr=1e-2", f"dpo.loss={loss_type}",
+               "dpo.beta=0.5", *extra) == 0
+    last = read_metrics(out)[-1]
+    assert last["rewards/margins"] > 0 and last["rewards/accuracies"] > 0.5
+    first_eval = dpo_loss(*(torch.zeros(1),) * 4, beta=0.5, loss_type=loss_type, label_smoothing=0.1 if extra else 0,
+                          chosen_lengths=torch.ones(1), rejected_lengths=torch.ones(1))[0].item()
+    assert last["eval_loss"] < first_eval  # below the loss of policy == reference
+
+
+def test_reference_copy_stays_frozen_while_the_policy_trains(gpt2_dir):
+    from lmtune.models.loading import load_causal_lm
+    from lmtune.objectives.reference import Reference
+
+    policy = load_causal_lm(gpt2_dir)
+    ref = Reference(policy, "full")
+    with torch.no_grad():
+        policy.transformer.wte.weight.add_(1.0)
+    with ref.model() as m:
+        assert not torch.equal(m.transformer.wte.weight, policy.transformer.wte.weight)
+        assert not any(p.requires_grad for p in m.parameters())
+
+
+def test_identical_pairs_are_counted_in_the_summary(gpt2_dir, tmp_path):
+    rows = PAIRS + [{"prompt": "the cat", "chosen": "can run .", "rejected": "can run ."}]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "run"
+    assert run(f"model={gpt2_dir}", f"data.train={data}", f"output_dir={out}", "train.steps=1") == 0
+    assert json.loads((out / "summary.json").read_text())["data"]["dropped"] == {"identical chosen and rejected": 1}
+
+
+@pytest.mark.parametrize("rows,extra,message", [
+    ([{"prompt": "the cat", "chosen": "can run .", "rejected": "can run ."}], [], "no usable preference pairs"),
+    ([{"prompt": "the cat", "chosen": "can run .", "rejected": ""}], [],
+     "pairs.jsonl line 1: the rejected completion is empty"),
+    ([{"prompt": "the cat can run", "chosen": ".", "rejected": "?"}], ["train.max_length=5"], "fills train.max_length"),
+    (PAIRS, ["dpo.loss=robust", "dpo.label_smoothing=0.5"], "below 0.5"),
+])
+def test_bad_input_exits_2_with_a_clear_message(gpt2_dir, tmp_path, capsys, rows, extra, message):
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "run"
+    assert run(f"model={gpt2_dir}", f"data.train={data}", f"output_dir={out}", "train.steps=1", *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "summary.json").exists()

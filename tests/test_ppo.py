@@ -112,3 +112,130 @@ def test_policy_loss_at_the_rollout_policy_is_minus_mean_advantage():
     loss, metrics = policy_loss(logp, logp, adv, mask, 0.2)
     assert loss.item() == pytest.approx(-(adv * mask).sum().item() / mask.sum().item(), abs=1e-12)
     assert metrics["clip_fraction"] == 0.0 and metrics["approx_kl"] == 0.0
+
+
+# --- the ppo objective end to end -------------------------------------------------------------
+
+import json  # noqa: E402
+
+from conftest import SENTENCES, write_lines  # noqa: E402
+
+REWARDS = '''
+def brevity(prompt, response):
+    return -float(len(response.split()))
+
+def one_arg(response):
+    return 1.0
+
+def raises(prompt, response):
+    raise ValueError("no score for you")
+
+def nan(prompt, response):
+    return float("nan")
+
+def text(prompt, response):
+    return "good"
+'''
+
+
+@pytest.fixture()
+def rewards_module(tmp_path, monkeypatch):
+    (tmp_path / "ppo_test_rewards.py").write_text(REWARDS, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "ppo_test_rewards"
+
+
+def run(*args: str) -> int:
+    from lmtune.cli import main
+
+    return main(["train", *args])
+
+
+def read_metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def ppo_args(model, prompts, out, *extra):
+    return [f"model={model}", "objective=ppo", f"data.train={prompts}", f"output_dir={out}",
+            "ppo.rollout_batch_size=8", "train.batch_size=4", "ppo.epochs=2", "ppo.max_new_tokens=6", *extra]
+
+
+def test_layout_points_each_response_token_at_the_position_that_predicts_it():
+    from lmtune.objectives.ppo_task import layout
+
+    prompts, responses = [[9, 1, 2], [9, 3]], [[4, 5, 9], [6]]
+    b = layout(prompts, responses, pad_id=0)
+    for i in range(2):
+        for j in range(len(responses[i])):
+            assert b["input_ids"][i, b["response_index"][i, j] + 1] == b["response_ids"][i, j] == responses[i][j]
+    assert b["response_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]
+
+
+def test_first_rollout_has_zero_kl_and_logs_the_ppo_metrics(model_dir, tmp_path, rewards_module):
+    from transformers import AutoModelForCausalLM
+
+    prompts = write_lines(tmp_path / "prompts.txt", [s.rsplit(" ", 2)[0] for s in SENTENCES])
+    out = tmp_path / "run"
+    assert run(*ppo_args(model_dir, prompts, out, "train.steps=5", f"ppo.reward_fn={rewards_module}:brevity")) == 0
+    records = read_metrics(out)
+    first = records[0]
+    for key in ("score", "kl", "total_reward", "clip_fraction", "value_loss", "policy_loss", "response_length"):
+        assert key in first, key
+    assert abs(first["kl"]) < 1e-6  # the first rollout's policy is the reference
+    assert first["approx_kl"] == 0.0 and first["clip_fraction"] == 0.0  # nor has it moved from the rollout policy
+    assert records[-1]["kl"] != 0.0  # the second rollout (step 5) comes from a trained policy
+    saved = AutoModelForCausalLM.from_pretrained(out)  # only the policy is saved, as a plain causal LM
+    assert not any("value_head" in k for k in saved.state_dict())
+
+
+def test_ppo_learns_a_dense_reward(gpt2_dir, tmp_path, rewards_module):
+    prompts = write_lines(tmp_path / "prompts.txt", [s.rsplit(" ", 2)[0] for s in SENTENCES])
+    out = tmp_path / "run"
+    assert run(*ppo_args(gpt2_dir, prompts, out, "train.steps=40", "train.lr=1e-2", "ppo.kl_coef=0.0",
+                         "ppo.missing_eos_penalty=0.0", f"ppo.reward_fn={rewards_module}:brevity")) == 0
+    scores = [r["score"] for r in read_metrics(out)]
+    assert sum(scores[-8:]) / 8 > sum(scores[:4]) / 4 + 1.0  # responses got shorter by over a word
+
+
+def test_one_argument_reward_function_gets_the_response(gpt2_dir, tmp_path, rewards_module):
+    prompts = write_lines(tmp_path / "prompts.txt", SENTENCES[:4])
+    out = tmp_path / "run"
+    assert run(*ppo_args(gpt2_dir, prompts, out, "train.steps=1", "ppo.missing_eos_penalty=0",
+                         f"ppo.reward_fn={rewards_module}:one_arg")) == 0
+    assert read_metrics(out)[0]["score"] == 1.0
+
+
+def test_reward_model_folder_scores_rollouts(gpt2_dir, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "the cat", "chosen": "can run .", "rejected": "is big ."}) + "\n")
+    assert run(f"model={gpt2_dir}", "objective=reward", f"data.train={pairs}", f"output_dir={tmp_path / 'rm'}",
+               "train.steps=1") == 0
+    prompts = write_lines(tmp_path / "prompts.txt", SENTENCES[:4])
+    out = tmp_path / "run"
+    assert run(*ppo_args(gpt2_dir, prompts, out, "train.steps=2", f"ppo.reward_model={tmp_path / 'rm'}",
+                         f"data.eval={prompts}")) == 0
+    assert math.isfinite(read_metrics(out)[0]["score"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert math.isfinite(summary["eval_score_before"]) and math.isfinite(summary["eval_score_after"])
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["ppo.reward_fn={m}:raises"], "raised ValueError: no score for you"),
+    (["ppo.reward_fn={m}:nan"], "returned nan"),
+    (["ppo.reward_fn={m}:text"], "must return a finite number"),
+    (["ppo.reward_fn={m}"], "must be module:function"),
+    (["ppo.reward_fn={m}:missing"], "has no function 'missing'"),
+    (["ppo.reward_fn=no_such_module_xyz:f"], "cannot import module"),
+    ([], "exactly one reward source"),
+    (["ppo.reward_model={model}"], "is not a reward model"),
+    (["ppo.reward_model={tmp}/nowhere"], "does not exist"),
+    (["ppo.reward_fn={m}:brevity", "train.max_length=3"], "fills train.max_length=3"),
+])
+def test_bad_input_exits_2_with_a_clear_message(gpt2_dir, tmp_path, rewards_module, capsys, extra, message):
+    prompts = write_lines(tmp_path / "prompts.txt", SENTENCES[:4])
+    out = tmp_path / "run"
+    extra = [e.format(m=rewards_module, model=gpt2_dir, tmp=tmp_path) for e in extra]
+    assert run(*ppo_args(gpt2_dir, prompts, out, "train.steps=1", *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "summary.json").exists()

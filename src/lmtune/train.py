@@ -48,6 +48,7 @@ class Task:
     regularizers: list[Callable[[torch.nn.Module], torch.Tensor]] = field(default_factory=list)
     evaluators: dict[str, Callable[[torch.nn.Module], float]] = field(default_factory=dict)
     batch_transform: Callable[[list[Any], int], list[Any]] | None = None  # e.g. replay mixing
+    next_batch: Callable[[int], dict[str, Any]] | None = None  # PPO: micro-batches from its own rollouts
     summary: dict[str, Any] = field(default_factory=dict)  # method/objective facts for summary.json
 
 
@@ -311,6 +312,8 @@ def accumulate_gradients(task: Task, micro: list[dict[str, Any]], precision: str
 
 
 def _next_batch(task: Task, stream: BatchStream, step: int) -> dict[str, Any]:
+    if task.next_batch is not None:  # the batch depends on the policy (rollouts), not on the data order
+        return task.next_batch(step)
     examples = [task.train_examples[i] for i in stream.next()]
     if task.batch_transform is not None:
         examples = task.batch_transform(examples, step)

@@ -10,7 +10,7 @@ positive minus negative words). The shipped preference pairs are labelled by it.
 
 Each policy continues 20 held-out prompts (8 samples each, temperature 1). The table reports
 the true sentiment of the continuations against KL(π‖π_ref), estimated per sequence as the
-sum over sampled tokens of log π − log π_ref. Rerun (a few minutes on two CPU cores)::
+sum over sampled tokens of log π − log π_ref. Rerun (about 10 minutes on two busy CPU cores)::
 
     PYTHONPATH=src python examples/sentiment_rlhf.py [--out runs/sentiment]
 

@@ -60,6 +60,10 @@ class RunContext:
         return self._records[key]
 
     def load_causal_lm(self) -> Any:
+        if self.cfg["method"] == "qlora":  # stream weights into 4 bits: never the whole fp32 model in memory
+            from lmtune.methods.qlora import load_quantized
+
+            return load_quantized(self.model_folder, self.cfg)
         return load_causal_lm(self.model_folder, self.cfg["trust_remote_code"])
 
     def apply_method(self, model: Any) -> Prepared:

@@ -208,3 +208,41 @@ def test_bad_input_exits_2_with_a_clear_message(gpt2_dir, tmp_path, capsys, rows
     assert run(f"model={gpt2_dir}", f"data.train={data}", f"output_dir={out}", "train.steps=1", *extra) == 2
     assert message in capsys.readouterr().err
     assert not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("precompute", ["false", "true"])
+def test_lora_policy_uses_the_adapter_disabled_model_as_reference(model_dir, tmp_path, precompute):
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    out = tmp_path / "run"
+    assert run(f"model={model_dir}", "method=lora", f"data.train={data}", f"output_dir={out}", "train.steps=6",
+               "train.batch_size=6", "train.lr=2e-2", f"dpo.precompute_ref={precompute}") == 0
+    records = read_metrics(out)
+    assert abs(records[0]["loss"] - math.log(2)) < 1e-6  # B = 0 at init: policy == base == reference
+    assert records[-1]["rewards/margins"] > 0
+    assert (out / "adapter_config.json").is_file()
+
+
+def test_adapter_reference_returns_base_log_probs_after_training(gpt2_dir):
+    from lmtune.config import load_config
+    from lmtune.data.preference import build_pairs, collate_pairs, completion_logps
+    from lmtune.data.readers import Record
+    from lmtune.methods import apply_method
+    from lmtune.models.loading import load_causal_lm, load_tokenizer
+    from lmtune.objectives.reference import Reference
+
+    tok = load_tokenizer(gpt2_dir)
+    base = load_causal_lm(gpt2_dir).eval()
+    policy = apply_method(load_causal_lm(gpt2_dir), tok, load_config(overrides={"method": "lora"}), gpt2_dir).model
+    with torch.no_grad():  # stand in for training: move every adapter weight
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    pairs, _ = build_pairs([Record(p, "x") for p in PAIRS], tok, 64)
+    batch = collate_pairs(pairs, tok.pad_token_id)
+    with torch.no_grad(), Reference(policy, "lora").model() as ref:
+        ref_logps = completion_logps(ref, batch)
+        base_logps = completion_logps(base, batch)
+    with torch.no_grad():
+        policy_logps = completion_logps(policy, batch)
+    assert torch.allclose(ref_logps, base_logps, atol=1e-5)
+    assert not torch.allclose(policy_logps, base_logps, atol=1e-3)

@@ -239,3 +239,13 @@ def test_bad_input_exits_2_with_a_clear_message(gpt2_dir, tmp_path, rewards_modu
     assert run(*ppo_args(gpt2_dir, prompts, out, "train.steps=1", *extra)) == 2
     assert message in capsys.readouterr().err
     assert not (out / "summary.json").exists()
+
+
+def test_lora_policy_trains_against_the_adapter_disabled_reference(gpt2_dir, tmp_path, rewards_module):
+    prompts = write_lines(tmp_path / "prompts.txt", [s.rsplit(" ", 2)[0] for s in SENTENCES])
+    out = tmp_path / "run"
+    assert run(*ppo_args(gpt2_dir, prompts, out, "method=lora", "train.steps=5", "train.lr=2e-2",
+                         f"ppo.reward_fn={rewards_module}:brevity")) == 0
+    records = read_metrics(out)
+    assert abs(records[0]["kl"]) < 1e-6 and records[-1]["kl"] != 0.0
+    assert (out / "adapter_config.json").is_file()

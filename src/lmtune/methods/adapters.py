@@ -27,9 +27,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lmtune.errors import InputError
-from lmtune.methods import Prepared
 from lmtune.methods.lora import DEFAULT, LoRALinear, LoRASpec, lora_layers
-from lmtune.methods.targets import base_modules, is_linear, resolve_targets
+from lmtune.methods.targets import base_modules, is_linear
 from lmtune.models.loading import META_FILE, read_meta, tokenizer_fingerprint
 
 CONFIG_FILE = "adapter_config.json"
@@ -415,25 +414,3 @@ def merge_command(model: str | Path | None, adapter: str | Path, out: str | Path
                                         "weights_fingerprint": weights_fingerprint(merged)})
     print(f"merged {adapter} into {folder}; wrote {out}")
     return out
-
-
-def prepare_lora(model: nn.Module, tokenizer: Any, cfg: dict[str, Any], base_folder: Path,
-                 quantize: dict[str, Any] | None = None, quantize_only: set[str] | None = None) -> Prepared:
-    """Freeze ``model``, add a fresh adapter on ``lora.target_modules``; save it PEFT's way."""
-    spec = LoRASpec.from_config(cfg)
-    fingerprint = base_fingerprint(model)
-    names = resolve_targets(model, cfg["lora.target_modules"], dora=spec.dora)
-    model.requires_grad_(False)
-    inject(model, names, spec, DEFAULT, quantize, quantize_only)
-    params = adapter_parameters(model)
-    for p in params:
-        p.requires_grad_(True)
-    method = cfg["method"]
-
-    def save(out: Path) -> None:
-        save_adapter(model, out, tokenizer, DEFAULT, base_folder,
-                     {"method": method, "base_fingerprint": fingerprint, **({"quant": quantize} if quantize else {})})
-
-    summary = {"lora_target_modules": len(names), "lora_scaling": spec.scaling,
-               "adapter_params": sum(p.numel() for p in params)}
-    return Prepared(model=model, save=save, summary=summary)

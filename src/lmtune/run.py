@@ -14,7 +14,14 @@ from typing import Any
 from lmtune.data.readers import Record, read_records
 from lmtune.errors import InputError
 from lmtune.methods import Prepared, apply_method
-from lmtune.models.loading import check_tokenizer, load_causal_lm, load_tokenizer, resolve_model_dir
+from lmtune.models.encoders import refuse_encoder
+from lmtune.models.loading import (
+    check_tokenizer,
+    context_length,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_dir,
+)
 from lmtune.runlog import RunLog
 
 # objective -> module with ``build_task(ctx) -> Task``; imported only when used.
@@ -108,6 +115,12 @@ def prepare(cfg: dict[str, Any], log: RunLog | None = None) -> tuple[Any, RunCon
     tokenizer = load_tokenizer(folder, cfg["trust_remote_code"])
     check_tokenizer(folder, tokenizer)
     ctx = RunContext(cfg, folder, tokenizer, out, log or RunLog(out, cfg))
+    context = context_length(folder)
+    if context is not None and cfg["train.max_length"] > context:
+        # Positions past the model's context have no embedding; longer examples are truncated.
+        ctx.log.say(f"train.max_length={cfg['train.max_length']} exceeds the model's context of {context} "
+                    f"tokens; using {context}")
+        cfg["train.max_length"] = context
     train_key = "data.train"
     if isinstance(cfg["data.train"], list):  # several files (multi-task): the objective reads them
         fmt = cfg["data.format"] if cfg["data.format"] != "auto" else "classification"
@@ -117,6 +130,8 @@ def prepare(cfg: dict[str, Any], log: RunLog | None = None) -> tuple[Any, RunCon
     cfg["data.format"] = fmt
     if cfg["objective"] is None:
         cfg["objective"] = DEFAULT_OBJECTIVE[fmt]
+    if cfg["objective"] != "classify":  # lm, sft, dpo, ppo and reward all load a causal LM
+        refuse_encoder(folder)
     module = importlib.import_module(OBJECTIVES[cfg["objective"]])
     return module.build_task(ctx), ctx
 

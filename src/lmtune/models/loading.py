@@ -70,9 +70,18 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:
 
 
 def load_causal_lm(folder: Path, trust_remote_code: bool = False, dtype: Any = None) -> Any:
-    """Load a causal LM from a checked folder, safetensors only, float32 unless told otherwise."""
+    """Load a causal LM from a checked folder, safetensors only, float32 unless told otherwise.
+
+    Raises:
+        InputError: the folder holds an encoder (transformers would quietly give BERT a random
+            next-token head), needs remote code, or does not load.
+    """
     import torch
     from transformers import AutoModelForCausalLM
+
+    from lmtune.models.encoders import refuse_encoder
+
+    refuse_encoder(folder)
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -102,6 +111,18 @@ def load_model_and_tokenizer(path: str | Path | None, tokenizer_path: str | Path
     check_tokenizer(folder, tokenizer, tok_folder)
     model = load_causal_lm(folder, trust_remote_code)
     return model, tokenizer, folder
+
+
+def context_length(folder: Path) -> int | None:
+    """The model's maximum sequence length from its ``config.json`` (``None`` if it has none)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{folder}/config.json is not readable JSON: {e}") from None
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -164,7 +164,25 @@ def load_quantized(folder: Path, cfg: dict[str, Any]) -> nn.Module:
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise InputError(f"{folder}: no weights for {', '.join(left[:5])} in its safetensors files")
+    _release_freed_memory()
     return model.eval()  # as from_pretrained returns it
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc only; a no-op elsewhere).
+
+    Quantizing allocates large temporaries (torchao compares each weight with all 16 levels);
+    glibc keeps freed heap pages mapped, so without this the process would go on holding a
+    quantization's worth of scratch memory: measured +150 MB resident on a 61M model.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def apply(model: Any, tokenizer: Any, cfg: dict[str, Any], base_folder: Path) -> Prepared:

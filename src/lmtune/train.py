@@ -196,12 +196,14 @@ def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.devic
     log = log or RunLog(output_dir, cfg)
     torch.manual_seed(seed)
 
-    found = ckpt.latest_good(ckpt_root) if cfg["train.resume"] else None
+    found = ckpt.latest_good(ckpt_root, warn=log.say) if cfg["train.resume"] else None
+    if found is None:
+        log.truncate_after(0)  # starting at step 0: drop records an earlier killed or failed attempt left
     if cfg["train.resume"] and found is None:
-        log.truncate_after(0)  # nothing to continue from: start over, dropping stale records
         log.say(f"no usable checkpoint in {ckpt_root}; starting from step 0")
     if found is not None:
         weights, optim_state, meta = ckpt.load_checkpoint(found)
+        ckpt.check_fits(found, trainable_state(model), weights, optimizer, optim_state)
         _load_trainable(model, weights, found)
         optimizer.load_state_dict(optim_state)
         state.update(meta["loop"]["state"])
@@ -337,8 +339,7 @@ def _evaluate(task: Task, cfg: dict[str, Any], device: torch.device, state: dict
         state["best_eval"], state["bad_evals"] = eval_loss, 0
         best_weights = {k: v.detach().cpu().clone() for k, v in trainable_state(model).items()}
         # Kept on disk too, so a resumed run can still restore the best weights.
-        from safetensors.torch import save_file
-        save_file(best_weights, output_dir / "best.safetensors")
+        ckpt.save_tensors_atomic(output_dir / "best.safetensors", best_weights)
         return False, best_weights
     state["bad_evals"] += 1
     return state["bad_evals"] >= cfg["train.patience"], best_weights

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SENTENCES, word_tokenizer, write_lines
 from safetensors.torch import load_file
 
+from conftest import SENTENCES, word_tokenizer, write_lines
 from lmtune.checkpoint import latest_good, list_checkpoints, step_of
 
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -280,3 +280,65 @@ def test_sigterm_and_sigint_save_checkpoint_then_resume_equals_uninterrupted(set
     resumed = Run(setup, out, resume=True).finish()
     assert "at step 13" in resumed
     _assert_same_as_uninterrupted(out, uninterrupted)
+
+
+# ---- a write that fails (disk full), in-process --------------------------------------------------
+
+def _cli_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", f"model={model}", f"data.train={data}", f"output_dir={out}", "train.steps=8",
+            "train.batch_size=4", "train.save_every=2", "train.keep_checkpoints=2", *extra]
+
+
+def _disk_full_on(monkeypatch, module, name: str, when) -> None:
+    """Patch ``module.name`` to write half its file, then fail with ENOSPC, when ``when(args)``."""
+    import errno
+
+    real = getattr(module, name)
+
+    def writer(*args, **kwargs):
+        if not when(args):
+            return real(*args, **kwargs)
+        real(*args, **kwargs)
+        target = Path(args[1]) if name == "save_file" else Path(args[2]) / "model.safetensors"
+        os.truncate(target, target.stat().st_size // 2)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    monkeypatch.setattr(module, name, writer)
+
+
+def test_disk_full_during_checkpoint_keeps_previous_and_says_so(gpt2_dir, corpus, tmp_path, monkeypatch, capsys):
+    import lmtune.checkpoint as ck
+    from lmtune.cli import main
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main(_cli_args(gpt2_dir, corpus, ref)) == 0
+    _disk_full_on(monkeypatch, ck, "save_file", lambda a: Path(a[1]).parent.name == ".tmp-step-000006")
+    capsys.readouterr()
+    assert main(_cli_args(gpt2_dir, corpus, out)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("lmtune: error:") == 1
+    assert "could not write checkpoint" in err and "step-000006" in err and "No space left on device" in err
+    assert "the previous checkpoint" in err and "step-000004 is intact" in err
+    ckpts = out / "checkpoints"
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step-000002", "step-000004"]
+    assert _good_step(out) == 4 and not list(ckpts.glob(".tmp-*"))
+    assert [r["step"] for r in _records(out)] == list(range(1, 7))  # the log up to the failure, whole
+    assert not (out / "summary.json").exists() and not (out / "model.safetensors").exists()
+    monkeypatch.undo()
+    assert main([*_cli_args(gpt2_dir, corpus, out), "train.resume=true"]) == 0  # space freed: continue
+    for name, w in load_file(ref / "model.safetensors").items():
+        assert torch.equal(load_file(out / "model.safetensors")[name], w), name
+    assert _records(out) == _records(ref)
+
+
+def test_disk_full_during_final_save_keeps_checkpoints_and_says_so(gpt2_dir, corpus, tmp_path, monkeypatch,
+                                                                   capsys):
+    import lmtune.methods.full as full
+    from lmtune.cli import main
+
+    out = tmp_path / "out"
+    _disk_full_on(monkeypatch, full, "save_model", lambda a: True)
+    assert main(_cli_args(gpt2_dir, corpus, out)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "No space left on device" in err and "train.resume=true" in err
+    assert _good_step(out) == 8 and not (out / "summary.json").exists()

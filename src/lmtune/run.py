@@ -104,6 +104,7 @@ def prepare(cfg: dict[str, Any], log: RunLog | None = None) -> tuple[Any, RunCon
     tokenizer = load_tokenizer(folder, cfg["trust_remote_code"])
     check_tokenizer(folder, tokenizer)
     ctx = RunContext(cfg, folder, tokenizer, out, log or RunLog(out, cfg))
+    fit_context(cfg, folder, ctx.log)
     train_key = "data.train"
     if isinstance(cfg["data.train"], list):  # several files (multi-task): the objective reads them
         fmt = cfg["data.format"] if cfg["data.format"] != "auto" else "classification"
@@ -126,9 +127,34 @@ def run_training(cfg: dict[str, Any], log: RunLog | None = None) -> dict[str, An
                 f"format: {cfg['data.format']}")
     total, trainable = param_counts(task.model)
     ctx.log.say(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
-    summary = train(task, cfg, ctx.output_dir, device=pick_device(), log=ctx.log)
+    try:
+        summary = train(task, cfg, ctx.output_dir, device=pick_device(), log=ctx.log)
+    except OSError as e:  # disk full, permissions: say so, not a traceback; checkpoints are written atomically
+        raise InputError(f"training stopped: a write in {ctx.output_dir} failed: {e}. Checkpoints already "
+                         "written are intact; free space (or fix permissions) and continue with "
+                         "train.resume=true") from None
     ctx.log.say(f"saved to {ctx.output_dir}")
     return summary
+
+
+def fit_context(cfg: dict[str, Any], folder: Path, log: RunLog) -> None:
+    """Cap ``train.max_length`` at the model's context, so longer texts are truncated, not a crash.
+
+    Position embeddings past the context do not exist (GPT-2 fails with an index error) or were
+    never trained (RoPE models), so examples are cut to the context and counted as truncated.
+    """
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{folder / 'config.json'}: not readable JSON ({e})") from None
+    context = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                    if isinstance(config, dict) and isinstance(config.get(k), int)), None)
+    if context is not None and cfg["train.max_length"] > context:
+        log.say(f"train.max_length={cfg['train.max_length']} is longer than the model's context ({context} "
+                f"positions); longer examples are truncated to {context} tokens")
+        cfg["train.max_length"] = context
 
 
 def pick_device() -> Any:

@@ -143,7 +143,7 @@ def test_text_longer_than_the_context_is_truncated_and_counted(capsys, gpt2_dir,
     assert main(_train(gpt2_dir, data, out, "train.steps=1")) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"]["truncated"] == 2 and summary["data"]["examples"] == 3
-    assert "longer than the model's context (64 positions)" in capsys.readouterr().out
+    assert "exceeds the model's context of 64" in capsys.readouterr().out
 
 
 # ---- non-finite loss ----------------------------------------------------------------------------

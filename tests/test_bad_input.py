@@ -231,3 +231,34 @@ def test_fresh_run_into_a_folder_with_a_run_is_refused(capsys, gpt2_dir, corpus,
     assert main(_train(gpt2_dir, corpus, out, "train.steps=1")) == 0
     capsys.readouterr()
     fails(capsys, _train(gpt2_dir, corpus, out, "train.steps=1"), "already holds a run")
+
+
+# ---- adapters that do not fit ---------------------------------------------------------------------
+
+def _drop_b(t):
+    del t[next(k for k in t if k.endswith("lora_B.weight"))]
+
+
+def _extra_adapter(t):
+    t["base_model.model.transformer.h.0.attn.c_attn.bias"] = torch.zeros(3)
+
+
+def _reshape_adapter(t):
+    key = next(k for k in t if k.endswith("lora_A.weight"))
+    t[key] = torch.zeros(t[key].shape[0], 5)
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    (_drop_b, "it needs lora_A and lora_B"),
+    (_extra_adapter, "unexpected tensor"),
+    (_reshape_adapter, "has shape"),
+])
+def test_adapter_with_missing_extra_or_misshaped_tensors_is_refused(capsys, gpt2_dir, tmp_path, change, needle):
+    from adapter_helpers import saved_adapter
+
+    adapter, _ = saved_adapter(tmp_path, "gpt2")
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    change(tensors)
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    fails(capsys, ["generate", "--model", str(gpt2_dir), "--adapter", str(adapter), "--prompt", "the cat"],
+          str(adapter), needle)

@@ -9,6 +9,7 @@ wall-clock alarm as well as Hypothesis' deadline.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import re
@@ -30,7 +31,7 @@ COMMON = dict(deadline=timedelta(seconds=5), derandomize=True, database=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                      HealthCheck.data_too_large])
 # Example counts per test (also quoted in docs/reliability.md).
-N_JSONL, N_JSON, N_CSV, N_TXT, N_PARQUET, N_PARQUET_BYTES, N_BUILDER = 150, 100, 100, 60, 50, 40, 80
+N_JSONL, N_JSON, N_CSV, N_TXT, N_PARQUET, N_PARQUET_BYTES, N_BUILDER = 120, 80, 80, 50, 40, 40, 50
 
 FIELDS = ["text", "prompt", "completion", "instruction", "input", "output", "messages", "conversations",
           "chosen", "rejected", "label", "text_pair", "role", "content", "from", "value", "margin", "task"]
@@ -272,9 +273,50 @@ def _text_builder(recs: list[Record], tok: Any) -> list[dict]:
     return text_examples(recs, tok, 32)[0]
 
 
+def _sft_builder(fmt: str) -> Callable[[list[Record], Any], list[dict]]:
+    def build(recs: list[Record], tok: Any) -> list[dict]:
+        from lmtune.data.chat import ensure_chat_template
+        from lmtune.objectives.sft_task import sft_examples
+
+        if fmt == "messages":  # as sft_task.build_task does; on a copy, as it adds ChatML tokens
+            tok = copy.deepcopy(tok)
+            ensure_chat_template(tok)
+        return sft_examples(recs, fmt, tok, 32, "response")[0]
+
+    return build
+
+
+def _preference_builder(recs: list[Record], tok: Any) -> list[dict]:
+    from lmtune.data.preference import build_pairs
+
+    pairs = build_pairs(recs, tok, 32, margin=True)[0]
+    return [{"input_ids": p["prompt_ids"] + p[side], "labels": p["prompt_ids"] + p[side]}
+            for p in pairs for side in ("chosen_ids", "rejected_ids")]
+
+
+def _prompts_builder(recs: list[Record], tok: Any) -> list[dict]:
+    from types import SimpleNamespace
+
+    from lmtune.objectives.ppo_task import load_prompts
+
+    ctx = SimpleNamespace(records=lambda key: recs, tokenizer=tok, cfg={"train.max_length": 32, "data.train": "x"})
+    return [{"input_ids": ids, "labels": ids} for _, ids in load_prompts(ctx, "data.train")]
+
+
+role = st.sampled_from(["user", "assistant", "system", "human", "gpt", "robot", ""])
+conversation = st.lists(st.fixed_dictionaries({"role": role, "content": texts}), min_size=0, max_size=4)
+
 # format -> (builder(records, tokenizer) -> examples, its fields); every builder on main belongs here.
 BUILDERS: dict[str, tuple[Callable[[list[Record], Any], list[dict]], dict[str, st.SearchStrategy]]] = {
     "text": (_text_builder, {"text": texts}),
+    "prompt_completion": (_sft_builder("prompt_completion"), {"prompt": texts, "completion": texts}),
+    "alpaca": (_sft_builder("alpaca"), {"instruction": texts, "input": texts, "output": texts}),
+    "messages": (_sft_builder("messages"), {"messages": conversation}),
+    "conversations": (_sft_builder("messages"), {"conversations": st.lists(st.fixed_dictionaries(
+        {"from": st.sampled_from(["human", "gpt", "system", "x"]), "value": texts}), max_size=4)}),
+    "prompts": (_prompts_builder, {"prompt": texts}),
+    "preference": (_preference_builder, {"prompt": texts, "chosen": texts, "rejected": texts,
+                                         "margin": st.floats(allow_nan=True) | texts}),
 }
 
 
@@ -300,6 +342,6 @@ def test_builders_build_or_name_file_and_line(tmp_path, fmt):
             return
         for ex in examples:
             ids, labels = ex["input_ids"], ex["labels"]
-            assert len(ids) == len(labels) <= 32 and all(0 <= i < len(tok) for i in ids)
+            assert len(ids) == len(labels) <= 32 and all(0 <= i < len(tok) + 8 for i in ids)
 
     check()

@@ -221,3 +221,21 @@ def test_checkpoint_symlink_and_manifest_paths_cannot_leave_the_checkpoint_folde
     write_lines(tmp_path / "secret", ["x"])
     (root / "step-000001" / "manifest.json").write_text(json.dumps({"sha256": {"../../secret": "0"}}))
     assert verify(root / "step-000001") == "unreadable manifest"
+
+
+def test_adapter_base_paths_with_dotdot_are_never_followed(gpt2_dir, tmp_path, capsys):
+    # Decision: the base model is the one the user names (--model, or the shipped default), never
+    # a path read from adapter_config.json or lmtune.json; those are records, checked by fingerprint.
+    from adapter_helpers import saved_adapter
+
+    adapter, _ = saved_adapter(tmp_path, "gpt2")
+    for name, key in (("adapter_config.json", "base_model_name_or_path"), ("lmtune.json", "base_model")):
+        data = json.loads((adapter / name).read_text())
+        data[key] = "../../../../somewhere/else"
+        (adapter / name).write_text(json.dumps(data))
+    args = ["generate", "--adapter", str(adapter), "--prompt", "the cat", "--max-new-tokens", "2"]
+    assert main(["generate", "--model", str(gpt2_dir), *args[1:]]) == 0
+    capsys.readouterr()
+    # Without --model the shipped model is the base (not the recorded path), and it does not fit.
+    assert main(args) == 2
+    assert "trained on another base model" in capsys.readouterr().err

@@ -113,7 +113,10 @@ def build_pairs(records: list[Record], tokenizer: Any, max_length: int, add_eos:
     _, eos = special_ids(tokenizer)
     pairs = []
     for rec in records:
-        prompt_ids, chosen, rejected, needs_eos = _split_ids(rec, tokenizer)
+        try:
+            prompt_ids, chosen, rejected, needs_eos = _split_ids(rec, tokenizer)
+        except InputError as e:  # the tokenizer's complaint does not know the line; add it
+            raise (e if str(e).startswith(rec.where) else InputError(f"{rec.where}: {e}")) from None
         if chosen == rejected:
             stats.drop(IDENTICAL)
             continue

@@ -252,7 +252,10 @@ def load_prompts(ctx: Any, key: str) -> list[tuple[str, list[int]]] | None:
         if not isinstance(text, str) or not text.strip():
             raise InputError(f"{rec.where}: a PPO prompt must be a non-empty string in 'prompt' (JSONL) or a "
                              "line (TXT)")
-        ids = ([bos] if bos is not None else []) + encode(ctx.tokenizer, text)
+        try:
+            ids = ([bos] if bos is not None else []) + encode(ctx.tokenizer, text)
+        except InputError as e:  # the tokenizer's complaint does not know the line; add it
+            raise InputError(f"{rec.where}: {e}") from None
         if len(ids) >= max_length:
             raise InputError(f"{rec.where}: the prompt has {len(ids)} tokens, which fills train.max_length="
                              f"{max_length} and leaves no room for a response; shorten it or raise train.max_length")

@@ -303,6 +303,15 @@ def _prompts_builder(recs: list[Record], tok: Any) -> list[dict]:
     return [{"input_ids": ids, "labels": ids} for _, ids in load_prompts(ctx, "data.train")]
 
 
+def _classification_builder(recs: list[Record], tok: Any) -> list[dict]:
+    from lmtune.data.classification import build_examples, label_key, label_names
+    from lmtune.data.examples import BuildStats
+
+    names = label_names(label_key(r.fields.get("label"), r.where) for r in recs)
+    examples = build_examples(recs, tok, 32, False, names, 0, BuildStats())
+    return [{"input_ids": ex["input_ids"], "labels": ex["input_ids"]} for ex in examples]
+
+
 role = st.sampled_from(["user", "assistant", "system", "human", "gpt", "robot", ""])
 conversation = st.lists(st.fixed_dictionaries({"role": role, "content": texts}), min_size=0, max_size=4)
 
@@ -315,6 +324,8 @@ BUILDERS: dict[str, tuple[Callable[[list[Record], Any], list[dict]], dict[str, s
     "conversations": (_sft_builder("messages"), {"conversations": st.lists(st.fixed_dictionaries(
         {"from": st.sampled_from(["human", "gpt", "system", "x"]), "value": texts}), max_size=4)}),
     "prompts": (_prompts_builder, {"prompt": texts}),
+    "classification": (_classification_builder, {"text": texts, "text_pair": texts,
+                                                 "label": st.integers(0, 3) | st.sampled_from(["pos", "neg", ""])}),
     "preference": (_preference_builder, {"prompt": texts, "chosen": texts, "rejected": texts,
                                          "margin": st.floats(allow_nan=True) | texts}),
 }
@@ -325,7 +336,7 @@ def test_builders_build_or_name_file_and_line(tmp_path, fmt):
     build, fields = BUILDERS[fmt]
 
     @settings(max_examples=N_BUILDER, **COMMON)
-    @given(recs=st.lists(near_valid(fields) | records, min_size=1, max_size=4),
+    @given(recs=st.lists(st.one_of(near_valid(fields), near_valid(fields), records), min_size=1, max_size=4),
            tok_name=st.sampled_from(sorted(TOKENIZERS)))
     def check(recs: list[dict], tok_name: str) -> None:
         tok = TOKENIZERS[tok_name]

@@ -100,12 +100,31 @@ def _parse_json(text: str, where: str) -> Any:
 def _check_unicode(obj: Any, where: str) -> None:
     """Refuse lone surrogates (``"\\ud800"``): valid JSON escapes, but not text any tokenizer takes."""
     try:
-        json.dumps(obj, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InputError(f"{where}: a string holds an unpaired surrogate escape ({e.object[e.start:e.end]!r}), "
-                         "which is not text; fix the \\uXXXX escape") from None
-    except (ValueError, RecursionError):  # NaN is fine here; nesting was checked by the parser
-        pass
+        found = _lone_surrogate(obj, "")
+    except RecursionError:  # nested as deep as the parser allows: builders refuse such fields anyway
+        return
+    if found is not None:
+        field, chars = found
+        raise InputError(f"{where}: field '{field}' holds characters that are not valid Unicode (an unpaired "
+                         f"surrogate escape {chars!r}); fix the \\uXXXX escape")
+
+
+def _lone_surrogate(obj: Any, path: str) -> tuple[str, str] | None:
+    """``(field path, offending characters)`` of the first string that is not encodable text."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return path or "(value)", obj[e.start:e.end]
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in items:
+        sub = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+        found = _lone_surrogate(key, sub) if isinstance(key, str) else None
+        found = found or _lone_surrogate(value, sub)
+        if found is not None:
+            return found
+    return None
 
 
 def _read_jsonl(path: Path, text: str) -> list[Record]:

@@ -15,6 +15,7 @@ from lmtune.data.readers import Record, read_records
 from lmtune.errors import InputError
 from lmtune.methods import Prepared, apply_method
 from lmtune.models.loading import check_tokenizer, load_causal_lm, load_tokenizer, resolve_model_dir
+from lmtune.regularize import Guards
 from lmtune.runlog import RunLog
 
 # objective -> module with ``build_task(ctx) -> Task``; imported only when used.
@@ -113,8 +114,11 @@ def prepare(cfg: dict[str, Any], log: RunLog | None = None) -> tuple[Any, RunCon
     cfg["data.format"] = fmt
     if cfg["objective"] is None:
         cfg["objective"] = DEFAULT_OBJECTIVE[fmt]
+    guards = Guards.from_context(ctx)  # data.retain, replay, L2: read and checked before the model loads
     module = importlib.import_module(OBJECTIVES[cfg["objective"]])
-    return module.build_task(ctx), ctx
+    task = module.build_task(ctx)
+    guards.attach(task, cfg, tokenizer.pad_token_id)
+    return task, ctx
 
 
 def run_training(cfg: dict[str, Any], log: RunLog | None = None) -> dict[str, Any]:

@@ -275,6 +275,7 @@ def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.devic
     for name, fn in task.evaluators.items():
         summary[f"{name}_before"] = state[f"{name}_before"]
         summary[f"{name}_after"] = fn(model)
+        summary[f"{name}_change"] = summary[f"{name}_after"] - summary[f"{name}_before"]
     log.finish(summary)
     (output_dir / "best.safetensors").unlink(missing_ok=True)
     return summary

@@ -43,9 +43,10 @@ class RunLog:
     """
 
     def __init__(self, output_dir: Path, cfg: dict[str, Any] | None = None, quiet: bool = False,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, console_every: int | None = None):
         self.output_dir = Path(output_dir)
         self.quiet = quiet
+        self.console_every = console_every  # print fewer lines than metrics.jsonl records
         self._tensorboard = tensorboard
         self._writer: Any = None
         self._bar_active = False
@@ -76,7 +77,9 @@ class RunLog:
         line = f"step {record['step']:4d} / {total} | loss {record['loss']:.4f}"
         if "eval_loss" in record:
             line += f" | eval_loss {record['eval_loss']:.4f}"
-        self._console(line)
+        every = self.console_every
+        if every is None or record["step"] in (1, total) or record["step"] % every == 0:
+            self._console(line)
         writer = self._tb()
         if writer is not None:
             for k, v in record.items():

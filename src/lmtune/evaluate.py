@@ -141,7 +141,9 @@ def loss_examples(records: list[Record], fmt: str, tokenizer: Any, prefixes: lis
             prompt, target = sft_pair(rec, fmt)
             context = prefix + prompt
         head = ([bos] if bos is not None else []) + encode(tokenizer, context)
-        tail = encode(tokenizer, " " + target) + ([eos] if eos is not None else [])
+        # The SFT objective's framing: a space between prompt and answer unless one side has it.
+        gap = "" if not context or context[-1].isspace() or target[:1].isspace() else " "
+        tail = encode(tokenizer, gap + target) + ([eos] if eos is not None else [])
         ids = head + tail
         if max_length is not None and len(ids) > max_length:
             raise InputError(f"{rec.where}: {len(ids)} tokens with the prompt and shots, more than the model's "

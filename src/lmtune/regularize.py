@@ -157,6 +157,9 @@ class Guards:
             if cfg["objective"] not in REPLAY_OBJECTIVES:
                 raise InputError(f"regularize.replay_data mixes text into {'/'.join(REPLAY_OBJECTIVES)} batches; "
                                  f"objective {cfg['objective']} does not take text examples")
+            if cfg["train.packing"]:
+                raise InputError("regularize.replay_data adds whole examples to each batch, which packed rows "
+                                 "(train.packing=true) cannot take; turn packing off to use replay")
             guards.replay = _text_file_examples("regularize.replay_data", replay_file, ctx.tokenizer,
                                                 cfg["train.max_length"])
         return guards

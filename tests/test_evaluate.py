@@ -234,3 +234,19 @@ def test_labels_never_seen_in_training_exit_2(gpt2_dir, tmp_path, capsys):
     out = _train(gpt2_dir, tmp_path / "clf", **{"objective": "classify", "data.train": str(train)})
     assert main(["eval", "--model", str(out), "--data", str(test), "--metrics", "accuracy"]) == 2
     assert "neutral" in capsys.readouterr().err
+
+
+def test_sft_perplexity_equals_the_sft_objectives_eval_loss(gpt2_dir, tmp_path):
+    rows = [{"instruction": p, "input": "", "output": c} for p, c in PAIRS]
+    data = write_jsonl(tmp_path / "eval.jsonl", rows)
+    out = _train(gpt2_dir, tmp_path / "sft", **{"data.train": str(data), "data.eval": str(data),
+                                                "objective": "sft", "train.steps": 1})
+    summary = json.loads((out / "summary.json").read_text())
+    assert run_eval(str(out), None, str(data))["loss"] == pytest.approx(summary["eval_loss"], abs=1e-5)
+
+
+def test_chat_records_without_a_chat_template_exit_2(gpt2_dir, tmp_path, capsys):
+    rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]} for p, c in PAIRS]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    assert main(["eval", "--model", str(gpt2_dir), "--data", str(data)]) == 2
+    assert "chat template" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lmtune.data.batching import pad_batch
-from lmtune.data.examples import IGNORE, BuildStats, encode, special_ids, text_example
+from lmtune.data.examples import BuildStats, encode, special_ids, text_example
 from lmtune.data.readers import Record, read_records
 from lmtune.errors import InputError
 from lmtune.metrics import METRICS, check_metric_names
@@ -42,38 +42,28 @@ def parse_metrics(metrics: str | list[str]) -> list[str]:
     return check_metric_names(names)
 
 
-def sft_pair(record: Record, fmt: str) -> tuple[str, str]:
-    """(prompt, completion) of a prompt/completion or alpaca record.
+def prompt_pair(record: Record, fmt: str) -> tuple[str, str]:
+    """(prompt, completion) of a prompt/completion or alpaca record, parsed as the SFT objective does.
 
     Raises:
-        InputError: a field is missing or not a string (naming the record).
+        InputError: a missing or non-string field (naming the record).
     """
-    f = record.fields
-    if fmt == "alpaca":
-        fields = {"instruction": f.get("instruction"), "output": f.get("output")}
-        extra = f.get("input") or ""
-    else:
-        fields = {"prompt": f.get("prompt"), "completion": f.get("completion")}
-        extra = ""
-    for name, value in fields.items():
-        if not isinstance(value, str):
-            raise InputError(f"{record.where}: field '{name}' must be a string, got "
-                             f"{'nothing' if value is None else type(value).__name__}")
-    if not isinstance(extra, str):
-        raise InputError(f"{record.where}: field 'input' must be a string")
-    prompt, completion = list(fields.values())
-    return (f"{prompt}\n{extra}" if extra else prompt), completion
+    from lmtune.data.formats import parse_records
+
+    samples = parse_records([record], fmt, BuildStats())
+    if not samples:
+        raise InputError(f"{record.where}: the reference answer is empty; drop the record or fill it in")
+    return samples[0].prompt, samples[0].completion
 
 
 def shot_text(record: Record, fmt: str) -> str:
     """One solved example as it appears in a few-shot prompt."""
+    from lmtune.data.formats import separator
+
     if fmt in SFT_FORMATS:
-        prompt, completion = sft_pair(record, fmt)
-        return f"{prompt} {completion}"
-    text = record.fields.get("text")
-    if not isinstance(text, str):
-        raise InputError(f"{record.where}: a few-shot example needs a 'text' string or prompt+completion")
-    return text
+        prompt, completion = prompt_pair(record, fmt)
+        return prompt + separator(prompt, completion) + completion
+    return _text_field(record)
 
 
 def few_shot_prefixes(data_records: list[Record], shots: int, shots_file: str | None,
@@ -109,48 +99,58 @@ def few_shot_prefixes(data_records: list[Record], shots: int, shots_file: str | 
     return prefixes
 
 
-def context_length(model: Any) -> int | None:
-    """The most positions the model accepts, if its config says."""
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(getattr(model, "config", None), name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def loss_examples(records: list[Record], fmt: str, tokenizer: Any, prefixes: list[str],
                   max_length: int | None) -> tuple[list[dict[str, list[int]]], BuildStats]:
     """Token examples whose labels mark exactly the tokens perplexity is measured on.
 
-    Text: BOS + text + EOS, every token after BOS (as in training). Prompt/completion:
-    BOS + prompt + completion + EOS with the prompt masked. A few-shot prefix is context
-    only: it is never scored.
+    Built by the training objectives' own code, so eval scores what training trained: text
+    is BOS + text + EOS with every token after BOS scored (``objective=lm``); prompt/completion,
+    alpaca and chat records score only the response (``objective=sft``). A few-shot prefix is
+    context only: it is never scored.
+
+    Raises:
+        InputError: a malformed record, chat data for a tokenizer without a chat template, or
+            a few-shot example longer than the model's context.
     """
-    bos, eos = special_ids(tokenizer)
+    from lmtune.data.formats import prompt_completion_ids
+
     stats = BuildStats()
+    limit = max_length or 10**9
+    if fmt == "messages":
+        return _chat_examples(records, tokenizer, limit, prefixes, stats)
     examples = []
     for rec, prefix in zip(records, prefixes):
         if fmt == "text" and not prefix:
-            ex = text_example(tokenizer, _text_field(rec), max_length or 10**9, stats)
-            if ex is not None:
-                examples.append(ex)
-            continue
-        if fmt == "text":
-            context, target = prefix, _text_field(rec)
+            ex = text_example(tokenizer, _text_field(rec), limit, stats)
         else:
-            prompt, target = sft_pair(rec, fmt)
-            context = prefix + prompt
-        head = ([bos] if bos is not None else []) + encode(tokenizer, context)
-        # The SFT objective's framing: a space between prompt and answer unless one side has it.
-        gap = "" if not context or context[-1].isspace() or target[:1].isspace() else " "
-        tail = encode(tokenizer, gap + target) + ([eos] if eos is not None else [])
-        ids = head + tail
-        if max_length is not None and len(ids) > max_length:
-            raise InputError(f"{rec.where}: {len(ids)} tokens with the prompt and shots, more than the model's "
-                             f"context of {max_length}; use fewer --shots or shorter examples")
-        stats.examples += 1
-        examples.append({"input_ids": ids, "labels": [IGNORE] * len(head) + tail})
+            if fmt == "text":
+                prompt, target = prefix, _text_field(rec)
+            else:
+                prompt, target = prompt_pair(rec, fmt)
+                prompt = prefix + prompt
+            # Without shots, a long example is cut as training cuts it; shots must not push it out.
+            ex = prompt_completion_ids(tokenizer, prompt, target, 10**9 if prefix else limit, stats, "response",
+                                       rec.where)
+            if prefix and ex is not None and len(ex["input_ids"]) > limit:
+                raise InputError(f"{rec.where}: {len(ex['input_ids'])} tokens with the few-shot examples, more "
+                                 f"than the model's context of {limit}; use fewer --shots or shorter examples")
+        if ex is not None:
+            examples.append(ex)
     return examples, stats
+
+
+def _chat_examples(records: list[Record], tokenizer: Any, limit: int, prefixes: list[str],
+                   stats: BuildStats) -> tuple[list[dict[str, list[int]]], BuildStats]:
+    from lmtune.data.chat import has_chat_template
+    from lmtune.objectives.sft_task import sft_examples
+
+    if any(prefixes):
+        raise InputError("--shots works with text, prompt/completion and alpaca data, not chat messages")
+    if not has_chat_template(tokenizer):
+        raise InputError("chat records are scored through the model's chat template, and this tokenizer has "
+                         "none; evaluate a model fine-tuned on chat data (it saves the template) or convert "
+                         "the records to prompt/completion")
+    return sft_examples(records, "messages", tokenizer, limit, "response", stats)
 
 
 def _text_field(rec: Record) -> str:
@@ -246,23 +246,29 @@ def run_eval(model: str | None, adapter: str | None, data: str, metrics: str | l
         return classification_metrics(model, adapter, records, fmt, names, data)
     if fmt == "classification":
         raise InputError(f"{data} holds text+label records; score them with --metrics accuracy,f1,auc")
-    if fmt not in ("text", *SFT_FORMATS):
-        raise InputError(f"{data}: lmtune eval reads text, prompt/completion or alpaca records (this file is "
-                         f"{fmt}); convert it, e.g. to {{\"prompt\": ..., \"completion\": ...}} lines")
-    if "text" in needs and fmt == "text":
+    if fmt not in ("text", "messages", *SFT_FORMATS):
+        raise InputError(f"{data}: lmtune eval reads text, prompt/completion, alpaca or chat records (this file "
+                         f"is {fmt}); convert it, e.g. to {{\"prompt\": ..., \"completion\": ...}} lines")
+    if "text" in needs and fmt not in SFT_FORMATS:
         text_metrics = ", ".join(n for n in names if METRICS[n].needs == "text")
         raise InputError(f"{text_metrics} compare a generated answer with a reference, so {data} needs "
-                         "prompt+completion (or instruction+output) records; plain text supports perplexity")
+                         "prompt+completion (or instruction+output) records; {fmt} data supports perplexity only")
 
     prefixes = few_shot_prefixes(records, shots, shots_file, data)
-    lm, tokenizer = _load(model, adapter)
+    lm, tokenizer, folder = _load(model, adapter)
     results: dict[str, Any] = {"examples": len(records), "shots": shots}
     if "loss" in needs:
-        examples, _ = loss_examples(records, fmt, tokenizer, prefixes, context_length(lm))
+        from lmtune.models.loading import context_length
+
+        examples, stats = loss_examples(records, fmt, tokenizer, prefixes, context_length(folder))
+        if not examples:
+            raise InputError(f"{data}: no example has a token to score (empty texts or responses)")
         scored = perplexity(lm, examples, tokenizer.pad_token_id)
         results.update(perplexity=scored["perplexity"], loss=scored["loss"], tokens=scored["tokens"])
+        if stats.truncated or stats.dropped:
+            results.update(truncated=stats.truncated, dropped=sum(stats.dropped.values()))
     if "text" in needs:
-        pairs = [sft_pair(r, fmt) for r in records]
+        pairs = [prompt_pair(r, fmt) for r in records]
         answers = generate_answers(lm, tokenizer, [p + q for p, (q, _) in zip(prefixes, pairs)], max_new_tokens)
         references = [c for _, c in pairs]
         for name in names:
@@ -271,16 +277,16 @@ def run_eval(model: str | None, adapter: str | None, data: str, metrics: str | l
     return {**{n: results[n] for n in names}, **{k: v for k, v in results.items() if k not in names}}
 
 
-def _load(model: str | None, adapter: str | None) -> tuple[Any, Any]:
+def _load(model: str | None, adapter: str | None) -> tuple[Any, Any, Path]:
     from lmtune.models.loading import load_model_and_tokenizer
 
-    lm, tokenizer, _ = load_model_and_tokenizer(model)
+    lm, tokenizer, folder = load_model_and_tokenizer(model)
     if adapter:
         from lmtune.methods.adapters import load_adapter
 
         lm = load_adapter(lm, adapter, tokenizer=tokenizer)
     lm.eval()
-    return lm, tokenizer
+    return lm, tokenizer, folder
 
 
 def classification_metrics(model: str | None, adapter: str | None, records: list[Record], fmt: str,

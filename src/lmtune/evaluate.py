@@ -294,8 +294,8 @@ def classification_metrics(model: str | None, adapter: str | None, records: list
     """accuracy / f1 / auc from the classification head saved with the model.
 
     Raises:
-        InputError: the data is not text+label, the heads module is missing, or the data holds
-            labels the head was never trained on.
+        InputError: the data is not text+label, the heads module is missing, or (from
+            ``heads.predict``) the data holds labels the head was never trained on.
     """
     if fmt != "classification":
         raise InputError(f"{', '.join(names)} need text+label records; {data} holds {fmt} records")
@@ -306,20 +306,8 @@ def classification_metrics(model: str | None, adapter: str | None, records: list
                          "installation of lmtune does not include") from None
     from lmtune.models.loading import resolve_model_dir
 
-    y_true, y_pred, probs, label_names = predict(resolve_model_dir(model), adapter, records)
-    known = {str(n) for n in label_names}
-    unseen = {}
-    for rec in records:
-        label = rec.fields.get("label")
-        if str(label) not in known:
-            unseen.setdefault(str(label), rec.where)
-    if unseen:
-        listed = ", ".join(f"'{label}' ({where})" for label, where in sorted(unseen.items()))
-        raise InputError(f"{data} holds labels the model never saw in training: {listed}; the head knows only "
-                         f"{', '.join(sorted(known))}. Drop those records or retrain with them")
-    index = {str(n): i for i, n in enumerate(label_names)}
-    truth = [index[str(y)] if str(y) in index else int(y) for y in y_true]
-    pred = [index[str(y)] if str(y) in index else int(y) for y in y_pred]
+    # Indices into label_names; predict refuses labels the head never saw, naming each with its line.
+    truth, pred, probs, label_names = predict(resolve_model_dir(model), adapter, records)
     results: dict[str, Any] = {}
     for name in names:
         metric = METRICS[name]

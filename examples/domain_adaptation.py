@@ -6,7 +6,7 @@ the question-and-answer domain — the turns of ``chat.jsonl`` as plain lines, n
 output folder, next to the same stage 2 from the shipped model. The adapted model should start
 stage 2 lower and stay ahead.
 
-Writes ``DOMAIN_ADAPTATION.md`` next to this script. About a minute on two CPU cores:
+Writes ``DOMAIN_ADAPTATION.md`` next to this script. A few minutes on two CPU cores:
 
     PYTHONPATH=src python examples/domain_adaptation.py [--out runs/domain]
 """
@@ -32,6 +32,7 @@ from lmtune.runlog import RunLog
 
 HERE = Path(__file__).resolve().parent
 TASK_EVAL = str(data_path("instructions_eval.jsonl"))
+NOTES = "\n<!-- notes: kept across reruns -->\n"
 
 
 def domain_text(path: Path) -> Path:
@@ -81,7 +82,10 @@ def main() -> None:
         print(f"{name:<14} task loss before {before['loss']:.3f} | first step {summary['first_loss']:.3f} | "
               f"final eval {summary['eval_loss']:.3f} | exact match {after['exact_match']:.3f}", flush=True)
     text = report(args, stage1, rows, time.perf_counter() - t0)
-    (Path(args.docs) / "DOMAIN_ADAPTATION.md").write_text(text, encoding="utf-8")
+    md = Path(args.docs) / "DOMAIN_ADAPTATION.md"
+    # The reading of the numbers is written by hand below NOTES; a rerun keeps it.
+    notes = md.read_text(encoding="utf-8").partition(NOTES)[2] if md.exists() else ""
+    md.write_text(text + NOTES + notes, encoding="utf-8")
     print(text)
 
 

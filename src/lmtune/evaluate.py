@@ -252,9 +252,10 @@ def run_eval(model: str | None, adapter: str | None, data: str, metrics: str | l
     if "text" in needs and fmt not in SFT_FORMATS:
         text_metrics = ", ".join(n for n in names if METRICS[n].needs == "text")
         raise InputError(f"{text_metrics} compare a generated answer with a reference, so {data} needs "
-                         "prompt+completion (or instruction+output) records; {fmt} data supports perplexity only")
+                         f"prompt+completion (or instruction+output) records; {fmt} data supports perplexity only")
 
     prefixes = few_shot_prefixes(records, shots, shots_file, data)
+    pairs = [prompt_pair(r, fmt) for r in records] if "text" in needs else []  # malformed rows fail before loading
     lm, tokenizer, folder = _load(model, adapter)
     results: dict[str, Any] = {"examples": len(records), "shots": shots}
     if "loss" in needs:
@@ -268,7 +269,6 @@ def run_eval(model: str | None, adapter: str | None, data: str, metrics: str | l
         if stats.truncated or stats.dropped:
             results.update(truncated=stats.truncated, dropped=sum(stats.dropped.values()))
     if "text" in needs:
-        pairs = [prompt_pair(r, fmt) for r in records]
         answers = generate_answers(lm, tokenizer, [p + q for p, (q, _) in zip(prefixes, pairs)], max_new_tokens)
         references = [c for _, c in pairs]
         for name in names:
@@ -279,12 +279,14 @@ def run_eval(model: str | None, adapter: str | None, data: str, metrics: str | l
 
 def _load(model: str | None, adapter: str | None) -> tuple[Any, Any, Path]:
     from lmtune.models.loading import load_model_and_tokenizer
+    from lmtune.run import pick_device
 
     lm, tokenizer, folder = load_model_and_tokenizer(model)
     if adapter:
         from lmtune.methods.adapters import load_adapter
 
         lm = load_adapter(lm, adapter, tokenizer=tokenizer)
+    lm.to(pick_device())
     lm.eval()
     return lm, tokenizer, folder
 

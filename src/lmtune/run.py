@@ -14,6 +14,7 @@ from typing import Any
 from lmtune.data.readers import Record, read_records
 from lmtune.errors import InputError
 from lmtune.methods import Prepared, apply_method
+from lmtune.models.encoders import refuse_encoder
 from lmtune.models.loading import (
     check_tokenizer,
     context_length,
@@ -130,6 +131,8 @@ def prepare(cfg: dict[str, Any], log: RunLog | None = None) -> tuple[Any, RunCon
     cfg["data.format"] = fmt
     if cfg["objective"] is None:
         cfg["objective"] = DEFAULT_OBJECTIVE[fmt]
+    if cfg["objective"] != "classify":  # lm, sft, dpo, ppo and reward all load a causal LM
+        refuse_encoder(folder)
     guards = Guards.from_context(ctx)  # data.retain, replay, L2: read and checked before the model loads
     module = importlib.import_module(OBJECTIVES[cfg["objective"]])
     task = module.build_task(ctx)

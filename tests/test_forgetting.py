@@ -155,3 +155,19 @@ def test_inconsistent_replay_keys_exit_2(gpt2_dir, tmp_path, capsys, overrides, 
     code = main(["train", f"model={gpt2_dir}", f"data.train={data}", f"output_dir={tmp_path / 'out'}", *args])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_retain_and_replay_work_for_the_sft_objective(gpt2_dir, tmp_path):
+    rows = [{"prompt": q, "completion": a} for q, a in zip(TASK, RETAIN)]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    retain = write_lines(tmp_path / "retain.txt", RETAIN)
+    replay = write_lines(tmp_path / "replay.txt", SENTENCES)
+    out = tmp_path / "out"
+    summary = run(config(gpt2_dir, out, **{"data.train": str(data), "objective": "sft", "data.retain": str(retain),
+                                           "regularize.replay_data": str(replay), "regularize.replay_ratio": 0.5,
+                                           "regularize.l2_init": 0.01}))
+    assert summary["objective"] == "sft" and summary["replay_examples"] == len(SENTENCES)
+    assert summary["retain_loss_change"] == pytest.approx(summary["retain_loss_after"] - summary["retain_loss_before"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("reg_loss" in r for r in records)

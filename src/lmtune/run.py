@@ -14,6 +14,7 @@ from typing import Any
 from lmtune.data.readers import Record, read_records
 from lmtune.errors import InputError
 from lmtune.methods import Prepared, apply_method
+from lmtune.models.encoders import refuse_encoder
 from lmtune.models.loading import (
     check_tokenizer,
     context_length,
@@ -60,6 +61,10 @@ class RunContext:
         return self._records[key]
 
     def load_causal_lm(self) -> Any:
+        if self.cfg["method"] == "qlora":  # stream weights into 4 bits: never the whole fp32 model in memory
+            from lmtune.methods.qlora import load_quantized
+
+            return load_quantized(self.model_folder, self.cfg)
         return load_causal_lm(self.model_folder, self.cfg["trust_remote_code"])
 
     def apply_method(self, model: Any) -> Prepared:
@@ -125,6 +130,8 @@ def prepare(cfg: dict[str, Any], log: RunLog | None = None) -> tuple[Any, RunCon
     cfg["data.format"] = fmt
     if cfg["objective"] is None:
         cfg["objective"] = DEFAULT_OBJECTIVE[fmt]
+    if cfg["objective"] != "classify":  # lm, sft, dpo, ppo and reward all load a causal LM
+        refuse_encoder(folder)
     module = importlib.import_module(OBJECTIVES[cfg["objective"]])
     return module.build_task(ctx), ctx
 

@@ -49,6 +49,7 @@ class Task:
     regularizers: list[Callable[[torch.nn.Module], torch.Tensor]] = field(default_factory=list)
     evaluators: dict[str, Callable[[torch.nn.Module], float]] = field(default_factory=dict)
     batch_transform: Callable[[list[Any], int], list[Any]] | None = None  # e.g. replay mixing
+    next_batch: Callable[[int], dict[str, Any]] | None = None  # PPO: micro-batches from its own rollouts
     summary: dict[str, Any] = field(default_factory=dict)  # method/objective facts for summary.json
 
 
@@ -342,6 +343,8 @@ def accumulate_gradients(task: Task, micro: list[dict[str, Any] | None], precisi
 
 def _next_batch(task: Task, stream: BatchStream, step: int,
                 ddp: distributed.Dist | None = None) -> dict[str, Any] | None:
+    if task.next_batch is not None:  # the batch depends on the policy (rollouts), not on the data order
+        return task.next_batch(step)
     indices = distributed.shard(stream.next(), ddp)
     if not indices:
         return None

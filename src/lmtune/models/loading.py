@@ -70,9 +70,18 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:
 
 
 def load_causal_lm(folder: Path, trust_remote_code: bool = False, dtype: Any = None) -> Any:
-    """Load a causal LM from a checked folder, safetensors only, float32 unless told otherwise."""
+    """Load a causal LM from a checked folder, safetensors only, float32 unless told otherwise.
+
+    Raises:
+        InputError: the folder holds an encoder (transformers would quietly give BERT a random
+            next-token head), needs remote code, or does not load.
+    """
     import torch
     from transformers import AutoModelForCausalLM
+
+    from lmtune.models.encoders import refuse_encoder
+
+    refuse_encoder(folder)
 
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -25,6 +25,8 @@ from lmtune.train import Task, TrainingError
 
 # Methods that keep embeddings frozen: new ChatML rows need their own gradient there.
 FULL_EMBEDDING_METHODS = ("full",)
+# Methods whose saved output is an adapter only (no embedding matrix).
+ADAPTER_METHODS = ("lora", "qlora", "prompt_tuning")
 
 
 def sft_examples(records: list[Record], fmt: str, tokenizer: Any, max_length: int, loss_on: str,
@@ -129,6 +131,9 @@ def build_task(ctx: Any) -> Task:
         if rows:
             log.say(f"method={cfg['method']} freezes the embeddings: training only the {rows} embedding rows of "
                     "the new chat tokens (the other rows get no gradient)")
+        if cfg["method"] in ADAPTER_METHODS:
+            log.say(f"warning: method={cfg['method']} saves only its adapter, which does not hold the new chat "
+                    "token rows; use a model whose tokenizer has a chat template, or method=full/freeze")
 
     cause = (f"every label is -100 (train.loss_on={loss_on}, train.max_length={max_length}); "
              "check that the data's responses are non-empty and fit")

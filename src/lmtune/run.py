@@ -22,6 +22,7 @@ from lmtune.models.loading import (
     load_tokenizer,
     resolve_model_dir,
 )
+from lmtune.regularize import Guards
 from lmtune.runlog import RunLog
 
 # objective -> module with ``build_task(ctx) -> Task``; imported only when used.
@@ -132,8 +133,11 @@ def prepare(cfg: dict[str, Any], log: RunLog | None = None) -> tuple[Any, RunCon
         cfg["objective"] = DEFAULT_OBJECTIVE[fmt]
     if cfg["objective"] != "classify":  # lm, sft, dpo, ppo and reward all load a causal LM
         refuse_encoder(folder)
+    guards = Guards.from_context(ctx)  # data.retain, replay, L2: read and checked before the model loads
     module = importlib.import_module(OBJECTIVES[cfg["objective"]])
-    return module.build_task(ctx), ctx
+    task = module.build_task(ctx)
+    guards.attach(task, cfg, tokenizer.pad_token_id)
+    return task, ctx
 
 
 def run_training(cfg: dict[str, Any], log: RunLog | None = None) -> dict[str, Any]:

@@ -37,7 +37,9 @@ class Task:
     """What one run trains: the model, its data, its loss, and how to save the result.
 
     ``loss`` returns the *sum* of the loss over the batch's loss units (tokens for LM
-    objectives, pairs for DPO) and the batch names that count as ``num_loss_tokens``.
+    objectives, pairs for DPO) and the batch names that count as ``num_loss_tokens``. Where a
+    unit is not a token, the batch also says how many tokens it trained on (``num_tokens``:
+    completion tokens of a pair, real tokens of a classified text) for ``tokens_trained``.
     """
 
     model: torch.nn.Module
@@ -241,7 +243,7 @@ def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.devic
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg, steps)
             micro = [_next_batch(task, stream, step, ddp) for _ in range(accum)]
-            loss, units, metrics = accumulate_gradients(task, micro, cfg["train.precision"], device, step, ddp)
+            loss, tokens, metrics = accumulate_gradients(task, micro, cfg["train.precision"], device, step, ddp)
             if ddp:
                 ddp.sync_gradients([p for p in model.parameters() if p.requires_grad])
             if not math.isfinite(loss):
@@ -257,7 +259,7 @@ def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.devic
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step = step + 1
-            state["tokens"] += units
+            state["tokens"] += tokens
             state["last_loss"] = loss
             if first_step_seconds is None:
                 # The first step carries compilation and allocator warm-up; keep it out of tokens/s.
@@ -299,6 +301,7 @@ def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.devic
     for name, fn in task.evaluators.items():
         summary[f"{name}_before"] = state[f"{name}_before"]
         summary[f"{name}_after"] = fn(model)
+        summary[f"{name}_change"] = summary[f"{name}_after"] - summary[f"{name}_before"]
     log.finish(summary)
     if main:
         (output_dir / "best.safetensors").unlink(missing_ok=True)
@@ -315,12 +318,14 @@ def accumulate_gradients(task: Task, micro: list[dict[str, Any] | None], precisi
     the accumulated gradient is the gradient of the window's mean loss however it is split.
 
     Returns:
-        ``(mean loss, loss units, metrics)`` of the window.
+        ``(mean loss, tokens trained, metrics)`` of the window.
     """
     micro = [b for b in micro if b is not None]  # a rank can get no share of a short last batch
     units = sum(b["num_loss_tokens"] for b in micro)
+    tokens = sum(b.get("num_tokens", b["num_loss_tokens"]) for b in micro)
     if ddp:
         units = int(ddp.sum(units))  # every rank divides by the global count
+        tokens = int(ddp.sum(tokens))
     if units == 0:
         raise TrainingError(f"step {step + 1}: the batch has no tokens that carry loss (every label is "
                             "masked); check train.loss_on, train.max_length and the data's responses")
@@ -340,7 +345,7 @@ def accumulate_gradients(task: Task, micro: list[dict[str, Any] | None], precisi
         metrics["reg_loss"] = metrics.get("reg_loss", 0.0) + float(reg_loss.detach())
     if ddp:
         loss_total = ddp.sum(loss_total)
-    return loss_total / units, units, metrics
+    return loss_total / units, tokens, metrics
 
 
 def _next_batch(task: Task, stream: BatchStream, step: int,

@@ -147,7 +147,8 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     batch = {"input_ids": ids, "attention_mask": mask,
              "labels": torch.tensor([e["label"] for e in examples]),  # (B,)
              "task": torch.tensor([e["task"] for e in examples]),  # (B,)
-             "num_loss_tokens": len(examples)}
+             "num_loss_tokens": len(examples),
+             "num_tokens": int(mask.sum())}  # what tokens_trained reports
     if types is not None:
         batch["token_type_ids"] = types
     return batch

@@ -165,6 +165,7 @@ def collate_pairs(pairs: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     batch = pad_batch(rows, pad_id)
     batch["completion_lengths"] = (batch["labels"] != IGNORE).sum(dim=1)  # (2B,)
     batch["num_loss_tokens"] = len(pairs)
+    batch["num_tokens"] = int(batch["completion_lengths"].sum())  # what tokens_trained reports
     for key in ("ref_chosen", "ref_rejected", "margin"):
         if key in pairs[0]:
             batch[key] = torch.tensor([p[key] for p in pairs], dtype=torch.float32)  # (B,)

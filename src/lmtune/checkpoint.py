@@ -120,7 +120,7 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> 
 
 
 def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    loop_state: dict[str, Any], keep: int) -> Path:
+                    loop_state: dict[str, Any], keep: int, task_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Atomically write the checkpoint for ``step`` and keep only the newest ``keep``.
 
     Raises:
@@ -132,7 +132,7 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
     try:
         _remove(tmp)
         tmp.mkdir()
-        _write_files(tmp, step, weights, optimizer, loop_state)
+        _write_files(tmp, step, weights, optimizer, loop_state, task_tensors or {})
         _publish(tmp, final)
     except OSError as e:
         _remove(tmp)
@@ -148,13 +148,14 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
 
 
 def _write_files(tmp: Path, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                 loop_state: dict[str, Any]) -> None:
+                 loop_state: dict[str, Any], task_tensors: dict[str, torch.Tensor]) -> None:
     """Tensors, then JSON state, then the manifest of both: a manifest means the rest is whole."""
     opt_tensors, opt_plain = _split_optimizer(optimizer.state_dict())
     rng_tensors, rng_meta = rng_state()
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in weights.items()}
     tensors.update(opt_tensors)
     tensors.update(rng_tensors)
+    tensors.update({f"task.{k}": v.detach().cpu().contiguous() for k, v in task_tensors.items()})
     save_file(tensors, tmp / FILES[0])
     _fsync_file(tmp / FILES[0])
     meta = {"step": step, "optimizer": opt_plain, "rng": rng_meta, "loop": loop_state}
@@ -271,6 +272,7 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
         if not isinstance(meta["step"], int) or not {"state", "stream"} <= set(meta["loop"]):
             raise ValueError("state.json lacks the step or the loop state")
         meta["rng_tensors"] = {k: v for k, v in tensors.items() if k.startswith("rng.")}
+        meta["task_tensors"] = {k[len("task."):]: v for k, v in tensors.items() if k.startswith("task.")}
         if "rng.torch" not in meta["rng_tensors"] or not {"python", "numpy"} <= set(meta["rng"]):
             raise ValueError("the RNG states are missing")
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:

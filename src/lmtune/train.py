@@ -53,6 +53,9 @@ class Task:
     batch_transform: Callable[[list[Any], int], list[Any]] | None = None  # e.g. replay mixing
     next_batch: Callable[[int], dict[str, Any]] | None = None  # PPO: micro-batches from its own rollouts
     summary: dict[str, Any] = field(default_factory=dict)  # method/objective facts for summary.json
+    # State of the task's own that a checkpoint must carry to resume exactly (PPO's rollout
+    # buffer): an object with ``state_dict() -> (tensors, json_meta)`` and ``load_state_dict``.
+    resumable: Any = None
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -217,6 +220,8 @@ def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.devic
         optimizer.load_state_dict(optim_state)
         state.update(meta["loop"]["state"])
         stream = BatchStream(len(task.train_examples), global_batch, seed, **meta["loop"]["stream"])
+        if task.resumable is not None:
+            task.resumable.load_state_dict(meta["task_tensors"], meta["loop"].get("task", {}))
         ckpt.set_rng_state(meta["rng_tensors"], meta["rng"])
         if state["best_eval"] is not None and (output_dir / "best.safetensors").exists():
             from safetensors.torch import load_file
@@ -278,8 +283,10 @@ def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.devic
                 log.step(record, steps)
             bar.update(1)
             if main and ((cfg["train.save_every"] and step % cfg["train.save_every"] == 0) or stop.received):
+                task_tensors, task_meta = task.resumable.state_dict() if task.resumable is not None else ({}, {})
                 ckpt.save_checkpoint(ckpt_root, step, trainable_state(model), optimizer,
-                                     {"state": state, "stream": stream.position()}, cfg["train.keep_checkpoints"])
+                                     {"state": state, "stream": stream.position(), "task": task_meta},
+                                     cfg["train.keep_checkpoints"], task_tensors)
             if stop.received:
                 log.say(f"received signal {stop.received}: checkpoint saved at step {step}; "
                         "continue with train.resume=true")

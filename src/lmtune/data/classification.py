@@ -118,7 +118,10 @@ def build_examples(records: list[Record], tokenizer: Any, max_length: int, encod
     examples = []
     for rec in records:
         label = index[label_key(rec.fields.get("label"), rec.where)]
-        ex = encode_input(tokenizer, *record_text(rec), max_length, encoder, stats)
+        try:
+            ex = encode_input(tokenizer, *record_text(rec), max_length, encoder, stats)
+        except InputError as e:  # the tokenizer's complaint does not know the line; add it
+            raise (e if str(e).startswith(rec.where) else InputError(f"{rec.where}: {e}")) from None
         if ex is not None:
             examples.append({**ex, "label": label, "task": task})
     return examples
@@ -144,7 +147,8 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     batch = {"input_ids": ids, "attention_mask": mask,
              "labels": torch.tensor([e["label"] for e in examples]),  # (B,)
              "task": torch.tensor([e["task"] for e in examples]),  # (B,)
-             "num_loss_tokens": len(examples)}
+             "num_loss_tokens": len(examples),
+             "num_tokens": int(mask.sum())}  # what tokens_trained reports
     if types is not None:
         batch["token_type_ids"] = types
     return batch

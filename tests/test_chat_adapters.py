@@ -26,20 +26,28 @@ TURN = [{"role": "user", "content": "can the cat run ?"}, {"role": "assistant", 
 PROBE = "<|im_start|>user\ncan the cat run ?<|im_end|>\n<|im_start|>assistant\nthe cat can run .<|im_end|>"
 
 
-@pytest.fixture(scope="module")
-def chat_run(model_dir, tmp_path_factory):
-    """A LoRA SFT run on chat data: (base folder, adapter folder, trained model, summary)."""
-    tmp = tmp_path_factory.mktemp("chat-lora")
+def train_on_chat(model_dir, tmp, method: str):
+    """An SFT run on chat data with ``method``: (base folder, adapter folder, trained model, summary)."""
     data = tmp / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": TURN}) + "\n" for _ in range(8)), encoding="utf-8")
     out = tmp / "out"
     cfg = load_config(overrides={"model": str(model_dir), "data.train": str(data), "output_dir": str(out),
-                                 "method": "lora", "train.steps": 3, "train.batch_size": 4, "train.max_length": 24,
+                                 "method": method, "train.steps": 3, "train.batch_size": 4, "train.max_length": 24,
                                  "train.lr": 5e-2})
     log = RunLog(out, cfg, quiet=True, tensorboard=False)
     task, ctx = prepare(cfg, log)
     summary = train(task, cfg, out, device=torch.device("cpu"), log=log)
     return model_dir, out, task.model.eval(), summary
+
+
+@pytest.fixture(scope="module")
+def chat_run(model_dir, tmp_path_factory):
+    return train_on_chat(model_dir, tmp_path_factory.mktemp("chat-lora"), "lora")
+
+
+@pytest.fixture(scope="module")
+def prompt_run(model_dir, tmp_path_factory):
+    return train_on_chat(model_dir, tmp_path_factory.mktemp("chat-prompt"), "prompt_tuning")
 
 
 def probe_ids(tokenizer) -> torch.Tensor:
@@ -79,15 +87,20 @@ def test_lmtune_reloads_the_chat_adapter_with_the_trained_logits(chat_run):
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # the tie survives
 
 
-def test_peft_loads_the_chat_adapter_after_resizing_the_base(chat_run):
+def peft_loaded(base, out):
+    """The PEFT user's way: resize the base to the adapter's tokenizer, then ``PeftModel.from_pretrained``."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base, out, trained, _ = chat_run
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(base)
     model.resize_token_embeddings(len(tok))
-    peft_model = PeftModel.from_pretrained(model, out).eval()
+    return PeftModel.from_pretrained(model, out).eval(), tok
+
+
+def test_peft_loads_the_chat_adapter_after_resizing_the_base(chat_run):
+    base, out, trained, _ = chat_run
+    peft_model, tok = peft_loaded(base, out)
     x = probe_ids(tok)
     torch.testing.assert_close(logits(peft_model, x), logits(trained, x), atol=TOL, rtol=0)
 
@@ -104,3 +117,21 @@ def test_generate_chat_runs_with_the_base_and_the_adapter(chat_run, capsys):
     code = main(["generate", "--model", str(base), "--adapter", str(out), "--chat", "--prompt", "can the cat run ?",
                  "--max-new-tokens", "4"])
     assert code == 0 and "<|im_start|>" not in capsys.readouterr().out
+
+
+def test_prompt_tuning_chat_adapter_reloads_with_the_trained_logits(prompt_run):
+    base, out, trained, _ = prompt_run
+    model, tok, _ = load_model_and_tokenizer(base)
+    tok = adapter_tokenizer(out, tok)
+    ours = load_adapter(model, out, tok).eval()
+    x = probe_ids(tok)
+    torch.testing.assert_close(logits(ours, x), logits(trained, x), atol=TOL, rtol=0)
+
+
+def test_peft_reads_the_prompt_tuning_chat_adapter_embeddings(prompt_run):
+    # PEFT's prompt learning looks inputs up in the *original* embedding, not the modules_to_save
+    # copy, so its logits cannot be compared; the trained rows must still load into the copy.
+    base, out, trained, _ = prompt_run
+    theirs, _ = peft_loaded(base, out)
+    copy = theirs.base_model.get_input_embeddings().modules_to_save["default"].weight
+    torch.testing.assert_close(copy, trained.get_input_embeddings().weight, atol=0, rtol=0)

@@ -201,3 +201,13 @@ def test_bf16_autocast_trains(gpt2_dir, corpus, tmp_path):
     summary = _run(_cfg(gpt2_dir, corpus, tmp_path / "bf", **{"train.precision": "bf16"}))
     assert math.isfinite(summary["final_loss"])
     assert _weights(tmp_path / "bf")["transformer.h.0.attn.c_attn.weight"].dtype == torch.float32
+
+
+def test_text_longer_than_the_context_is_truncated_and_counted(gpt2_dir, tmp_path):
+    from conftest import write_lines
+
+    long_line = " ".join(["the cat can run ."] * 30)  # 150 words; the model's context is 64
+    data = write_lines(tmp_path / "long.txt", [long_line, "the dog can jump ."])
+    summary = _run(_cfg(gpt2_dir, data, tmp_path / "t", **{"train.max_length": 512, "train.steps": 1}))
+    assert summary["data"]["truncated"] == 1 and summary["data"]["examples"] == 2
+    assert summary["tokens_trained"] == (64 - 1) + (1 + 5 + 1 - 1)  # BOS predicts nothing

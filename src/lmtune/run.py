@@ -14,7 +14,13 @@ from typing import Any
 from lmtune.data.readers import Record, read_records
 from lmtune.errors import InputError
 from lmtune.methods import Prepared, apply_method
-from lmtune.models.loading import check_tokenizer, load_causal_lm, load_tokenizer, resolve_model_dir
+from lmtune.models.loading import (
+    check_tokenizer,
+    context_length,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_dir,
+)
 from lmtune.runlog import RunLog
 
 # objective -> module with ``build_task(ctx) -> Task``; imported only when used.
@@ -54,6 +60,10 @@ class RunContext:
         return self._records[key]
 
     def load_causal_lm(self) -> Any:
+        if self.cfg["method"] == "qlora":  # stream weights into 4 bits: never the whole fp32 model in memory
+            from lmtune.methods.qlora import load_quantized
+
+            return load_quantized(self.model_folder, self.cfg)
         return load_causal_lm(self.model_folder, self.cfg["trust_remote_code"])
 
     def apply_method(self, model: Any) -> Prepared:
@@ -104,6 +114,12 @@ def prepare(cfg: dict[str, Any], log: RunLog | None = None) -> tuple[Any, RunCon
     tokenizer = load_tokenizer(folder, cfg["trust_remote_code"])
     check_tokenizer(folder, tokenizer)
     ctx = RunContext(cfg, folder, tokenizer, out, log or RunLog(out, cfg))
+    context = context_length(folder)
+    if context is not None and cfg["train.max_length"] > context:
+        # Positions past the model's context have no embedding; longer examples are truncated.
+        ctx.log.say(f"train.max_length={cfg['train.max_length']} exceeds the model's context of {context} "
+                    f"tokens; using {context}")
+        cfg["train.max_length"] = context
     train_key = "data.train"
     if isinstance(cfg["data.train"], list):  # several files (multi-task): the objective reads them
         fmt = cfg["data.format"] if cfg["data.format"] != "auto" else "classification"

@@ -43,8 +43,9 @@ class RunLog:
     """
 
     def __init__(self, output_dir: Path, cfg: dict[str, Any] | None = None, quiet: bool = False,
-                 tensorboard: bool = True, console_every: int | None = None):
+                 tensorboard: bool = True, console_every: int | None = None, active: bool = True):
         self.output_dir = Path(output_dir)
+        self.active = active  # False on ranks other than 0: they write nothing
         self.quiet = quiet
         self.console_every = console_every  # print fewer lines than metrics.jsonl records
         self._tensorboard = tensorboard
@@ -71,6 +72,8 @@ class RunLog:
                 self._bar_active = False
 
     def step(self, record: dict[str, Any], total: int) -> None:
+        if not self.active:
+            return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with (self.output_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -111,7 +114,7 @@ class RunLog:
     def truncate_after(self, step: int) -> None:
         """Drop records logged after ``step`` (a resumed run logs them again, identically)."""
         path = self.output_dir / "metrics.jsonl"
-        if not path.is_file():
+        if not self.active or not path.is_file():
             return
         kept = []
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -123,6 +126,8 @@ class RunLog:
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def finish(self, summary: dict[str, Any]) -> None:
+        if not self.active:
+            return
         write_json_atomic(self.output_dir / "summary.json", summary)
         if self._writer is not None:
             self._writer.close()

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from lmtune import checkpoint as ckpt
+from lmtune import distributed
 from lmtune.data.batching import epoch_order
 from lmtune.errors import InputError
 from lmtune.runlog import RunLog, peak_rss_mb
@@ -48,6 +49,7 @@ class Task:
     regularizers: list[Callable[[torch.nn.Module], torch.Tensor]] = field(default_factory=list)
     evaluators: dict[str, Callable[[torch.nn.Module], float]] = field(default_factory=dict)
     batch_transform: Callable[[list[Any], int], list[Any]] | None = None  # e.g. replay mixing
+    next_batch: Callable[[int], dict[str, Any]] | None = None  # PPO: micro-batches from its own rollouts
     summary: dict[str, Any] = field(default_factory=dict)  # method/objective facts for summary.json
 
 
@@ -182,18 +184,23 @@ def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.devic
         TrainingError: non-finite loss (the step is named; the last good checkpoint stays)
             or nothing trainable.
     """
-    device = device or torch.device("cpu")
+    ddp = distributed.from_env(cfg)
+    device = ddp.device if ddp else (device or torch.device("cpu"))
+    main = ddp is None or ddp.main  # only rank 0 logs and writes files
     model = task.model.to(device)
     model.train()
     steps = total_steps(cfg, len(task.train_examples))
     accum, seed = cfg["train.grad_accum"], cfg["train.seed"]
     task.model = model
     optimizer = make_optimizer(model, cfg)
-    stream = BatchStream(len(task.train_examples), cfg["train.batch_size"], seed)
+    global_batch = cfg["train.batch_size"] * (ddp.world if ddp else 1)
+    stream = BatchStream(len(task.train_examples), global_batch, seed)
     ckpt_root = output_dir / "checkpoints"
     state = {"step": 0, "tokens": 0, "best_eval": None, "bad_evals": 0, "eval_loss": None, "last_loss": None}
     best_weights: dict[str, torch.Tensor] | None = None
     log = log or RunLog(output_dir, cfg)
+    if not main:
+        log = RunLog(output_dir, cfg, quiet=True, tensorboard=False, active=False)
     torch.manual_seed(seed)
 
     found = ckpt.latest_good(ckpt_root) if cfg["train.resume"] else None
@@ -205,7 +212,7 @@ def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.devic
         _load_trainable(model, weights, found)
         optimizer.load_state_dict(optim_state)
         state.update(meta["loop"]["state"])
-        stream = BatchStream(len(task.train_examples), cfg["train.batch_size"], seed, **meta["loop"]["stream"])
+        stream = BatchStream(len(task.train_examples), global_batch, seed, **meta["loop"]["stream"])
         ckpt.set_rng_state(meta["rng_tensors"], meta["rng"])
         if state["best_eval"] is not None and (output_dir / "best.safetensors").exists():
             from safetensors.torch import load_file
@@ -231,8 +238,10 @@ def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.devic
             step = state["step"]
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg, steps)
-            micro = [_next_batch(task, stream, step) for _ in range(accum)]
-            loss, units, metrics = accumulate_gradients(task, micro, cfg["train.precision"], device, step)
+            micro = [_next_batch(task, stream, step, ddp) for _ in range(accum)]
+            loss, units, metrics = accumulate_gradients(task, micro, cfg["train.precision"], device, step, ddp)
+            if ddp:
+                ddp.sync_gradients([p for p in model.parameters() if p.requires_grad])
             if not math.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
                 good = ckpt.latest_good(ckpt_root)
@@ -260,11 +269,11 @@ def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.devic
             stop_early = False
             if _due(step, cfg["train.eval_every"], steps):
                 stop_early, best_weights = _evaluate(task, cfg, device, state, record, best_weights, model,
-                                                     output_dir)
+                                                     output_dir if main else None)
             if step % cfg["train.log_every"] == 0 or step in (1, steps) or "eval_loss" in record:
                 log.step(record, steps)
             bar.update(1)
-            if (cfg["train.save_every"] and step % cfg["train.save_every"] == 0) or stop.received:
+            if main and ((cfg["train.save_every"] and step % cfg["train.save_every"] == 0) or stop.received):
                 ckpt.save_checkpoint(ckpt_root, step, trainable_state(model), optimizer,
                                      {"state": state, "stream": stream.position()}, cfg["train.keep_checkpoints"])
             if stop.received:
@@ -280,7 +289,8 @@ def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.devic
         _load_trainable(model, best_weights, output_dir / "best.safetensors")
         log.say(f"restored the best weights (eval loss {state['best_eval']:.4f})")
     elapsed = time.perf_counter() - start_time
-    task.save(output_dir)
+    if main:
+        task.save(output_dir)
     summary = _summary(task, cfg, state, model, tokens_this_run=state["tokens"] - start_tokens,
                        elapsed=elapsed, step_time=step_time or (first_step_seconds or 0.0))
     summary["first_step_seconds"] = first_step_seconds
@@ -288,12 +298,15 @@ def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.devic
         summary[f"{name}_before"] = state[f"{name}_before"]
         summary[f"{name}_after"] = fn(model)
     log.finish(summary)
-    (output_dir / "best.safetensors").unlink(missing_ok=True)
+    if main:
+        (output_dir / "best.safetensors").unlink(missing_ok=True)
+    if ddp:
+        ddp.barrier()  # no rank leaves while rank 0 is still writing the result
     return summary
 
 
-def accumulate_gradients(task: Task, micro: list[dict[str, Any]], precision: str, device: torch.device,
-                         step: int = 0) -> tuple[float, int, dict[str, float]]:
+def accumulate_gradients(task: Task, micro: list[dict[str, Any] | None], precision: str, device: torch.device,
+                         step: int = 0, ddp: distributed.Dist | None = None) -> tuple[float, int, dict[str, float]]:
     """Backward over one accumulation window; gradients equal those of one big batch.
 
     Each micro-batch's summed loss is divided by the loss units of the *whole* window, so
@@ -302,7 +315,10 @@ def accumulate_gradients(task: Task, micro: list[dict[str, Any]], precision: str
     Returns:
         ``(mean loss, loss units, metrics)`` of the window.
     """
+    micro = [b for b in micro if b is not None]  # a rank can get no share of a short last batch
     units = sum(b["num_loss_tokens"] for b in micro)
+    if ddp:
+        units = int(ddp.sum(units))  # every rank divides by the global count
     if units == 0:
         raise TrainingError(f"step {step + 1}: the batch has no tokens that carry loss (every label is "
                             "masked); check train.loss_on, train.max_length and the data's responses")
@@ -317,13 +333,22 @@ def accumulate_gradients(task: Task, micro: list[dict[str, Any]], precision: str
             metrics[k] = metrics.get(k, 0.0) + v / len(micro)
     for reg in task.regularizers:
         reg_loss = reg(task.model)
-        reg_loss.backward()
+        # Every rank adds the penalty's gradient; the all-reduce sums them, so each adds 1/world.
+        (reg_loss / (ddp.world if ddp else 1)).backward()
         metrics["reg_loss"] = metrics.get("reg_loss", 0.0) + float(reg_loss.detach())
+    if ddp:
+        loss_total = ddp.sum(loss_total)
     return loss_total / units, units, metrics
 
 
-def _next_batch(task: Task, stream: BatchStream, step: int) -> dict[str, Any]:
-    examples = [task.train_examples[i] for i in stream.next()]
+def _next_batch(task: Task, stream: BatchStream, step: int,
+                ddp: distributed.Dist | None = None) -> dict[str, Any] | None:
+    if task.next_batch is not None:  # the batch depends on the policy (rollouts), not on the data order
+        return task.next_batch(step)
+    indices = distributed.shard(stream.next(), ddp)
+    if not indices:
+        return None
+    examples = [task.train_examples[i] for i in indices]
     if task.batch_transform is not None:
         examples = task.batch_transform(examples, step)
     return task.collate(examples)
@@ -335,7 +360,7 @@ def _due(step: int, every: int, total: int) -> bool:
 
 def _evaluate(task: Task, cfg: dict[str, Any], device: torch.device, state: dict[str, Any], record: dict[str, Any],
               best_weights: dict[str, torch.Tensor] | None, model: torch.nn.Module,
-              output_dir: Path) -> tuple[bool, dict[str, torch.Tensor] | None]:
+              output_dir: Path | None) -> tuple[bool, dict[str, torch.Tensor] | None]:
     """Eval loss and evaluators; track the best weights for early stopping."""
     for name, fn in task.evaluators.items():
         record[name] = fn(model)
@@ -348,9 +373,9 @@ def _evaluate(task: Task, cfg: dict[str, Any], device: torch.device, state: dict
     if state["best_eval"] is None or eval_loss < state["best_eval"]:
         state["best_eval"], state["bad_evals"] = eval_loss, 0
         best_weights = {k: v.detach().cpu().clone() for k, v in trainable_state(model).items()}
-        # Kept on disk too, so a resumed run can still restore the best weights.
-        from safetensors.torch import save_file
-        save_file(best_weights, output_dir / "best.safetensors")
+        if output_dir is not None:  # kept on disk too, so a resumed run can still restore them
+            from safetensors.torch import save_file
+            save_file(best_weights, output_dir / "best.safetensors")
         return False, best_weights
     state["bad_evals"] += 1
     return state["bad_evals"] >= cfg["train.patience"], best_weights

@@ -104,6 +104,18 @@ def load_model_and_tokenizer(path: str | Path | None, tokenizer_path: str | Path
     return model, tokenizer, folder
 
 
+def context_length(folder: Path) -> int | None:
+    """The model's maximum sequence length from its ``config.json`` (``None`` if it has none)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{folder}/config.json is not readable JSON: {e}") from None
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of the vocabulary (token → id) and the special tokens; equal ids mean equal words."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])

@@ -1,0 +1,173 @@
+"""QLoRA (Dettmers et al., 2023): LoRA adapters in full precision on a frozen 4-bit NF4 base.
+
+Every linear layer of the transformer blocks is stored in NF4 (``lmtune.quant``); embeddings,
+norms and the output head stay in full precision, as do linear layers whose size does not divide
+into whole quantization blocks (they are listed in the log and in ``summary.json``). The
+``lora.*`` targets get adapters exactly as with ``method=lora``; the 4-bit weights never get a
+gradient, the inputs do (so earlier adapters learn).
+
+The saved adapter is an ordinary PEFT LoRA adapter. It belongs to the *original* full-precision
+base: load it there for inference or ``lmtune merge`` it there. Merging into the 4-bit weights
+would round most of the update away, so lmtune refuses to.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lmtune.errors import InputError
+from lmtune.methods import Prepared
+from lmtune.methods.targets import base_modules, is_linear
+from lmtune.quant import nf4_nbytes, quantize_problem
+
+
+def _head_ids(model: nn.Module) -> set[int]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {id(getattr(head, "base_layer", head))} if head is not None else set()
+
+
+def plan_quantization(model: nn.Module, block_size: int, double_quant: bool) -> tuple[dict[str, int], dict[str, str]]:
+    """Which linear layers go to NF4 (name -> weight count), and which stay in full precision (name -> why).
+
+    The output head is never quantized (it is not listed): its errors would land directly on
+    the logits, and it is often tied to the input embeddings. Layers already in NF4 (from
+    :func:`load_quantized`) count as quantized.
+    """
+    from lmtune.methods.lora import lora_layers
+
+    done = {name: layer.in_features * layer.out_features for name, layer in lora_layers(model).items()
+            if layer.quantized}
+    heads = _head_ids(model)
+    quantize, keep = {}, {}
+    for name, module in base_modules(model).items():
+        if name in done:
+            quantize[name] = done[name]
+            continue
+        if not is_linear(module) or id(module) in heads:
+            continue
+        numel = module.weight.numel()
+        problem = quantize_problem(numel, block_size, double_quant)
+        if problem:
+            keep[name] = problem
+        else:
+            quantize[name] = numel
+    return quantize, keep
+
+
+def checked_plan(model: nn.Module, block: int, double: bool) -> tuple[dict[str, int], dict[str, str]]:
+    """:func:`plan_quantization`, refusing a model where nothing would be quantized.
+
+    Raises:
+        InputError: no linear layer divides into NF4 blocks (or the model has none).
+    """
+    quantize, keep = plan_quantization(model, block, double)
+    if not quantize:
+        reasons = "; ".join(f"{n}: {why}" for n, why in list(keep.items())[:4]) or "it has no linear layers"
+        raise InputError(f"method=qlora: no linear layer of {type(model).__name__} can be stored in NF4 with "
+                         f"quant.block_size={block}, quant.double_quant={str(double).lower()} ({reasons}). "
+                         "Try a smaller quant.block_size, quant.double_quant=false, or method=lora.")
+    return quantize, keep
+
+
+def weight_memory(model: nn.Module, quantized: dict[str, int], block_size: int, double_quant: bool) -> dict[str, Any]:
+    """Weight bytes with the NF4 layers vs the same model in fp32 and bf16 (closed form)."""
+    q_numel = sum(quantized.values())
+    q_bytes = sum(nf4_nbytes(n, block_size, double_quant) for n in quantized.values())
+    from lmtune.methods.lora import lora_layers
+
+    in_nf4 = sum(layer.in_features * layer.out_features for layer in lora_layers(model).values() if layer.quantized)
+    seen = {id(p): p for n, p in model.named_parameters() if "weight_4bit" not in n}
+    total = sum(p.numel() for p in seen.values()) + in_nf4
+    rest = total - q_numel  # everything not in NF4 stays in fp32
+    return {"quantized_params": q_numel, "quantized_bytes": q_bytes,
+            "bytes_per_quantized_param": q_bytes / q_numel if q_numel else None,
+            "weight_bytes": q_bytes + 4 * rest, "weight_bytes_fp32": 4 * total, "weight_bytes_bf16": 2 * total}
+
+
+def load_quantized(folder: Path, cfg: dict[str, Any]) -> nn.Module:
+    """Load a causal LM with its linear layers streamed straight into NF4.
+
+    Loading the fp32 model first and quantizing it afterwards would make the peak memory of a
+    QLoRA run that of the fp32 model: the thing QLoRA exists to avoid. Here the model is built
+    with uninitialised storage (pages the OS never maps until written), then each tensor is read
+    from the safetensors file on its own; a quantizable weight goes to NF4 at once and its
+    full-precision copy is dropped. Peak ≈ the 4-bit model + the largest single tensor.
+
+    A checkpoint whose tensor names do not match the model exactly falls back to the ordinary
+    loader (then quantized in place: correct, with the fp32 peak).
+    """
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from lmtune.methods.lora import LoRALinear
+    from lmtune.models.loading import load_causal_lm
+
+    trust = cfg["trust_remote_code"]
+    settings = {"block_size": cfg["quant.block_size"], "double_quant": cfg["quant.double_quant"]}
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust, dtype=torch.float32)
+    model.tie_weights()
+    quantize, _ = plan_quantization(model, **settings)
+    owners = dict(model.named_modules())  # the original modules, also after they are wrapped
+    expected = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()
+                                                           if n in model.state_dict()}
+    files = sorted(Path(folder).glob("*.safetensors"))
+    keys = set()
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            keys |= set(f.keys())
+    if not expected <= keys or not keys <= set(model.state_dict()):
+        return load_causal_lm(folder, trust)  # unusual names (e.g. legacy prefixes): the safe, slower path
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key).float()
+                owner_name, _, leaf = key.rpartition(".")
+                owner = owners[owner_name]
+                if owner_name in quantize and leaf == "weight":
+                    owner.weight = nn.Parameter(tensor, requires_grad=False)
+                    parent, _, child = owner_name.rpartition(".")
+                    setattr(model.get_submodule(parent) if parent else model, child,
+                            LoRALinear(owner, quantize_base=True, **settings))
+                    continue
+                target = owner._parameters.get(leaf) if leaf in owner._parameters else owner._buffers.get(leaf)
+                with torch.no_grad():
+                    target.copy_(tensor)
+    return model.eval()  # as from_pretrained returns it
+
+
+def apply(model: Any, tokenizer: Any, cfg: dict[str, Any], base_folder: Path) -> Prepared:
+    """``method=qlora``: quantize the base's linear layers to NF4, then add a LoRA adapter."""
+    from lmtune.methods.adapters import prepare_lora
+    from lmtune.methods.lora import LoRALinear
+
+    block, double = cfg["quant.block_size"], cfg["quant.double_quant"]
+    quantize, keep = checked_plan(model, block, double)
+    memory = weight_memory(model, quantize, block, double)
+    settings = {"block_size": block, "double_quant": double}
+    # Targets are quantized as they are wrapped (so no fp32 copy lingers); then the rest.
+    prepared = prepare_lora(model, tokenizer, cfg, base_folder, quantize=settings, quantize_only=set(quantize))
+    modules = dict(model.named_modules())
+    for name in quantize:
+        if not isinstance(modules[name], LoRALinear):
+            parent, _, child = name.rpartition(".")
+            wrapped = LoRALinear(modules[name], quantize_base=True, **settings)  # quantized, no adapter
+            setattr(model.get_submodule(parent) if parent else model, child, wrapped)
+    if keep:
+        print(f"qlora: kept {len(keep)} linear layer(s) in full precision: "
+              + "; ".join(f"{n} ({why})" for n, why in keep.items()), flush=True)
+    prepared.summary.update({
+        "quant_block_size": block, "quant_double_quant": double,
+        "quantized_layers": len(quantize), "unquantized_layers": sorted(keep),
+        "bytes_per_quantized_param": memory["bytes_per_quantized_param"],
+        "weight_memory_mb": memory["weight_bytes"] / 2**20,
+        "weight_memory_fp32_mb": memory["weight_bytes_fp32"] / 2**20,
+        "weight_memory_bf16_mb": memory["weight_bytes_bf16"] / 2**20,
+    })
+    return prepared

@@ -1,0 +1,139 @@
+"""Which modules an adapter wraps: ``lora.target_modules`` resolved against a model.
+
+Accepted forms (the same as PEFT's, so configs move between the two):
+
+- a list of names: each matches a module whose full name equals it or ends with ``.<name>``
+  (``c_attn`` matches ``transformer.h.0.attn.c_attn``);
+- a plain name (``c_attn``): the one-item list;
+- any other string: a regular expression that must match a module's *full* name;
+- ``all-linear``: every linear layer except the output head;
+- nothing: the architecture's usual choice (GPT-2 ``c_attn``; Llama-style ``q_proj``, ``v_proj``).
+
+Unlike PEFT, every listed name must match at least one linear layer: a typo is an error that
+lists the model's linear layers, not an adapter silently missing from the layers you meant.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lmtune.errors import InputError
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+# model_type -> the projections the LoRA paper and PEFT adapt by default.
+DEFAULT_TARGETS = {
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "opt": ["q_proj", "v_proj"],
+}
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.]+")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether LoRA can wrap ``module`` (``nn.Linear`` or GPT-2's transposed ``Conv1D``)."""
+    return isinstance(module, LINEAR_TYPES)
+
+
+def base_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``named_modules()`` as the base model had them: a LoRA layer stands for the layer it wraps."""
+    from lmtune.methods.lora import LoRALinear
+
+    out: dict[str, nn.Module] = {}
+    inside: str | None = None
+    for name, m in model.named_modules():  # pre-order: a wrapper's insides follow it directly
+        if inside is not None and name.startswith(inside + "."):
+            continue
+        inside = None
+        if isinstance(m, LoRALinear):
+            out[name], inside = m.base_layer, name
+        else:
+            out[name] = m
+    return out
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """The distinct short names of the model's linear layers, in model order (for error messages)."""
+    return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in base_modules(model).items() if is_linear(m)))
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(head, "base_layer", head)
+    return {name for name, m in base_modules(model).items() if head is not None and m is base}
+
+
+def _not_found(what: str, model: nn.Module) -> InputError:
+    return InputError(f"lora.target_modules: {what} matches no linear layer of {type(model).__name__}; "
+                      f"linear modules in this model: {', '.join(linear_names(model))}")
+
+
+def resolve_targets(model: nn.Module, targets: str | list[str] | None, dora: bool = False) -> list[str]:
+    """Full names of the modules that ``targets`` selects, in model order.
+
+    Args:
+        model: the (unwrapped) model.
+        targets: see the module docstring.
+        dora: named in the error when a target is a layer DoRA cannot decompose.
+
+    Returns:
+        Module names such as ``transformer.h.0.attn.c_attn``.
+
+    Raises:
+        InputError: a name or pattern matching no linear layer (the error lists the model's
+            linear layers), a name matching a non-linear module, or an architecture without a
+            default when ``targets`` is unset.
+    """
+    modules = base_modules(model)
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise InputError(f"lora.target_modules is not set and lmtune has no default for model type "
+                             f"{model_type!r}; set it, e.g. lora.target_modules=all-linear. Linear modules in "
+                             f"this model: {', '.join(linear_names(model))}")
+        targets = DEFAULT_TARGETS[model_type]
+    if isinstance(targets, str) and targets == "all-linear":
+        heads = _head_names(model)
+        found = [n for n, m in modules.items() if is_linear(m) and n not in heads]
+        if not found:
+            raise InputError(f"lora.target_modules=all-linear: {type(model).__name__} has no linear layer "
+                             "besides the output head")
+        return found
+    if isinstance(targets, str) and not _PLAIN_NAME.fullmatch(targets):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise InputError(f"lora.target_modules: {targets!r} is neither a module name nor a valid regular "
+                             f"expression ({e})") from None
+        found = [n for n, m in modules.items() if is_linear(m) and pattern.fullmatch(n)]
+        if not found:
+            raise _not_found(f"the pattern {targets!r}", model)
+        return found
+    names = [targets] if isinstance(targets, str) else list(targets)
+    chosen: set[str] = set()
+    for entry in names:
+        if not isinstance(entry, str) or not entry:
+            raise InputError(f"lora.target_modules: {entry!r} is not a module name")
+        hits = [n for n in modules if n and (n == entry or n.endswith("." + entry))]
+        if not hits:
+            raise _not_found(repr(entry), model)
+        wrong = [n for n in hits if not is_linear(modules[n])]
+        if wrong:
+            kind = type(modules[wrong[0]]).__name__
+            method = "DoRA decomposes a weight matrix per output and" if dora else "LoRA"
+            raise InputError(f"lora.target_modules: {entry!r} names {kind} modules ({wrong[0]}); {method} "
+                             f"adapts only linear layers (nn.Linear, Conv1D). Linear modules in this model: "
+                             f"{', '.join(linear_names(model))}")
+        chosen.update(hits)
+    return [n for n in modules if n in chosen]

@@ -1,0 +1,105 @@
+"""Objective ``dpo``: preference pairs -> DPO (or IPO, hinge, robust) through the one loop.
+
+Each step runs chosen and rejected through the policy in one batched forward; the reference
+log-probs come from the frozen reference (adapter-disabled model or frozen copy) on the same
+batch, or were computed once before training (``dpo.precompute_ref=true``: no copy is kept,
+and each step runs one forward instead of two).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lmtune.data.preference import IDENTICAL, build_pairs, collate_pairs, completion_logps
+from lmtune.errors import InputError
+from lmtune.objectives.dpo import dpo_loss
+from lmtune.objectives.reference import Reference, disable_dropout
+from lmtune.train import Task
+
+
+def check_config(cfg: dict[str, Any]) -> None:
+    """Reject settings the loss cannot use, before any model loads."""
+    if cfg["dpo.loss"] == "robust" and not cfg["dpo.label_smoothing"] < 0.5:
+        raise InputError(f"dpo.loss=robust needs dpo.label_smoothing below 0.5 (the share of flipped labels); "
+                         f"got {cfg['dpo.label_smoothing']}")
+    if cfg["dpo.label_smoothing"] and cfg["dpo.loss"] in ("ipo", "hinge"):
+        raise InputError(f"dpo.label_smoothing applies to dpo.loss=sigmoid (cDPO) or robust, not {cfg['dpo.loss']}")
+
+
+def load_pairs(ctx: Any, key: str, add_eos: bool = True,
+               margin: bool = False) -> tuple[list[dict[str, Any]] | None, dict[str, Any]]:
+    """Pairs of the file under config ``key`` (``None`` if unset) and what building them dropped.
+
+    Skipped and truncated pairs are logged; a file with no usable pair is an error.
+    """
+    records = ctx.records(key)
+    if records is None:
+        return None, {}
+    pairs, stats = build_pairs(records, ctx.tokenizer, ctx.cfg["train.max_length"], add_eos=add_eos, margin=margin)
+    skipped = sum(stats.dropped.values())
+    if skipped:
+        ctx.log.say(f"{ctx.cfg[key]}: skipped {skipped} of {len(records)} pairs ({', '.join(stats.dropped)})")
+    if stats.truncated:
+        ctx.log.say(f"{ctx.cfg[key]}: cut {stats.truncated} pairs' completions to train.max_length="
+                    f"{ctx.cfg['train.max_length']}")
+    if not pairs:
+        raise InputError(f"{ctx.cfg[key]}: no usable preference pairs"
+                         f"{' (every pair had ' + IDENTICAL + ')' if stats.dropped else ''}")
+    return pairs, stats.as_dict()
+
+
+@torch.no_grad()
+def precompute_reference(pairs: list[dict[str, Any]], reference: Reference, pad_id: int, batch_size: int,
+                         device: torch.device) -> None:
+    """Store each pair's reference log-probs (``ref_chosen``, ``ref_rejected``) in the pair."""
+    with reference.model(device) as ref:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate_pairs(chunk, pad_id).items()}
+            chosen, rejected = completion_logps(ref, batch).chunk(2)  # (B,), (B,)
+            for pair, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
+                pair["ref_chosen"], pair["ref_rejected"] = c, r
+
+
+def build_task(ctx: Any) -> Task:
+    """DPO task: pairs in, summed DPO loss over the batch's pairs out."""
+    from lmtune.run import pick_device
+
+    cfg, tok = ctx.cfg, ctx.tokenizer
+    check_config(cfg)
+    train_pairs, stats = load_pairs(ctx, "data.train")
+    eval_pairs, _ = load_pairs(ctx, "data.eval")
+    model = ctx.load_causal_lm()
+    disable_dropout(model)
+    prepared = ctx.apply_method(model)
+    policy, pad_id = prepared.model, tok.pad_token_id
+    precompute = cfg["dpo.precompute_ref"]
+    reference = Reference(policy, cfg["method"], keep_copy=not precompute)
+    if precompute:
+        device = pick_device()
+        policy.to(device)
+        for pairs in (train_pairs, eval_pairs or []):
+            precompute_reference(pairs, reference, pad_id, cfg["train.batch_size"], device)
+        ctx.log.say(f"precomputed reference log-probs for {len(train_pairs) + len(eval_pairs or [])} pairs")
+    beta, loss_type, smoothing = cfg["dpo.beta"], cfg["dpo.loss"], cfg["dpo.label_smoothing"]
+
+    def loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        pairs = batch["num_loss_tokens"]
+        chosen, rejected = completion_logps(model, batch).chunk(2)  # (B,), (B,) one forward for both
+        if "ref_chosen" in batch:
+            ref_chosen, ref_rejected = batch["ref_chosen"], batch["ref_rejected"]
+        else:
+            with reference.model(batch["input_ids"].device) as ref:
+                ref_chosen, ref_rejected = completion_logps(ref, batch).chunk(2)
+        lengths = batch["completion_lengths"]
+        mean, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, smoothing,
+                                 chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:])
+        return mean * pairs, metrics  # the loop divides by the window's pair count
+
+    return Task(model=policy, train_examples=train_pairs, eval_examples=eval_pairs,
+                collate=lambda ps: collate_pairs(ps, pad_id), loss=loss, save=prepared.save,
+                summary={"data": stats, "dpo": {"beta": beta, "loss": loss_type,
+                                                                        "precompute_ref": precompute},
+                         **prepared.summary})

@@ -1,0 +1,310 @@
+"""Objective ``ppo``: RLHF with PPO — rollouts from the policy, a KL leash, the same optimizer step.
+
+Around the one training loop this adds a rollout phase (``Task.next_batch``): when the buffer
+of prepared micro-batches is empty, ``ppo.rollout_batch_size`` prompts are continued by the
+policy (sampled at ``ppo.temperature``), scored by a reward model folder or a Python function,
+penalised per token by ``kl_coef · (log π − log π_ref)``, and turned into GAE advantages. The
+buffer then holds ``ppo.epochs`` shuffled passes over that rollout in micro-batches of
+``train.batch_size``; each loop step trains on one (clipped policy loss + ``vf_coef`` × clipped
+value loss). The value head is a linear layer on the policy's final hidden states; only the
+policy is saved.
+
+Reward functions: ``ppo.reward_fn=module:function`` is called as ``f(prompt, response)`` if it
+takes two arguments, else ``f(response)``, and must return a finite number.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmtune.data.batching import epoch_order
+from lmtune.data.examples import encode, special_ids
+from lmtune.errors import InputError
+from lmtune.generate import generate
+from lmtune.models.loading import tokenizer_fingerprint
+from lmtune.objectives.lm import final_hidden, output_head
+from lmtune.objectives.ppo import gae, masked_whiten, per_token_rewards, policy_loss, value_loss
+from lmtune.objectives.reference import Reference, disable_dropout
+from lmtune.train import Task
+
+Scorer = Callable[[list[str], list[str], list[list[int]], list[list[int]]], torch.Tensor]
+
+
+class PolicyWithValue(nn.Module):
+    """The policy and a scalar value head on its final hidden states (what the loop trains)."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value_head = nn.Linear(output_head(policy).weight.shape[1], 1)
+        nn.init.zeros_(self.value_head.weight)  # values start at 0: no bias before any return is seen
+        nn.init.zeros_(self.value_head.bias)
+
+
+def load_reward_fn(spec: str) -> Callable[[str, str], float]:
+    """Resolve ``module:function`` to ``f(prompt, response)``.
+
+    Raises:
+        InputError: malformed spec, module not importable, or no such callable.
+    """
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise InputError(f"ppo.reward_fn={spec!r} must be module:function, e.g. mypkg.rewards:score")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise InputError(f"ppo.reward_fn: cannot import module '{module_name}' ({e}); is it on PYTHONPATH?") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise InputError(f"ppo.reward_fn: module '{module_name}' has no function '{name}'")
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    except (TypeError, ValueError):
+        params = []
+    if len(params) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params):
+        return fn
+    return lambda prompt, response: fn(response)
+
+
+def function_scorer(spec: str) -> Scorer:
+    """Scores from a Python function; raising or returning a non-finite value stops the run."""
+    fn = load_reward_fn(spec)
+
+    def score(prompts: list[str], responses: list[str], *_: Any) -> torch.Tensor:
+        values = []
+        for prompt, response in zip(prompts, responses, strict=True):
+            try:
+                value = fn(prompt, response)
+            except Exception as e:  # the user's code: report it as their error, with its input
+                raise InputError(f"ppo.reward_fn={spec} raised {type(e).__name__}: {e} (prompt {prompt!r}, "
+                                 f"response {response!r}); fix the function") from None
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = float("nan")
+            if isinstance(value, bool) or not math.isfinite(number):
+                raise InputError(f"ppo.reward_fn={spec} returned {value!r} for prompt {prompt!r}, response "
+                                 f"{response!r}; it must return a finite number")
+            values.append(number)
+        return torch.tensor(values)
+
+    return score
+
+
+def model_scorer(path: str, policy_tokenizer: Any, trust_remote_code: bool) -> Scorer:
+    """Scores from a reward-model folder, fed as it was trained: BOS + prompt + response, no EOS."""
+    from lmtune.objectives.reward import load_reward_model, reward_scores
+
+    model, tok = load_reward_model(path, trust_remote_code)
+    same_tokens = tokenizer_fingerprint(tok) == tokenizer_fingerprint(policy_tokenizer)
+    bos = special_ids(tok)[0]
+
+    @torch.no_grad()
+    def score(prompts: list[str], responses: list[str], prompt_ids: list[list[int]],
+              response_ids: list[list[int]]) -> torch.Tensor:
+        if same_tokens:
+            rows = [p + r for p, r in zip(prompt_ids, response_ids, strict=True)]
+        else:  # another tokenizer: re-encode the texts the way reward pairs are encoded
+            rows = [([bos] if bos is not None else []) + encode(tok, p) + encode(tok, r)
+                    for p, r in zip(prompts, responses, strict=True)]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])  # (B, T)
+        mask = (torch.arange(width) < torch.tensor([[len(r)] for r in rows])).long()  # (B, T)
+        return reward_scores(model, {"input_ids": ids, "attention_mask": mask}).cpu()
+
+    return score
+
+
+def response_logprobs(model: nn.Module, batch: dict[str, Any], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the response tokens under ``model`` and the hidden states that predict them.
+
+    Args:
+        batch: ``input_ids``/``attention_mask`` (B, T) of prompt + response, right-padded;
+            ``response_index`` (B, R): position of the hidden state predicting response token j;
+            ``response_ids`` (B, R).
+
+    Returns:
+        ``(logprobs (B, R), hidden (B, R, H))``; entries past a response's end are garbage and
+        are masked by the caller.
+    """
+    hidden = final_hidden(model, batch)  # (B, T, H)
+    index = batch["response_index"]  # (B, R)
+    h = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, R, H)
+    logits = output_head(model)(h).float() / temperature  # (B, R, V): the distribution that was sampled
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, batch["response_ids"].unsqueeze(-1)).squeeze(-1)
+    return logp, h  # (B, R), (B, R, H)
+
+
+class Rollouts:
+    """Samples, scores and prepares PPO micro-batches; ``next_batch`` is the loop's batch source."""
+
+    def __init__(self, model: PolicyWithValue, reference: Reference, scorer: Scorer,
+                 prompts: list[tuple[str, list[int]]], tokenizer: Any, cfg: dict[str, Any]):
+        self.model, self.reference, self.scorer, self.prompts = model, reference, scorer, prompts
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self.eos = special_ids(tokenizer)[1]
+        self.buffer: list[dict[str, Any]] = []
+        self.stats: dict[str, float] = {}
+        self.count = 0  # rollouts made, which also picks their prompts and sampling seed
+
+    def next_batch(self, step: int) -> dict[str, Any]:
+        if not self.buffer:
+            self._rollout()
+        return self.buffer.pop(0)
+
+    def _prompt_indices(self) -> list[int]:
+        """The next ``rollout_batch_size`` prompts, walking seeded permutations epoch by epoch."""
+        size, n, seed = self.cfg["ppo.rollout_batch_size"], len(self.prompts), self.cfg["train.seed"]
+        start = self.count * size
+        return [epoch_order(n, seed, i // n)[i % n] for i in range(start, start + size)]
+
+    def sample(self, prompt_ids: list[list[int]], temperature: float, seed: int) -> list[list[int]]:
+        """Continue left-padded prompts with the policy; each response keeps its EOS if it stopped."""
+        width = max(map(len, prompt_ids))
+        ids = torch.tensor([[self.tokenizer.pad_token_id] * (width - len(p)) + p for p in prompt_ids])  # (B, P)
+        mask = (torch.arange(width) >= width - torch.tensor([[len(p)] for p in prompt_ids])).long()  # (B, P)
+        return generate(self.model.policy, ids, max_new_tokens=self.cfg["ppo.max_new_tokens"], temperature=temperature,
+                        seed=seed, stop_ids={self.eos} if self.eos is not None else (), attention_mask=mask)
+
+    def score(self, indices: list[int], responses: list[list[int]]) -> torch.Tensor:
+        """Raw scores (B,) of the responses, EOS stripped (as reward models are trained)."""
+        bare = [r[:-1] if r and r[-1] == self.eos else r for r in responses]
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in bare]
+        return self.scorer([self.prompts[i][0] for i in indices], texts, [self.prompts[i][1] for i in indices],
+                           bare).float()
+
+    @torch.no_grad()
+    def _rollout(self) -> None:
+        cfg, seed = self.cfg, self.cfg["train.seed"]
+        indices = self._prompt_indices()
+        prompt_ids = [self.prompts[i][1] for i in indices]
+        responses = self.sample(prompt_ids, cfg["ppo.temperature"], seed * 1_000_003 + self.count)
+        has_eos = torch.tensor([bool(r) and r[-1] == self.eos for r in responses])  # (B,)
+        raw = self.score(indices, responses)  # (B,)
+        scores = raw - cfg["ppo.missing_eos_penalty"] * (~has_eos).float()  # (B,)
+
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in layout(prompt_ids, responses, self.tokenizer.pad_token_id).items()}
+        temperature = cfg["ppo.temperature"]
+        logp, hidden = response_logprobs(self.model.policy, batch, temperature)  # (B, R), (B, R, H)
+        values = self.model.value_head(hidden).squeeze(-1)  # (B, R)
+        with self.reference.model(device) as ref:
+            ref_logp, _ = response_logprobs(ref, batch, temperature)  # (B, R)
+        mask = batch["response_mask"]
+        rewards, kl = per_token_rewards(scores.to(device), logp, ref_logp, mask, cfg["ppo.kl_coef"])
+        advantages, returns = gae(rewards, values * mask, mask, cfg["ppo.gamma"], cfg["ppo.lam"])
+        advantages = masked_whiten(advantages, mask)
+
+        kl_per_seq = kl.sum(1)  # (B,)
+        self.stats = {"score": raw.mean().item(), "kl": kl_per_seq.mean().item(),
+                      "non_score_reward": (-cfg["ppo.kl_coef"] * kl_per_seq).mean().item(),
+                      "total_reward": (scores.to(device) - cfg["ppo.kl_coef"] * kl_per_seq).mean().item(),
+                      "response_length": mask.sum(1).float().mean().item(),
+                      "eos_fraction": has_eos.float().mean().item()}
+        rollout = {**batch, "old_logprobs": logp, "old_values": values * mask, "advantages": advantages,
+                   "returns": returns}
+        g = torch.Generator().manual_seed(seed * 1_000_003 + self.count)
+        for _ in range(cfg["ppo.epochs"]):
+            for rows in torch.randperm(len(indices), generator=g).split(cfg["train.batch_size"]):
+                rows = rows.to(device)
+                micro = {k: v[rows] for k, v in rollout.items()}
+                micro["num_loss_tokens"] = int(micro["response_mask"].sum())
+                self.buffer.append(micro)
+        self.count += 1
+
+
+def layout(prompt_ids: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+response rows and where each response token sits in them.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` (B, T); ``response_ids``, ``response_mask`` (B, R);
+        ``response_index`` (B, R): the position whose hidden state predicts response token j.
+    """
+    rows = [p + r for p, r in zip(prompt_ids, responses, strict=True)]
+    width, longest = max(map(len, rows)), max(1, max(map(len, responses)))
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])  # (B, T)
+    attention = (torch.arange(width) < torch.tensor([[len(r)] for r in rows])).long()  # (B, T)
+    response_ids = torch.tensor([r + [0] * (longest - len(r)) for r in responses])  # (B, R)
+    response_mask = (torch.arange(longest) < torch.tensor([[len(r)] for r in responses])).float()  # (B, R)
+    starts = torch.tensor([[len(p) - 1] for p in prompt_ids])  # (B, 1): predicts the first response token
+    index = (starts + torch.arange(longest)).clamp(max=width - 1)  # (B, R)
+    return {"input_ids": ids, "attention_mask": attention, "response_ids": response_ids,
+            "response_mask": response_mask, "response_index": index}
+
+
+def load_prompts(ctx: Any, key: str) -> list[tuple[str, list[int]]] | None:
+    """(text, BOS + ids) of each prompt in the file under ``key`` (``prompt`` or ``text`` field)."""
+    records = ctx.records(key)
+    if records is None:
+        return None
+    bos = special_ids(ctx.tokenizer)[0]
+    max_length, prompts = ctx.cfg["train.max_length"], []
+    for rec in records:
+        text = rec.fields.get("prompt", rec.fields.get("text"))
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{rec.where}: a PPO prompt must be a non-empty string in 'prompt' (JSONL) or a "
+                             "line (TXT)")
+        ids = ([bos] if bos is not None else []) + encode(ctx.tokenizer, text)
+        if len(ids) >= max_length:
+            raise InputError(f"{rec.where}: the prompt has {len(ids)} tokens, which fills train.max_length="
+                             f"{max_length} and leaves no room for a response; shorten it or raise train.max_length")
+        prompts.append((text, ids))
+    if not prompts:
+        raise InputError(f"{ctx.cfg[key]}: no prompts")
+    return prompts
+
+
+def build_task(ctx: Any) -> Task:
+    """PPO task: rollouts feed micro-batches; the loss is clipped policy + value loss per token."""
+    cfg = ctx.cfg
+    if bool(cfg["ppo.reward_model"]) == bool(cfg["ppo.reward_fn"]):
+        raise InputError("objective=ppo needs exactly one reward source: ppo.reward_model=<folder written by "
+                         "objective=reward> or ppo.reward_fn=<module:function>")
+    prompts, eval_prompts = load_prompts(ctx, "data.train"), load_prompts(ctx, "data.eval")
+    if cfg["ppo.reward_fn"]:
+        scorer = function_scorer(cfg["ppo.reward_fn"])
+    else:
+        scorer = model_scorer(cfg["ppo.reward_model"], ctx.tokenizer, cfg["trust_remote_code"])
+    model = ctx.load_causal_lm()
+    disable_dropout(model)
+    prepared = ctx.apply_method(model)
+    wrapper = PolicyWithValue(prepared.model)
+    rollouts = Rollouts(wrapper, Reference(prepared.model, cfg["method"]), scorer, prompts, ctx.tokenizer, cfg)
+    if cfg["train.steps"] is None:  # train.epochs counts passes over the prompts
+        size = cfg["ppo.rollout_batch_size"]
+        per_rollout = cfg["ppo.epochs"] * math.ceil(size / cfg["train.batch_size"]) / cfg["train.grad_accum"]
+        cfg["train.steps"] = max(1, math.ceil(cfg["train.epochs"] * len(prompts) / size * per_rollout))
+        ctx.log.say(f"ppo: {cfg['train.steps']} optimizer steps ({per_rollout:g} per rollout of {size} prompts)")
+    clip, clip_v, vf_coef, temperature = (cfg["ppo.clip_range"], cfg["ppo.clip_range_value"], cfg["ppo.vf_coef"],
+                                          cfg["ppo.temperature"])
+
+    def loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        logp, hidden = response_logprobs(model.policy, batch, temperature)  # (B, R), (B, R, H)
+        values = model.value_head(hidden).squeeze(-1)  # (B, R)
+        mask = batch["response_mask"]
+        pg, pg_metrics = policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, clip)
+        vf, vf_metrics = value_loss(values, batch["old_values"], batch["returns"], mask, clip_v)
+        metrics = {**rollouts.stats, "policy_loss": pg.item(), "value_loss": vf.item(), **pg_metrics, **vf_metrics}
+        return (pg + vf_coef * vf) * batch["num_loss_tokens"], metrics  # the loop divides by the window's tokens
+
+    evaluators = {}
+    if eval_prompts:
+        def eval_score(model: Any) -> float:
+            """Mean score of greedy responses to the held-out prompts (no EOS penalty)."""
+            held_out = Rollouts(model, rollouts.reference, scorer, eval_prompts, ctx.tokenizer, cfg)
+            indices = list(range(len(eval_prompts)))
+            responses = held_out.sample([p[1] for p in eval_prompts], 0.0, cfg["train.seed"])
+            return held_out.score(indices, responses).mean().item()
+        evaluators["eval_score"] = eval_score
+
+    return Task(model=wrapper, train_examples=prompts, collate=lambda examples: examples, loss=loss,
+                save=prepared.save, next_batch=rollouts.next_batch, evaluators=evaluators,
+                summary={"ppo": {k[4:]: v for k, v in cfg.items() if k.startswith("ppo.")}, **prepared.summary})

@@ -1,0 +1,157 @@
+"""Objective ``sft``: instruction tuning with the loss on the response only.
+
+Records (prompt/completion, Alpaca, chat messages) become token examples whose labels cover the
+completion or every assistant turn, plus the EOS / end-of-turn token that teaches the model to
+stop (``train.loss_on=all`` trains every token). Chat data is rendered with the tokenizer's own
+template, or ChatML added for the occasion (see ``lmtune.data.chat``). With ``train.packing``
+several examples share a row without attending to each other (``lmtune.data.packing``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lmtune.data.batching import pad_batch
+from lmtune.data.chat import chat_example_ids, ensure_chat_template
+from lmtune.data.examples import BuildStats
+from lmtune.data.formats import Conversation, parse_records, prompt_completion_ids
+from lmtune.data.packing import collate_packed, pack_examples, packed_attention
+from lmtune.data.readers import Record
+from lmtune.errors import InputError
+from lmtune.objectives.lm import lm_loss
+from lmtune.train import Task, TrainingError
+
+# Methods that keep embeddings frozen: new ChatML rows need their own gradient there.
+FULL_EMBEDDING_METHODS = ("full",)
+
+
+def sft_examples(records: list[Record], fmt: str, tokenizer: Any, max_length: int, loss_on: str,
+                 stats: BuildStats | None = None) -> tuple[list[dict[str, list[int]]], BuildStats]:
+    """Token examples with response-only (or all-token) labels from instruction records.
+
+    Returns:
+        The examples and the ``BuildStats`` (examples, truncated, dropped by reason).
+
+    Raises:
+        InputError: a malformed record (named), or text the tokenizer cannot encode.
+    """
+    stats = stats or BuildStats()
+    examples = []
+    for sample in parse_records(records, fmt, stats):
+        if isinstance(sample, Conversation):
+            ex = chat_example_ids(tokenizer, sample.messages, max_length, stats, loss_on, sample.where)
+        else:
+            ex = prompt_completion_ids(tokenizer, sample.prompt, sample.completion, max_length, stats, loss_on,
+                                       sample.where)
+        if ex is not None:
+            examples.append(ex)
+    return examples, stats
+
+
+def sft_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    """``lm_loss``, with per-example attention when the batch is packed (has ``position_ids``)."""
+    if batch.get("position_ids") is None:
+        return lm_loss(model, batch)
+    with packed_attention(model):
+        return lm_loss(model, batch)
+
+
+def sft_collate(pad_id: int, cause: str) -> Any:
+    """Packed rows (they carry ``position_ids``) or plain examples -> a batch; no loss token is an error."""
+    def run(items: list[dict[str, list[int]]]) -> dict[str, Any]:
+        batch = collate_packed(items, pad_id) if "position_ids" in items[0] else pad_batch(items, pad_id)
+        if batch["num_loss_tokens"] == 0:
+            raise TrainingError(f"a batch of {len(items)} examples has no token that carries loss: {cause}")
+        return batch
+    return run
+
+
+def model_context(model: Any) -> int | None:
+    """The longest sequence the model's position embeddings cover (None: unbounded, e.g. RoPE)."""
+    return getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+
+
+def train_new_token_rows(model: Any, new_ids: list[int], vocab: int) -> int:
+    """Let only the embedding rows of ``new_ids`` train, in input and (untied) output embeddings.
+
+    Methods that freeze the embeddings (freeze, LoRA, QLoRA, prompt tuning) would otherwise
+    leave freshly added tokens such as ``<|im_end|>`` at their initial values. The other rows
+    get a zero gradient, so Adam leaves them unchanged (weight decay would not: the caller
+    refuses ``train.weight_decay > 0`` in this case).
+
+    Returns:
+        The number of embedding rows made trainable (0 when the method already trains them).
+    """
+    weights = {id(p): p for m in model.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.Linear))
+               for p in [m.weight] if p.shape[0] == vocab and not p.requires_grad}
+    keep = torch.zeros(vocab, 1)  # (V, 1) broadcast over the hidden size
+    keep[new_ids] = 1.0
+    for p in weights.values():
+        p.requires_grad_(True)
+        p.register_hook(lambda g: g * keep.to(g.device, g.dtype))
+    return len(new_ids) * len(weights)
+
+
+def build_task(ctx: Any) -> Task:
+    """SFT task: response-only labels, EOS that carries loss, optional packing."""
+    cfg, tok, log = ctx.cfg, ctx.tokenizer, ctx.log
+    fmt, loss_on = cfg["data.format"], cfg["train.loss_on"]
+    if cfg["train.packing"] and cfg["method"] == "prompt_tuning":
+        raise InputError("train.packing=true does not work with method=prompt_tuning: the soft prompt is "
+                         "prepended once per row, so packed examples would share it; set train.packing=false")
+    added = ensure_chat_template(tok) if fmt == "messages" else []
+    if added and cfg["method"] not in FULL_EMBEDDING_METHODS and cfg["train.weight_decay"] > 0:
+        raise InputError(f"the tokenizer needs new chat tokens ({', '.join(added)}) whose embeddings must train, "
+                         f"but method={cfg['method']} keeps the other rows frozen only without weight decay; "
+                         "set train.weight_decay=0, use method=full, or use a model whose tokenizer has a chat "
+                         "template")
+    model = ctx.load_causal_lm()
+    max_length = cfg["train.max_length"]
+    context = model_context(model)
+    if context is not None and max_length > context:
+        log.say(f"train.max_length={max_length} exceeds the model's {context} positions; using {context}")
+        max_length = context
+
+    train_ex, stats = sft_examples(ctx.records("data.train"), fmt, tok, max_length, loss_on)
+    if not train_ex:
+        raise InputError(f"{cfg['data.train']}: no usable examples ({stats.examples} kept, dropped: "
+                         f"{stats.dropped or 'none'})")
+    eval_records = ctx.records("data.eval")
+    eval_ex = sft_examples(eval_records, fmt, tok, max_length, loss_on)[0] if eval_records else None
+    _report(log, stats, max_length)
+
+    rows_before = model.get_input_embeddings().weight.shape[0]
+    if len(tok) > rows_before:
+        model.resize_token_embeddings(len(tok))
+        log.say(f"no chat template: using ChatML; added {', '.join(added)} to the tokenizer and resized the "
+                f"embeddings {rows_before} -> {len(tok)}")
+    prepared = ctx.apply_method(model)
+    if added:
+        rows = train_new_token_rows(prepared.model, tok.convert_tokens_to_ids(added), len(tok))
+        if rows:
+            log.say(f"method={cfg['method']} freezes the embeddings: training only the {rows} embedding rows of "
+                    "the new chat tokens (the other rows get no gradient)")
+
+    cause = (f"every label is -100 (train.loss_on={loss_on}, train.max_length={max_length}); "
+             "check that the data's responses are non-empty and fit")
+    train_rows = train_ex
+    if cfg["train.packing"]:
+        train_rows = pack_examples(train_ex, max_length)
+        filled = sum(len(r["input_ids"]) for r in train_rows) / (len(train_rows) * max_length)
+        log.say(f"packed {len(train_ex)} examples into {len(train_rows)} rows of {max_length} tokens "
+                f"({100 * filled:.0f}% filled)")
+    summary = {"data": stats.as_dict(), "truncated": stats.truncated,
+               "dropped": sum(stats.dropped.values()), "loss_on": loss_on, "packing": cfg["train.packing"],
+               **({"added_tokens": added} if added else {}), **prepared.summary}
+    return Task(model=prepared.model, train_examples=train_rows, eval_examples=eval_ex,
+                collate=sft_collate(tok.pad_token_id, cause), loss=sft_loss, save=prepared.save, summary=summary)
+
+
+def _report(log: Any, stats: BuildStats, max_length: int) -> None:
+    log.say(f"sft examples: {stats.examples}")
+    if stats.truncated:
+        log.say(f"truncated {stats.truncated} examples to train.max_length={max_length} (kept their start)")
+    for reason, n in sorted(stats.dropped.items()):
+        log.say(f"dropped {n} examples: {reason}")

@@ -185,21 +185,22 @@ def _target_lengths(rng: random.Random, n: int) -> list[int]:
     return [int(math.exp(rng.uniform(math.log(20), math.log(500)))) for _ in range(n)]
 
 
-def make_pairs(n: int, seed: int = SEED) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+def make_pairs(n: int, tokens_per_word: float, seed: int = SEED) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """``n`` instruction/response records and ``n`` preference records (prompt, chosen, rejected).
 
-    Word counts aim at the token totals; exact lengths are fixed after tokenizing.
+    Word counts aim at log-uniform token totals in [20, 500] for a tokenizer that spends
+    ``tokens_per_word`` tokens per word; records outside the range are dropped after tokenizing.
     """
     gen, rng = TextGen(seed), random.Random(seed + 1)
     sft, pref = [], []
     for total in _target_lengths(rng, n):
-        words = max(8, int(total / 2.0))
-        p = max(3, int(words * rng.uniform(0.15, 0.5)))
-        sft.append({"prompt": gen.text(p), "completion": gen.text(words - p)})
+        words = max(4, int((total - 2) / tokens_per_word))
+        p = max(2, int(words * rng.uniform(0.15, 0.5)))
+        sft.append({"prompt": gen.text(p), "completion": gen.text(max(2, words - p))})
     for total in _target_lengths(rng, n):
-        words = max(8, int(total / 2.0))
-        p = max(3, int(words * rng.uniform(0.2, 0.5)))
-        c = words - p
+        words = max(4, int((total - 2) / tokens_per_word))
+        p = max(2, int(words * rng.uniform(0.2, 0.5)))
+        c = max(2, int((words - p) / 1.2))  # the longer completion stays near the target
         pref.append({"prompt": gen.text(p), "chosen": gen.text(c),
                      "rejected": gen.text(max(2, int(c * rng.uniform(0.6, 1.4))))})
     return sft, pref

@@ -1,7 +1,7 @@
 """The lmtune arms, driven through lmtune's public API the way a user's script would.
 
 ``lmtune.run.prepare(cfg)`` builds the task exactly as ``lmtune train`` does (reading
-``sft.jsonl`` / ``pref.jsonl``, tokenizing, applying LoRA, packing); the benchmark then loads
+``sft-V<V>.jsonl`` / ``pref-V<V>.jsonl``, tokenizing, applying LoRA, packing); the benchmark then loads
 the shared LoRA initialisation into the adapters (so the per-step losses can be compared with
 the plain loop) and calls ``lmtune.train.train``. A ``RunLog`` subclass timestamps each step.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from common import LORA, OPTIM, SEED, StepClock, current_rss_mb, ordered, read_json
+from fixtures import data_file
 
 
 def _timed_log(out: Path, cfg: dict[str, Any], clock: StepClock, tokens_of: Any) -> Any:
@@ -87,6 +88,17 @@ def load_lora_init(model: Any, folder: Path) -> int:
     return copied
 
 
+def _checkpointed_head(head: Any, h: Any, y: Any, chunk_rows: int = 1024) -> Any:
+    """lmtune's head before ``head_logprobs``: each chunk checkpointed, so recomputed in backward."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from lmtune.objectives.head_logprobs import _chunk_logp
+
+    return torch.cat([checkpoint(_chunk_logp, head, h[s:s + chunk_rows], y[s:s + chunk_rows], use_reentrant=False)
+                      for s in range(0, h.shape[0], chunk_rows)])
+
+
 def _run(spec: dict[str, Any], objective: str, data: Path, tokens_of: Any) -> dict[str, Any]:
     import torch
 
@@ -108,14 +120,22 @@ def _run(spec: dict[str, Any], objective: str, data: Path, tokens_of: Any) -> di
 
 
 def run_lmtune_sft(spec: dict[str, Any]) -> dict[str, Any]:
-    """lmtune LoRA SFT on ``sft.jsonl`` (prompt/completion), optionally packed / bf16 / compiled."""
+    """lmtune LoRA SFT on the prompt/completion records, optionally packed / bf16 / compiled.
+
+    ``spec["head"] == "checkpoint"`` swaps in the earlier checkpointed head (recomputed in
+    backward) to measure what the fused head gradient (``head_logprobs``) buys.
+    """
+    if spec.get("head") == "checkpoint":
+        import lmtune.objectives.lm as lm
+
+        lm.head_logprobs = _checkpointed_head
     prev = {"tokens": 0}
 
     def tokens_of(record: dict[str, Any]) -> int:  # metrics.jsonl's ``tokens`` is cumulative loss tokens
         n, prev["tokens"] = record["tokens"] - prev["tokens"], record["tokens"]
         return n
 
-    result = _run(spec, "sft", Path(spec["work"]) / "sft.jsonl", tokens_of)
+    result = _run(spec, "sft", data_file(Path(spec["work"]), spec["rung"], "sft"), tokens_of)
     if not spec.get("packing"):  # same batches as the plain loop: the token counts must agree
         want = ordered(read_json(Path(spec["work"]) / f"sft-{spec['rung']}.json")["examples"], epochs=2)
         bs = spec["batch_size"]
@@ -126,7 +146,7 @@ def run_lmtune_sft(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_lmtune_dpo(spec: dict[str, Any]) -> dict[str, Any]:
-    """lmtune LoRA DPO on ``pref.jsonl``; tokens/s counts chosen + rejected completion tokens."""
+    """lmtune LoRA DPO on the preference records; tokens/s counts chosen + rejected completion tokens."""
     pairs = ordered(read_json(Path(spec["work"]) / f"pref-{spec['rung']}.json")["examples"], epochs=2)
     bs = spec["batch_size"]
     # Loss-carrying positions: every completion token (its predecessor is the last prompt token).
@@ -139,7 +159,7 @@ def run_lmtune_dpo(spec: dict[str, Any]) -> dict[str, Any]:
         seen["i"] += 1
         return n
 
-    return _run(spec, "dpo", Path(spec["work"]) / "pref.jsonl", tokens_of)
+    return _run(spec, "dpo", data_file(Path(spec["work"]), spec["rung"], "pref"), tokens_of)
 
 
 def run_lmtune_full(spec: dict[str, Any]) -> dict[str, Any]:

@@ -97,6 +97,8 @@ def table(run: dict[str, Any], rows: dict[tuple[str, str], dict[str, Any]], rung
             notes.append("TOKENS DIFFER from the fixture")
         if prec == "bf16" and not run["machine"].get("bf16_native") and "gpu" not in run["machine"]:
             notes.append("bf16 emulated (no avx512_bf16/AMX)")
+        if row["settings"].get("head") == "checkpoint":
+            notes.append("lever off: head recomputed in backward (checkpointed chunks)")
         if row["settings"].get("compile"):
             notes.append("first step includes torch.compile")
         if row["settings"].get("grad_ckpt"):
@@ -185,10 +187,14 @@ def write_report(run: dict[str, Any], path: Path) -> None:
               "- LoRA r=16, alpha=32, dropout 0, on q,k,v,o,gate,up,down; one shared initialisation for every arm; "
               "AdamW lr 2e-4 constant, betas (0.9, 0.999), eps 1e-8, no weight decay, clip 1.0; "
               "no eval or saving in the timed window",
-              f"- data: {run['fixtures']['sft_records']} instruction/response records and "
-              f"{run['fixtures']['pref_records']} preference records of generated text, 20–500 tokens "
-              "(log-uniform), BPE tokenizer trained here; pre-tokenized once; every same-batch arm sees lmtune's "
-              "order (peers: sequential sampler over the pre-ordered set)",
+              f"- data: {s['pairs']} instruction/response records and {s['pairs']} preference records per "
+              "vocabulary, generated text, 20–500 tokens (log-uniform), byte-level BPE trained here; "
+              "pre-tokenized once; every same-batch arm sees lmtune's order (peers: a sequential sampler over the "
+              "pre-ordered set); lengths per model: " + "; ".join(
+                  f"{r}: SFT {f['sft_len_min']}–{f['sft_len_max']} (mean {f['sft_len_mean']:.0f}, "
+                  f"{f['loss_frac']:.0%} of tokens carry loss), DPO prompt+longer completion {f['pref_len_min']}–"
+                  f"{f['pref_len_max']} (mean {f['pref_len_mean']:.0f})"
+                  for r, f in run["fixtures"].items() if r in LADDER),
               f"- {s['steps']} steps per arm, the first {s['warmup']} excluded; tokens/s = loss-carrying tokens / "
               f"wall time per window of {s['window']} steps, median of windows, median of {s['repeats']} "
               f"interleaved repeat(s); {s['threads']} threads (OMP/MKL/torch) in every arm; each arm a fresh process",

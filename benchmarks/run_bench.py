@@ -39,6 +39,7 @@ SFT_ARMS: dict[str, dict[str, Any]] = {
     "trl-bf16": {"kind": "trl_sft", "precision": "bf16", "packing": False},
 }
 OPTIONAL_ARMS: dict[str, dict[str, Any]] = {
+    "lmtune-recompute-head": {"kind": "lmtune_sft", "precision": "fp32", "head": "checkpoint"},
     "lmtune-full": {"kind": "lmtune_full", "precision": "fp32"},
     "plain-full": {"kind": "plain", "precision": "fp32", "full": True},
     "lmtune-compile": {"kind": "lmtune_sft", "precision": "fp32", "compile": True},

@@ -338,6 +338,10 @@ class StepClock:
         self.last = time.perf_counter()
 
     def tick(self, tokens: int, loss: float | None) -> None:
+        import torch
+
+        if torch.cuda.is_available():  # kernels run asynchronously: a step ends when the GPU is done
+            torch.cuda.synchronize()
         now = time.perf_counter()
         self.steps.append({"seconds": now - (self.last if self.last is not None else now), "tokens": int(tokens),
                            "loss": None if loss is None else float(loss)})

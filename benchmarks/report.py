@@ -105,6 +105,8 @@ def table(run: dict[str, Any], rows: dict[tuple[str, str], dict[str, Any]], rung
             notes.append("gradient checkpointing (TRL default)")
         if row["settings"].get("precompute_ref"):
             notes.append("reference log-probs precomputed before the timed window")
+        if row["cuda_peak"]:
+            notes.append(f"GPU peak {row['cuda_peak']:.0f} MB")
         ratio = row["tps"] / base["tps"] if base and base["tps"] and row["tps"] else None
         mfu = _mfu(row, run, rung, peaks)
         out.append(f"| {name} | {prec} | {row['batch_size']} | {_fmt(row['tps'])} | {_fmt(ratio, '.2f')} "
@@ -124,25 +126,27 @@ def goals(run: dict[str, Any], rows: dict[tuple[str, str], dict[str, Any]]) -> l
                  and row["tps"] and row["kind"].endswith("dpo") == dpo]
         return max(cands, key=lambda c: c[1]["tps"]) if cands else None
 
+    gpu = "gpu" in run["machine"]
+    mem, mem_name = ("cuda_peak", "peak GPU memory") if gpu else ("peak_rss", "peak RSS")
     out = [f"Measured on the largest model of this run ({rung}); ratios from this one run.", ""]
     lm, trl = best("lmtune"), best("trl")
     if lm and trl:
         speed = lm[1]["tps"] / trl[1]["tps"]
-        rss = lm[1]["peak_rss"] / trl[1]["peak_rss"]
+        rss = lm[1][mem] / trl[1][mem]
         loss = abs(lm[1]["final_loss"] - trl[1]["final_loss"]) / trl[1]["final_loss"] if (
             lm[1]["final_loss"] and trl[1]["final_loss"]) else None
         out += [f"- LoRA SFT speed: best lmtune (`{lm[0]}`) / best TRL (`{trl[0]}`) = **{speed:.2f}×** "
                 f"(goal ≥ 1.5×: {'met' if speed >= 1.5 else 'NOT met'})",
                 f"- LoRA SFT final loss: {lm[1]['final_loss']:.4f} vs {trl[1]['final_loss']:.4f}, "
                 f"{_fmt(loss, '.2%')} apart (goal within 2%: {_met(loss is not None and loss <= 0.02)})",
-                f"- LoRA SFT peak RSS: {lm[1]['peak_rss']:.0f} / {trl[1]['peak_rss']:.0f} MB = **{rss:.2f}×** "
+                f"- LoRA SFT {mem_name}: {lm[1][mem]:.0f} / {trl[1][mem]:.0f} MB = **{rss:.2f}×** "
                 f"(goal ≤ 0.7×: {'met' if rss <= 0.7 else 'NOT met'})"]
     ld, td = best("lmtune-dpo", True), best("trl-dpo", True)
     if ld and td:
-        speed, rss = ld[1]["tps"] / td[1]["tps"], ld[1]["peak_rss"] / td[1]["peak_rss"]
+        speed, rss = ld[1]["tps"] / td[1]["tps"], ld[1][mem] / td[1][mem]
         out += [f"- DPO step speed: `{ld[0]}` / `{td[0]}` = **{speed:.2f}×** (goal ≥ 1.5×: "
                 f"{'met' if speed >= 1.5 else 'NOT met'})",
-                f"- DPO peak RSS: {ld[1]['peak_rss']:.0f} / {td[1]['peak_rss']:.0f} MB = **{rss:.2f}×** "
+                f"- DPO {mem_name}: {ld[1][mem]:.0f} / {td[1][mem]:.0f} MB = **{rss:.2f}×** "
                 f"(goal ≤ 0.6×: {'met' if rss <= 0.6 else 'NOT met'})"]
     if lm:
         mfu = _mfu(lm[1], run, rung, peaks)
@@ -156,7 +160,10 @@ def goals(run: dict[str, Any], rows: dict[tuple[str, str], dict[str, Any]]) -> l
                    f"by {d['chunked']:.0f} MB (chunked, loss rows only) vs {d['full']:.0f} MB (full logits)")
     slow = [c for c in run["cli"] if c["median_s"] >= 1.0]
     timings = ", ".join(f"`{c['case']}` {c['median_s']:.2f}s" for c in run["cli"])
-    out.append(f"- CLI latency: {timings} (goal < 1 s: {'met' if not slow else 'NOT met'})")
+    if run["cli"]:
+        out.append(f"- CLI latency: {timings} (goal < 1 s: {_met(not slow)})")
+    else:
+        out.append("- CLI latency: not measured in this run (cut short)")
     return out
 
 

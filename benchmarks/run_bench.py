@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="SFT examples per step (packed rows: same tokens)")
     p.add_argument("--dpo-batch-size", type=int, default=4, help="DPO pairs per step")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP/MKL/torch threads in every arm")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="precision of every arm not named *-bf16 (fp32 without native bf16; bf16 on a GPU)")
     p.add_argument("--arms", default=None, help="comma list of arm names (default: the standard set)")
     p.add_argument("--extra", default="", help=f"comma list of optional arms: {','.join(OPTIONAL_ARMS)}")
     p.add_argument("--compile", action="store_true", help="add the lmtune torch.compile arm")
@@ -73,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=int, default=1800, help="seconds per arm before it is killed (row kept)")
     p.add_argument("--work", default=None, help="fixture folder (default: a temp folder named by the settings)")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"), help="where the table goes")
+    p.add_argument("--report-only", default=None, metavar="RAW.json", help="only re-render RAW.json into --out")
     p.add_argument("--label", default="", help="free text for the report header (e.g. 'under contention')")
     a = p.parse_args(argv)
     quick = a.quick
@@ -107,6 +110,8 @@ def run_arm(name: str, settings: dict[str, Any], rung: str, repeat: int, a: argp
             env: dict[str, str], packed_bs: int) -> dict[str, Any]:
     """One arm in a fresh subprocess; a crash, kill or timeout becomes a row with the reason."""
     kind = settings["kind"]
+    if settings.get("precision") == "fp32" and not name.endswith("-bf16"):
+        settings = {**settings, "precision": a.precision}
     bs = a.dpo_batch_size if kind.endswith("dpo") else (packed_bs if settings.get("packing") else a.batch_size)
     with tempfile.TemporaryDirectory(prefix=f"arm-{name}-") as scratch:
         spec = {"name": name, "rung": rung, "repeat": repeat, "work": str(work), "threads": a.threads,
@@ -136,46 +141,60 @@ def run_arm(name: str, settings: dict[str, Any], rung: str, repeat: int, a: argp
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    env = {**os.environ, **set_thread_env(a.threads), "PYTHONPATH": str(ROOT / "src")}
+    out = Path(a.out)
+    raw = out.with_suffix(".json")
+    if a.report_only:  # re-render a finished (or cut-off) run's table
+        from report import write_report
+
+        write_report(json.loads(Path(a.report_only).read_text()), out)
+        print(f"wrote {out}")
+        return 0
+    path = os.pathsep.join(x for x in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if x)
+    env = {**os.environ, **set_thread_env(a.threads), "PYTHONPATH": path}
     work = Path(a.work or Path(tempfile.gettempdir()) / f"lmtune-bench-p{a.pairs}")
     arms = plan(a)
     command = "PYTHONPATH=src python benchmarks/run_bench.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     print(f"fixtures in {work}", flush=True)
     t0 = time.perf_counter()
     sys.path.insert(0, str(ROOT / "src"))
+    from common import flops_per_loss_token
     from fixtures import build_fixtures
 
     fixtures = build_fixtures(work, a.models, a.pairs)
     print(f"fixtures ready in {time.perf_counter() - t0:.0f}s: {json.dumps(fixtures)}", flush=True)
-    results: list[dict[str, Any]] = []
+    flops = {rung: flops_per_loss_token(work, rung, a.steps, a.batch_size, a.dpo_batch_size) for rung in a.models}
+    run = {"command": command, "flops": flops, "label": a.label, "machine": machine_info(), "versions": versions(),
+           "settings": {k: v for k, v in vars(a).items() if k not in ("out", "report_only")}, "fixtures": fixtures,
+           "results": [], "cli": [], "total_seconds": 0.0}
+
+    def record(result: dict[str, Any]) -> None:
+        """Keep every arm's result on disk as it comes: a run cut short still has its rows."""
+        run["results"].append(result)
+        run["total_seconds"] = time.perf_counter() - t0
+        raw.write_text(json.dumps(run, indent=1))
+
     for rung in a.models:
         mean_len = fixtures[rung]["sft_len_mean"]
         packed_bs = max(1, round(a.batch_size * mean_len / MAX_LEN))  # about the same tokens per step
         for r in range(a.repeats):
-            results.append(run_arm("matmul-peak", {"kind": "matmul_peak", "precision": "-"}, rung, r, a, work, env, 0))
+            record(run_arm("matmul-peak", {"kind": "matmul_peak", "precision": "-"}, rung, r, a, work, env, 0))
             names = list(arms)
             shift = (r * 3) % len(names)  # interleave: each repeat starts at a different arm
             for name in names[shift:] + names[:shift]:
-                results.append(run_arm(name, arms[name], rung, r, a, work, env, packed_bs))
-    biggest = a.models[-1]
+                record(run_arm(name, arms[name], rung, r, a, work, env, packed_bs))
     for mode in ("chunked", "full"):
-        results.append(run_arm(f"ce-{mode}", {"kind": "ce_memory", "precision": "fp32", "mode": mode,
-                                               "seq_len": MAX_LEN}, biggest, 0, a, work, env, 0))
+        record(run_arm(f"ce-{mode}", {"kind": "ce_memory", "precision": "fp32", "mode": mode, "seq_len": MAX_LEN},
+                       a.models[-1], 0, a, work, env, 0))
     from probes import cli_latency
 
-    cli = cli_latency(env)
-    from common import flops_per_loss_token
-
-    flops = {rung: flops_per_loss_token(work, rung, a.steps, a.batch_size, a.dpo_batch_size) for rung in a.models}
-    run = {"command": command, "flops": flops, "label": a.label, "machine": machine_info(), "versions": versions(),
-           "settings": {k: v for k, v in vars(a).items() if k not in ("out",)}, "fixtures": fixtures,
-           "results": results, "cli": cli, "total_seconds": time.perf_counter() - t0}
-    raw = Path(a.out).with_suffix(".json")
+    run["cli"] = cli_latency(env)
+    run["machine"] = machine_info()  # load average at the end
+    run["total_seconds"] = time.perf_counter() - t0
     raw.write_text(json.dumps(run, indent=1))
     from report import write_report
 
-    write_report(run, Path(a.out))
-    print(f"wrote {a.out} and {raw} in {time.perf_counter() - t0:.0f}s", flush=True)
+    write_report(run, out)
+    print(f"wrote {out} and {raw} in {time.perf_counter() - t0:.0f}s", flush=True)
     return 0
 
 

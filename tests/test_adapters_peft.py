@@ -92,6 +92,15 @@ def test_wrong_tensor_shape_is_a_clear_error(tmp_path):
         load_adapter(build_model("llama", word_tokenizer()), folder)
 
 
+def test_wrong_shape_through_the_cli_exits_2(tmp_path, gpt2_dir, capsys):
+    folder, _ = saved_adapter(tmp_path, "gpt2")
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"] = torch.zeros(4, 5)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    assert main(["merge", "--model", str(gpt2_dir), "--adapter", str(folder), "--out", str(tmp_path / "m")]) == 2
+    assert "has shape (4, 5)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("missing", ["adapter_config.json", "adapter_model.safetensors"])
 def test_adapter_folder_missing_a_file_exits_2(tmp_path, capsys, gpt2_dir, missing):
     folder, _ = saved_adapter(tmp_path, "gpt2")

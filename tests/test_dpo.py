@@ -246,3 +246,17 @@ def test_adapter_reference_returns_base_log_probs_after_training(gpt2_dir):
         policy_logps = completion_logps(policy, batch)
     assert torch.allclose(ref_logps, base_logps, atol=1e-5)
     assert not torch.allclose(policy_logps, base_logps, atol=1e-3)
+
+
+def test_tokens_trained_counts_completion_tokens_of_both_sides(gpt2_dir, tmp_path):
+    from lmtune.models.loading import load_tokenizer
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    out = tmp_path / "run"
+    # One step over all six pairs: every completion token (plus its EOS) of chosen and rejected.
+    assert run(f"model={gpt2_dir}", f"data.train={data}", f"output_dir={out}", "train.steps=1",
+               "train.batch_size=6") == 0
+    tok = load_tokenizer(gpt2_dir)
+    expected = sum(len(tok(p[side], add_special_tokens=False)["input_ids"]) + 1
+                   for p in PAIRS for side in ("chosen", "rejected"))
+    assert json.loads((out / "summary.json").read_text())["tokens_trained"] == expected

@@ -219,12 +219,13 @@ def test_lora_run_trains_only_the_adapter_and_reports_counts(gpt2_dir, corpus, t
     assert any(torch.count_nonzero(t) for k, t in saved.items() if "lora_B" in k)  # it learned something
 
 
-@pytest.mark.parametrize("override, message", [
-    ("lora.r=0", "lora.r"), ("lora.alpha=0", "lora.alpha"), ("lora.dropout=1.0", "lora.dropout"),
-    ("lora.r=64", "larger than the layer"), ("lora.target_modules=[c_attn,nope]", "'nope' matches no linear"),
+@pytest.mark.parametrize("overrides, message", [
+    (["lora.r=0"], "lora.r"), (["lora.alpha=0"], "lora.alpha"), (["lora.dropout=1.0"], "lora.dropout"),
+    (["lora.r=64"], "larger than the layer"), (["lora.target_modules=[c_attn,nope]"], "'nope' matches no linear"),
+    (["lora.dora=true", "lora.target_modules=[wte]"], "DoRA decomposes a weight matrix per output"),
 ])
-def test_bad_lora_settings_exit_with_code_2(gpt2_dir, corpus, tmp_path, capsys, override, message):
+def test_bad_lora_settings_exit_with_code_2(gpt2_dir, corpus, tmp_path, capsys, overrides, message):
     code = main(["train", f"model={gpt2_dir}", f"data.train={corpus}", f"output_dir={tmp_path / 'o'}",
-                 "method=lora", "train.steps=1", override])
+                 "method=lora", "train.steps=1", *overrides])
     assert code == 2
     assert message in capsys.readouterr().err

@@ -59,6 +59,22 @@ def test_example_longer_than_the_row_is_refused():
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_block_mask_attention_equals_unpacked(arch):
+    tok = word_tokenizer()
+    model = build_model(arch, tok)
+    exs = examples(tok)
+    ref, _ = loss_and_grads(model, pad_batch(exs, tok.pad_token_id), lm_loss)
+    packed = collate_packed(pack_examples(exs, 40), tok.pad_token_id)
+
+    def masked(m, batch):
+        with packed_attention(m, "lmtune_block_mask"):
+            return lm_loss(m, batch)
+
+    loss, _ = loss_and_grads(model, packed, masked)
+    torch.testing.assert_close(loss, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_packed_loss_and_gradients_equal_unpacked(arch):
     tok = word_tokenizer()
     model = build_model(arch, tok)

@@ -132,3 +132,11 @@ def test_generate_chat_uses_the_saved_template_and_stops_at_end_of_turn(gpt2_dir
     code = main(["generate", "--model", str(tmp_path / "out"), "--chat", "--prompt", "can the cat run ?",
                  "--max-new-tokens", "4"])
     assert code == 0 and "<|im_start|>" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
+def test_adapter_methods_train_sft(gpt2_dir, tmp_path, method):
+    rows = [{"prompt": "the dog", "completion": "can jump ."}, {"prompt": "i see", "completion": "a big dog ."}]
+    extra = {"train.packing": True} if method == "lora" else {}
+    summary = run(gpt2_dir, write_jsonl(tmp_path / "pc.jsonl", rows * 4), tmp_path / "out", method=method, **extra)
+    assert summary["tokens_trained"] > 0 and (tmp_path / "out" / "adapter_model.safetensors").exists()

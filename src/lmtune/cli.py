@@ -59,6 +59,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.classify:
+        from lmtune.models.heads import classify_text
+
+        for label, prob in classify_text(args.model, args.adapter, args.prompt, task=args.task):
+            print(f"{label}\t{prob:.4f}")
+        return 0
     from lmtune.generate import generate_text
     from lmtune.models.loading import load_model_and_tokenizer
 
@@ -158,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter folder to apply without merging")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template, stop at end of turn")
+    p.add_argument("--classify", action="store_true",
+                   help="classify the prompt with a saved objective=classify model: each label and its probability")
+    p.add_argument("--task", help="with --classify on a multi-task model: which task's head (default: the first)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-k", type=int)

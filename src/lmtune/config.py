@@ -50,6 +50,10 @@ def _betas(v: Any) -> str | None:
     return None if ok else "must be two numbers in [0, 1), e.g. [0.9, 0.999]"
 
 
+def _seed(v: Any) -> str | None:
+    return None if 0 <= v < 2**32 else "must be in [0, 2**32)"
+
+
 def _power_of_two(v: Any) -> str | None:
     return None if v > 0 and (v & (v - 1)) == 0 else "must be a positive power of two (e.g. 64)"
 
@@ -84,7 +88,7 @@ KEYS: dict[str, Key] = {
     "prompt_tuning.num_virtual_tokens": Key(8, int, "trainable soft-prompt length", _positive),
     "prompt_tuning.init": Key("random", str, "random, vocab rows, or text:<words>"),
     "freeze.layers": Key(0, int, "freeze embeddings and the first N blocks", _non_negative),
-    "train.steps": Key(None, OPT_INT, "optimizer steps (default: from epochs)"),
+    "train.steps": Key(None, OPT_INT, "optimizer steps (default: from epochs)", _positive),
     "train.epochs": Key(1.0, NUM, "passes over data.train when train.steps is unset", _positive),
     "train.lr": Key(1e-3, NUM, "peak learning rate", _positive),
     "train.batch_size": Key(8, int, "examples per micro-batch", _positive),
@@ -96,8 +100,9 @@ KEYS: dict[str, Key] = {
     "train.weight_decay": Key(0.0, NUM, "AdamW decay on matrices (never on biases and norms)", _non_negative),
     "train.betas": Key([0.9, 0.999], (list, tuple), "AdamW betas", _betas),
     "train.eps": Key(1e-8, NUM, "AdamW epsilon", _positive),
-    "train.clip_grad_norm": Key(1.0, (int, float, type(None)), "clip the global gradient norm (null: off)"),
-    "train.seed": Key(0, int, "seed for init, data order, dropout"),
+    "train.clip_grad_norm": Key(1.0, (int, float, type(None)), "clip the global gradient norm (null: off)",
+                                _non_negative),
+    "train.seed": Key(0, int, "seed for init, data order, dropout", _seed),
     "train.precision": Key("fp32", str, "fp32, or bf16 autocast", choices=("fp32", "bf16")),
     "train.packing": Key(False, bool, "pack several examples per row, no attention across them"),
     "train.eval_every": Key(0, int, "evaluate every N steps (0: only at the end)", _non_negative),

@@ -14,6 +14,7 @@ from typing import Any
 from lmtune.data.readers import Record, read_records
 from lmtune.errors import InputError
 from lmtune.methods import Prepared, apply_method
+from lmtune.models.encoders import refuse_encoder
 from lmtune.models.loading import (
     check_tokenizer,
     context_length,
@@ -21,6 +22,7 @@ from lmtune.models.loading import (
     load_tokenizer,
     resolve_model_dir,
 )
+from lmtune.regularize import Guards
 from lmtune.runlog import RunLog
 
 # objective -> module with ``build_task(ctx) -> Task``; imported only when used.
@@ -129,8 +131,13 @@ def prepare(cfg: dict[str, Any], log: RunLog | None = None) -> tuple[Any, RunCon
     cfg["data.format"] = fmt
     if cfg["objective"] is None:
         cfg["objective"] = DEFAULT_OBJECTIVE[fmt]
+    if cfg["objective"] != "classify":  # lm, sft, dpo, ppo and reward all load a causal LM
+        refuse_encoder(folder)
+    guards = Guards.from_context(ctx)  # data.retain, replay, L2: read and checked before the model loads
     module = importlib.import_module(OBJECTIVES[cfg["objective"]])
-    return module.build_task(ctx), ctx
+    task = module.build_task(ctx)
+    guards.attach(task, cfg, tokenizer.pad_token_id)
+    return task, ctx
 
 
 def run_training(cfg: dict[str, Any], log: RunLog | None = None) -> dict[str, Any]:
@@ -142,7 +149,12 @@ def run_training(cfg: dict[str, Any], log: RunLog | None = None) -> dict[str, An
                 f"format: {cfg['data.format']}")
     total, trainable = param_counts(task.model)
     ctx.log.say(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
-    summary = train(task, cfg, ctx.output_dir, device=pick_device(), log=ctx.log)
+    try:
+        summary = train(task, cfg, ctx.output_dir, device=pick_device(), log=ctx.log)
+    except OSError as e:  # disk full, permissions: say so, not a traceback; checkpoints are written atomically
+        raise InputError(f"training stopped: a write in {ctx.output_dir} failed: {e}. Checkpoints already "
+                         "written are intact; free space (or fix permissions) and continue with "
+                         "train.resume=true") from None
     ctx.log.say(f"saved to {ctx.output_dir}")
     return summary
 

@@ -123,7 +123,10 @@ class RunLog:
                     kept.append(line)
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut short by a kill; the resumed run rewrites it
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        # Replaced, not rewritten in place: a kill mid-write must not lose the records kept.
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
 
     def finish(self, summary: dict[str, Any]) -> None:
         if not self.active:

@@ -37,7 +37,9 @@ class Task:
     """What one run trains: the model, its data, its loss, and how to save the result.
 
     ``loss`` returns the *sum* of the loss over the batch's loss units (tokens for LM
-    objectives, pairs for DPO) and the batch names that count as ``num_loss_tokens``.
+    objectives, pairs for DPO) and the batch names that count as ``num_loss_tokens``. Where a
+    unit is not a token, the batch also says how many tokens it trained on (``num_tokens``:
+    completion tokens of a pair, real tokens of a classified text) for ``tokens_trained``.
     """
 
     model: torch.nn.Module
@@ -51,6 +53,9 @@ class Task:
     batch_transform: Callable[[list[Any], int], list[Any]] | None = None  # e.g. replay mixing
     next_batch: Callable[[int], dict[str, Any]] | None = None  # PPO: micro-batches from its own rollouts
     summary: dict[str, Any] = field(default_factory=dict)  # method/objective facts for summary.json
+    # State of the task's own that a checkpoint must carry to resume exactly (PPO's rollout
+    # buffer): an object with ``state_dict() -> (tensors, json_meta)`` and ``load_state_dict``.
+    resumable: Any = None
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -203,16 +208,20 @@ def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.devic
         log = RunLog(output_dir, cfg, quiet=True, tensorboard=False, active=False)
     torch.manual_seed(seed)
 
-    found = ckpt.latest_good(ckpt_root) if cfg["train.resume"] else None
+    found = ckpt.latest_good(ckpt_root, warn=log.say) if cfg["train.resume"] else None
+    if found is None:
+        log.truncate_after(0)  # starting at step 0: drop records an earlier killed or failed attempt left
     if cfg["train.resume"] and found is None:
-        log.truncate_after(0)  # nothing to continue from: start over, dropping stale records
         log.say(f"no usable checkpoint in {ckpt_root}; starting from step 0")
     if found is not None:
         weights, optim_state, meta = ckpt.load_checkpoint(found)
+        ckpt.check_fits(found, trainable_state(model), weights, optimizer, optim_state)
         _load_trainable(model, weights, found)
         optimizer.load_state_dict(optim_state)
         state.update(meta["loop"]["state"])
         stream = BatchStream(len(task.train_examples), global_batch, seed, **meta["loop"]["stream"])
+        if task.resumable is not None:
+            task.resumable.load_state_dict(meta["task_tensors"], meta["loop"].get("task", {}))
         ckpt.set_rng_state(meta["rng_tensors"], meta["rng"])
         if state["best_eval"] is not None and (output_dir / "best.safetensors").exists():
             from safetensors.torch import load_file
@@ -239,7 +248,7 @@ def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.devic
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg, steps)
             micro = [_next_batch(task, stream, step, ddp) for _ in range(accum)]
-            loss, units, metrics = accumulate_gradients(task, micro, cfg["train.precision"], device, step, ddp)
+            loss, tokens, metrics = accumulate_gradients(task, micro, cfg["train.precision"], device, step, ddp)
             if ddp:
                 ddp.sync_gradients([p for p in model.parameters() if p.requires_grad])
             if not math.isfinite(loss):
@@ -255,7 +264,7 @@ def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.devic
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step = step + 1
-            state["tokens"] += units
+            state["tokens"] += tokens
             state["last_loss"] = loss
             if first_step_seconds is None:
                 # The first step carries compilation and allocator warm-up; keep it out of tokens/s.
@@ -274,8 +283,10 @@ def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.devic
                 log.step(record, steps)
             bar.update(1)
             if main and ((cfg["train.save_every"] and step % cfg["train.save_every"] == 0) or stop.received):
+                task_tensors, task_meta = task.resumable.state_dict() if task.resumable is not None else ({}, {})
                 ckpt.save_checkpoint(ckpt_root, step, trainable_state(model), optimizer,
-                                     {"state": state, "stream": stream.position()}, cfg["train.keep_checkpoints"])
+                                     {"state": state, "stream": stream.position(), "task": task_meta},
+                                     cfg["train.keep_checkpoints"], task_tensors)
             if stop.received:
                 log.say(f"received signal {stop.received}: checkpoint saved at step {step}; "
                         "continue with train.resume=true")
@@ -297,6 +308,7 @@ def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.devic
     for name, fn in task.evaluators.items():
         summary[f"{name}_before"] = state[f"{name}_before"]
         summary[f"{name}_after"] = fn(model)
+        summary[f"{name}_change"] = summary[f"{name}_after"] - summary[f"{name}_before"]
     log.finish(summary)
     if main:
         (output_dir / "best.safetensors").unlink(missing_ok=True)
@@ -313,12 +325,14 @@ def accumulate_gradients(task: Task, micro: list[dict[str, Any] | None], precisi
     the accumulated gradient is the gradient of the window's mean loss however it is split.
 
     Returns:
-        ``(mean loss, loss units, metrics)`` of the window.
+        ``(mean loss, tokens trained, metrics)`` of the window.
     """
     micro = [b for b in micro if b is not None]  # a rank can get no share of a short last batch
     units = sum(b["num_loss_tokens"] for b in micro)
+    tokens = sum(b.get("num_tokens", b["num_loss_tokens"]) for b in micro)
     if ddp:
         units = int(ddp.sum(units))  # every rank divides by the global count
+        tokens = int(ddp.sum(tokens))
     if units == 0:
         raise TrainingError(f"step {step + 1}: the batch has no tokens that carry loss (every label is "
                             "masked); check train.loss_on, train.max_length and the data's responses")
@@ -338,7 +352,7 @@ def accumulate_gradients(task: Task, micro: list[dict[str, Any] | None], precisi
         metrics["reg_loss"] = metrics.get("reg_loss", 0.0) + float(reg_loss.detach())
     if ddp:
         loss_total = ddp.sum(loss_total)
-    return loss_total / units, units, metrics
+    return loss_total / units, tokens, metrics
 
 
 def _next_batch(task: Task, stream: BatchStream, step: int,
@@ -374,8 +388,7 @@ def _evaluate(task: Task, cfg: dict[str, Any], device: torch.device, state: dict
         state["best_eval"], state["bad_evals"] = eval_loss, 0
         best_weights = {k: v.detach().cpu().clone() for k, v in trainable_state(model).items()}
         if output_dir is not None:  # kept on disk too, so a resumed run can still restore them
-            from safetensors.torch import save_file
-            save_file(best_weights, output_dir / "best.safetensors")
+            ckpt.save_tensors_atomic(output_dir / "best.safetensors", best_weights)
         return False, best_weights
     state["bad_evals"] += 1
     return state["bad_evals"] >= cfg["train.patience"], best_weights

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmtune.errors import InputError
+
 IGNORE = -100
 
 
@@ -36,8 +38,31 @@ def special_ids(tokenizer: Any) -> tuple[int | None, int | None]:
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of ``text`` without any special tokens (framing is added explicitly)."""
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Token ids of ``text`` without any special tokens (framing is added explicitly).
+
+    Raises:
+        InputError: the tokenizer cannot encode the text (e.g. a word-level vocabulary without
+            an unknown-word token meets a new word); callers prefix the record's file and line.
+    """
+    try:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    except Exception as e:  # tokenizers raises a bare Exception for words missing from a WordLevel vocabulary
+        raise InputError(_encode_problem(tokenizer, text, e)) from None
+
+
+def _encode_problem(tokenizer: Any, text: str, error: Exception) -> str:
+    bad = []
+    for word in dict.fromkeys(text.split()):
+        try:
+            tokenizer(word, add_special_tokens=False)
+        except Exception:
+            bad.append(word)
+        if len(bad) == 5:
+            break
+    if not bad:
+        return f"the tokenizer cannot encode this text ({error})"
+    return (f"words the tokenizer cannot encode (not in its vocabulary): {', '.join(repr(w) for w in bad)}; "
+            "the model knows only the words it was trained with")
 
 
 def text_example(tokenizer: Any, text: str, max_length: int, stats: BuildStats) -> dict[str, list[int]] | None:

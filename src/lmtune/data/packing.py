@@ -9,8 +9,10 @@ packed row equivalent to its examples run one by one:
 2. **No attention across examples.** Plain causal attention over the row would let example 2
    read example 1. ``segment_attention`` (registered with ``transformers``' ``AttentionInterface``)
    finds the examples from the restarting ``position_ids`` and runs causal attention on each
-   slice separately: cost Σ Lᵢ² instead of T², and no T×T mask is ever built (a dense
-   block-diagonal mask would also be correct, but costs T² memory and compute per row).
+   slice separately: cost Σ Lᵢ² instead of T², and no T×T mask is ever built.
+   ``block_mask_attention`` gives the same result in one call per layer with a dense
+   block-diagonal mask (T² per row); on CPU it measured faster, because the CPU kernel's cost
+   per call barely depends on the length (benchmarks/sft_packing.py), so ``sft_loss`` uses it there.
 3. **No loss across examples.** The first token of every example carries no label, so the last
    token of one example is never trained to predict the start of the next.
 """
@@ -29,6 +31,7 @@ from lmtune.data.batching import count_loss_tokens
 from lmtune.data.examples import IGNORE
 
 ATTENTION_NAME = "lmtune_segments"
+BLOCK_MASK = "lmtune_block_mask"
 
 
 def pack_examples(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
@@ -124,25 +127,59 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         value = value.repeat_interleave(groups, dim=1)  # (B, H, T, D)
     position_ids = position_ids.expand(query.shape[0], -1)  # (B, T)
     rows = []
-    for b, bounds in enumerate(segment_bounds(position_ids)):
-        pieces = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
-                                                 value[b:b + 1, :, s:e], dropout_p=dropout, is_causal=True,
-                                                 scale=scaling)  # (1, H, L, D)
-                  for s, e in bounds]
+    # unbind/split rather than slicing: their backward concatenates the pieces' gradients once,
+    # where every slice would allocate and add a full-size gradient of its own.
+    for bounds, q, k, v in zip(segment_bounds(position_ids), query.unbind(0), key.unbind(0), value.unbind(0)):
+        sizes = [e - s for s, e in bounds]
+        pieces = [F.scaled_dot_product_attention(qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0),
+                                                 dropout_p=dropout, is_causal=True, scale=scaling)  # (1, H, L, D)
+                  for qs, ks, vs in zip(q.split(sizes, dim=1), k.split(sizes, dim=1), v.split(sizes, dim=1))]
         rows.append(torch.cat(pieces, dim=2))  # (1, H, T, D)
     out = torch.cat(rows, dim=0)  # (B, H, T, D)
     return out.transpose(1, 2).contiguous(), None  # (B, T, H, D)
 
 
+def block_mask_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                         position_ids: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The same attention as ``segment_attention`` in one call, with a dense block-diagonal causal mask.
+
+    Costs T² per row instead of Σ Lᵢ², but one kernel call per layer instead of one per
+    example; on CPU with short examples the call overhead dominates (see benchmarks/sft_packing.py).
+    Shapes as ``segment_attention``.
+    """
+    if position_ids is None or query.shape[2] != key.shape[2]:
+        raise RuntimeError("block_mask_attention needs position_ids and no KV cache; it is for packed training only")
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)  # (B, H, T, D)
+        value = value.repeat_interleave(groups, dim=1)  # (B, H, T, D)
+    segment = (position_ids.expand(query.shape[0], -1) == 0).cumsum(-1)  # (B, T) example index per token
+    t = torch.arange(query.shape[2], device=query.device)
+    mask = (segment[:, :, None] == segment[:, None, :]) & (t[:, None] >= t[None, :])  # (B, T, T)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], dropout_p=dropout,
+                                         scale=scaling)  # (B, H, T, D)
+    return out.transpose(1, 2).contiguous(), None  # (B, T, H, D)
+
+
+IMPLEMENTATIONS = {ATTENTION_NAME: segment_attention, BLOCK_MASK: block_mask_attention}
+
+
 def _register() -> None:
     from transformers import AttentionInterface
 
-    AttentionInterface.register(ATTENTION_NAME, segment_attention)
+    for name, fn in IMPLEMENTATIONS.items():
+        AttentionInterface.register(name, fn)
 
 
 @contextlib.contextmanager
-def packed_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Run ``model`` (or any wrapper around it) with ``segment_attention`` inside the block.
+def packed_attention(model: torch.nn.Module, implementation: str = ATTENTION_NAME) -> Iterator[None]:
+    """Run ``model`` (or any wrapper around it) with per-example attention inside the block.
+
+    Args:
+        model: the model or wrapper.
+        implementation: ``lmtune_segments`` (one attention call per example) or
+            ``lmtune_block_mask`` (one call per layer, dense block-diagonal mask).
 
     The implementation is switched on the configs only for the duration, so the saved
     ``config.json`` and generation keep the model's own attention.
@@ -152,7 +189,7 @@ def packed_attention(model: torch.nn.Module) -> Iterator[None]:
                if (c := getattr(m, "config", None)) is not None and hasattr(c, "_attn_implementation")}
     before = {k: c._attn_implementation for k, c in configs.items()}
     for c in configs.values():
-        c._attn_implementation = ATTENTION_NAME
+        c._attn_implementation = implementation
     try:
         yield
     finally:

@@ -113,7 +113,10 @@ def build_pairs(records: list[Record], tokenizer: Any, max_length: int, add_eos:
     _, eos = special_ids(tokenizer)
     pairs = []
     for rec in records:
-        prompt_ids, chosen, rejected, needs_eos = _split_ids(rec, tokenizer)
+        try:
+            prompt_ids, chosen, rejected, needs_eos = _split_ids(rec, tokenizer)
+        except InputError as e:  # the tokenizer's complaint does not know the line; add it
+            raise (e if str(e).startswith(rec.where) else InputError(f"{rec.where}: {e}")) from None
         if chosen == rejected:
             stats.drop(IDENTICAL)
             continue
@@ -162,6 +165,7 @@ def collate_pairs(pairs: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     batch = pad_batch(rows, pad_id)
     batch["completion_lengths"] = (batch["labels"] != IGNORE).sum(dim=1)  # (2B,)
     batch["num_loss_tokens"] = len(pairs)
+    batch["num_tokens"] = int(batch["completion_lengths"].sum())  # what tokens_trained reports
     for key in ("ref_chosen", "ref_rejected", "margin"):
         if key in pairs[0]:
             batch[key] = torch.tensor([p[key] for p in pairs], dtype=torch.float32)  # (B,)

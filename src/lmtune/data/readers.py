@@ -2,14 +2,17 @@
 
 Every reader returns ``Record``s: a dict of fields plus where it came from, so later
 stages (format detection, tokenization) can say "data.jsonl line 17: field 'completion'
-is missing" rather than fail deep inside a batch.
+is missing" rather than fail deep inside a batch. Whatever the bytes, a reader either
+returns records or raises ``InputError`` naming the file (and line, item or row).
 """
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,8 @@ from typing import Any
 from lmtune.errors import InputError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+_WS = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+_CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default (128 KiB) would refuse long documents
 
 
 @dataclass(frozen=True)
@@ -24,22 +29,25 @@ class Record:
     """One example as read from a file."""
 
     fields: dict[str, Any]
-    where: str  # "path line N" / "path row N" / "path item N"
+    where: str  # "path line N" / "path line N (item K)" / "path row N"
 
 
 def read_records(path: str | Path) -> list[Record]:
     """Read a JSONL, JSON, CSV, Parquet or TXT file into records.
 
     TXT holds one document per non-empty line (field ``text``). JSON holds a list of
-    objects (or ``{"data": [...]}``). CSV's header row names the fields.
+    objects (or ``{"data": [...]}``). CSV's header row names the fields. Lines are split at
+    ``\\n`` only (as editors count them), so a U+2028 inside a JSON string stays in it.
 
     Raises:
-        InputError: missing file, unknown suffix, undecodable bytes, malformed JSON, a
-            record that is not an object, or a file without any records.
+        InputError: missing or unreadable file, unknown suffix, undecodable bytes, malformed
+            JSON or CSV, a record that is not an object, or a file without any records.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"data file {path} does not exist")
+    if not path.is_file():
+        raise InputError(f"data file {path} is not a file")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise InputError(f"{path}: unsupported data file type '{suffix}'; use one of {', '.join(SUFFIXES)}")
@@ -55,7 +63,10 @@ def read_records(path: str | Path) -> list[Record]:
 
 
 def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the file ({e.strerror})") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -64,23 +75,68 @@ def _read_text(path: Path) -> str:
                          "re-save the file as UTF-8") from None
 
 
+def _lines(text: str) -> list[str]:
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
 def _read_txt(path: Path, text: str) -> list[Record]:
     return [Record({"text": line.strip()}, f"{path} line {i}")
-            for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+            for i, line in enumerate(_lines(text), 1) if line.strip()]
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply to read") from None
+    except ValueError as e:  # e.g. an integer literal with more digits than Python converts
+        raise InputError(f"{where}: unreadable JSON value ({e})") from None
+    _check_unicode(obj, where)
+    return obj
+
+
+def _check_unicode(obj: Any, where: str) -> None:
+    """Refuse lone surrogates (``"\\ud800"``): valid JSON escapes, but not text any tokenizer takes."""
+    try:
+        found = _lone_surrogate(obj, "")
+    except RecursionError:  # nested as deep as the parser allows: builders refuse such fields anyway
+        return
+    if found is not None:
+        field, chars = found
+        raise InputError(f"{where}: field '{field}' holds characters that are not valid Unicode (an unpaired "
+                         f"surrogate escape {chars!r}); fix the \\uXXXX escape")
+
+
+def _lone_surrogate(obj: Any, path: str) -> tuple[str, str] | None:
+    """``(field path, offending characters)`` of the first string that is not encodable text."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return path or "(value)", obj[e.start:e.end]
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in items:
+        sub = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+        found = _lone_surrogate(key, sub) if isinstance(key, str) else None
+        found = found or _lone_surrogate(value, sub)
+        if found is not None:
+            return found
+    return None
 
 
 def _read_jsonl(path: Path, text: str) -> list[Record]:
     records = []
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(_lines(text), 1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path} line {i}: malformed JSON ({e.msg} at column {e.colno})") from None
+        where = f"{path} line {i}"
+        obj = _parse_json(line, where)
         if not isinstance(obj, dict):
-            raise InputError(f"{path} line {i}: each line must be a JSON object, got {type(obj).__name__}")
-        records.append(Record(obj, f"{path} line {i}"))
+            raise InputError(f"{where}: each line must be a JSON object, got {type(obj).__name__}")
+        records.append(Record(obj, where))
     return records
 
 
@@ -89,35 +145,88 @@ def _read_json(path: Path, text: str) -> list[Record]:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{path} line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to read") from None
+    except ValueError as e:
+        raise InputError(f"{path}: unreadable JSON value ({e})") from None
+    wrapped = isinstance(obj, dict) and isinstance(obj.get("data"), list)
+    if wrapped:
         obj = obj["data"]
     if not isinstance(obj, list):
         raise InputError(f"{path}: a JSON data file must hold a list of objects (or {{\"data\": [...]}})")
+    lines = _item_lines(text, wrapped)
     records = []
     for i, item in enumerate(obj, 1):
+        where = f"{path} line {lines[i - 1]} (item {i})" if lines else f"{path} item {i}"
         if not isinstance(item, dict):
-            raise InputError(f"{path} item {i}: must be a JSON object, got {type(item).__name__}")
-        records.append(Record(item, f"{path} item {i}"))
+            raise InputError(f"{where}: must be a JSON object, got {type(item).__name__}")
+        _check_unicode(item, where)
+        records.append(Record(item, where))
     return records
 
 
-def _read_csv(path: Path, text: str) -> list[Record]:
+def _item_lines(text: str, wrapped: bool) -> list[int] | None:
+    """The line each item of the data array starts on (the text is known to be valid JSON)."""
+    dec = json.JSONDecoder()
     try:
-        rows = list(csv.reader(io.StringIO(text)))
+        i = _WS.match(text).end()
+        if wrapped:
+            i = _data_value_start(dec, text, i)
+        starts = []
+        i = _WS.match(text, i + 1).end()
+        while text[i] != "]":
+            starts.append(i)
+            i = _WS.match(text, dec.raw_decode(text, i)[1]).end()
+            if text[i] == ",":
+                i = _WS.match(text, i + 1).end()
+    except (ValueError, IndexError, RecursionError):
+        return None
+    newlines = [m.start() for m in re.finditer("\n", text)]
+    return [bisect.bisect_right(newlines, s) + 1 for s in starts]
+
+
+def _data_value_start(dec: json.JSONDecoder, text: str, i: int) -> int:
+    """Offset of the value of the last ``"data"`` key of the object at ``i`` (json.loads keeps the last)."""
+    found = None
+    i = _WS.match(text, i + 1).end()
+    while text[i] != "}":
+        key, i = dec.raw_decode(text, i)
+        i = _WS.match(text, _WS.match(text, i).end() + 1).end()  # past ':'
+        if key == "data":
+            found = i
+        i = _WS.match(text, dec.raw_decode(text, i)[1]).end()
+        if text[i] == ",":
+            i = _WS.match(text, i + 1).end()
+    if found is None:
+        raise ValueError("no data key")
+    return found
+
+
+def _read_csv(path: Path, text: str) -> list[Record]:
+    old_limit = csv.field_size_limit(_CSV_FIELD_LIMIT)
+    reader = csv.reader(io.StringIO(text))
+    rows: list[tuple[int, list[str]]] = []
+    try:
+        start = 1
+        for row in reader:
+            rows.append((start, row))
+            start = reader.line_num + 1
     except csv.Error as e:
-        raise InputError(f"{path}: malformed CSV ({e})") from None
+        raise InputError(f"{path} line {reader.line_num}: malformed CSV ({e})") from None
+    finally:
+        csv.field_size_limit(old_limit)
     if not rows:
         return []
-    header = [h.strip() for h in rows[0]]
+    header = [h.strip() for h in rows[0][1]]
     if not all(header) or len(set(header)) != len(header):
         raise InputError(f"{path} line 1: the header row must name every column once, got {header}")
     records = []
-    for i, row in enumerate(rows[1:], 2):
+    for line, row in rows[1:]:
         if not any(cell.strip() for cell in row):
             continue
         if len(row) != len(header):
-            raise InputError(f"{path} line {i}: {len(row)} columns, but the header has {len(header)}")
-        records.append(Record(dict(zip(header, row)), f"{path} line {i}"))
+            raise InputError(f"{path} line {line}: {len(row)} columns, but the header has {len(header)}")
+        records.append(Record(dict(zip(header, row)), f"{path} line {line}"))
     return records
 
 

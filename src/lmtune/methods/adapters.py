@@ -27,9 +27,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lmtune.errors import InputError
-from lmtune.methods import Prepared
 from lmtune.methods.lora import DEFAULT, LoRALinear, LoRASpec, lora_layers
-from lmtune.methods.targets import base_modules, is_linear, resolve_targets
+from lmtune.methods.targets import base_modules, is_linear
 from lmtune.models.loading import META_FILE, read_meta, tokenizer_fingerprint
 
 CONFIG_FILE = "adapter_config.json"
@@ -37,7 +36,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
 # PEFT options whose non-default values change the computation in ways lmtune does not reproduce.
-_UNSUPPORTED = {"bias": "none", "lora_bias": False, "modules_to_save": None, "alpha_pattern": {},
+_UNSUPPORTED = {"bias": "none", "lora_bias": False, "alpha_pattern": {},
                 "use_qalora": False, "layer_replication": None, "trainable_token_indices": None,
                 "target_parameters": None, "use_bdlora": None}
 
@@ -279,6 +278,28 @@ def check_base(folder: Path, meta: dict[str, Any], model: nn.Module, tokenizer: 
                          "its token ids would not mean the same words")
 
 
+def _pop_saved_modules(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                       model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Take PEFT's ``modules_to_save`` tensors (whole trained modules, e.g. a classifier head) out of ``tensors``.
+
+    PEFT names a module to save by its name or a dotted suffix and stores its parameters under
+    ``base_model.model.<module>.<param>``.
+    """
+    wanted = config.get("modules_to_save") or []
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    for key in [k for k in tensors if k.startswith(PREFIX) and ".lora_" not in k]:
+        module, _, param = key[len(PREFIX):].rpartition(".")
+        if any(module == w or module.endswith("." + w) for w in wanted):
+            saved.setdefault(module, {})[param] = tensors.pop(key)
+    modules = dict(model.named_modules())
+    for module, params in saved.items():
+        own = modules[module].state_dict() if module in modules else None
+        if own is None or set(own) != set(params) or any(own[k].shape != v.shape for k, v in params.items()):
+            raise InputError(f"{folder / WEIGHTS_FILE}: saved module {module!r} ({', '.join(sorted(params))}) does "
+                             "not fit this model; the adapter belongs to another base model or head size")
+    return saved
+
+
 def _lora_tensors(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
                   modules: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
     """Group PEFT keys by module, checking every key, module and shape against the model."""
@@ -344,6 +365,7 @@ def load_adapter(model: nn.Module, folder: Path | str, tokenizer: Any = None, ad
                          "PROMPT_TUNING)")
     check_base(folder, meta, model, tokenizer)
     modules = base_modules(model)
+    saved = _pop_saved_modules(folder, config, tensors, model)
     grouped = _lora_tensors(folder, config, tensors, modules)
     alpha = float(config.get("lora_alpha", 8))
     specs = {module: LoRASpec(r=parts["lora_A"].shape[0], alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)),
@@ -358,6 +380,8 @@ def load_adapter(model: nn.Module, folder: Path | str, tokenizer: Any = None, ad
             layer.lora_B[adapter].weight.copy_(parts["lora_B"])
             if "lora_magnitude_vector" in parts:
                 layer.lora_magnitude_vector[adapter].copy_(parts["lora_magnitude_vector"])
+        for module, params in saved.items():  # e.g. a classifier head: replaced whole, not adapted
+            model.get_submodule(module).load_state_dict(params)
     for p in adapter_parameters(model, adapter):
         p.requires_grad_(trainable)
     set_active_adapter(model, adapter)
@@ -390,25 +414,3 @@ def merge_command(model: str | Path | None, adapter: str | Path, out: str | Path
                                         "weights_fingerprint": weights_fingerprint(merged)})
     print(f"merged {adapter} into {folder}; wrote {out}")
     return out
-
-
-def prepare_lora(model: nn.Module, tokenizer: Any, cfg: dict[str, Any], base_folder: Path,
-                 quantize: dict[str, Any] | None = None, quantize_only: set[str] | None = None) -> Prepared:
-    """Freeze ``model``, add a fresh adapter on ``lora.target_modules``; save it PEFT's way."""
-    spec = LoRASpec.from_config(cfg)
-    fingerprint = base_fingerprint(model)
-    names = resolve_targets(model, cfg["lora.target_modules"], dora=spec.dora)
-    model.requires_grad_(False)
-    inject(model, names, spec, DEFAULT, quantize, quantize_only)
-    params = adapter_parameters(model)
-    for p in params:
-        p.requires_grad_(True)
-    method = cfg["method"]
-
-    def save(out: Path) -> None:
-        save_adapter(model, out, tokenizer, DEFAULT, base_folder,
-                     {"method": method, "base_fingerprint": fingerprint, **({"quant": quantize} if quantize else {})})
-
-    summary = {"lora_target_modules": len(names), "lora_scaling": spec.scaling,
-               "adapter_params": sum(p.numel() for p in params)}
-    return Prepared(model=model, save=save, summary=summary)

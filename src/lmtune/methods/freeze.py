@@ -33,8 +33,9 @@ def freeze_layers(model: Any, n: int) -> None:
     blocks = transformer_blocks(model)
     if n > len(blocks):
         raise InputError(f"freeze.layers={n} but the model has only {len(blocks)} transformer blocks")
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
+    for name, module in model.named_modules():
+        # BERT-style encoders keep a LayerNorm inside their ``embeddings`` block: it freezes with it.
+        if isinstance(module, nn.Embedding) or name.rsplit(".", 1)[-1] == "embeddings":
             module.requires_grad_(False)
     for block in blocks[:n]:
         block.requires_grad_(False)

@@ -237,8 +237,34 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def prepare(model: nn.Module, tokenizer: Any, cfg: dict[str, Any], base_folder: Path,
+            quantize: dict[str, Any] | None = None, quantize_only: set[str] | None = None) -> Prepared:
+    """Freeze ``model``, add a fresh adapter on ``lora.target_modules``; save it PEFT's way.
+
+    ``quantize``/``quantize_only``: QLoRA's NF4 settings and the targets that can take them.
+    """
+    from lmtune.methods.adapters import adapter_parameters, base_fingerprint, inject, save_adapter
+    from lmtune.methods.targets import resolve_targets
+
+    spec = LoRASpec.from_config(cfg)
+    fingerprint = base_fingerprint(model)  # before wrapping: the base the adapter belongs to
+    names = resolve_targets(model, cfg["lora.target_modules"], dora=spec.dora)
+    model.requires_grad_(False)
+    inject(model, names, spec, DEFAULT, quantize, quantize_only)
+    params = adapter_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    method = cfg["method"]
+
+    def save(out: Path) -> None:
+        save_adapter(model, out, tokenizer, DEFAULT, base_folder,
+                     {"method": method, "base_fingerprint": fingerprint, **({"quant": quantize} if quantize else {})})
+
+    summary = {"lora_target_modules": len(names), "lora_scaling": spec.scaling,
+               "adapter_params": sum(p.numel() for p in params)}
+    return Prepared(model=model, save=save, summary=summary)
+
+
 def apply(model: Any, tokenizer: Any, cfg: dict[str, Any], base_folder: Path) -> Prepared:
     """``method=lora``: freeze the model, wrap the targets with a fresh adapter, save it PEFT's way."""
-    from lmtune.methods.adapters import prepare_lora
-
-    return prepare_lora(model, tokenizer, cfg, base_folder)
+    return prepare(model, tokenizer, cfg, base_folder)

@@ -144,15 +144,14 @@ def load_quantized(folder: Path, cfg: dict[str, Any]) -> nn.Module:
 
 def apply(model: Any, tokenizer: Any, cfg: dict[str, Any], base_folder: Path) -> Prepared:
     """``method=qlora``: quantize the base's linear layers to NF4, then add a LoRA adapter."""
-    from lmtune.methods.adapters import prepare_lora
-    from lmtune.methods.lora import LoRALinear
+    from lmtune.methods.lora import LoRALinear, prepare
 
     block, double = cfg["quant.block_size"], cfg["quant.double_quant"]
     quantize, keep = checked_plan(model, block, double)
     memory = weight_memory(model, quantize, block, double)
     settings = {"block_size": block, "double_quant": double}
     # Targets are quantized as they are wrapped (so no fp32 copy lingers); then the rest.
-    prepared = prepare_lora(model, tokenizer, cfg, base_folder, quantize=settings, quantize_only=set(quantize))
+    prepared = prepare(model, tokenizer, cfg, base_folder, quantize=settings, quantize_only=set(quantize))
     modules = dict(model.named_modules())
     for name in quantize:
         if not isinstance(modules[name], LoRALinear):

@@ -37,6 +37,7 @@ DEFAULT_TARGETS = {
     "falcon": ["query_key_value"],
     "bloom": ["query_key_value"],
     "opt": ["q_proj", "v_proj"],
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), ["query", "value"]),  # BERT-style attention
 }
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.]+")
 

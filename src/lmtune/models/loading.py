@@ -52,7 +52,25 @@ def resolve_model_dir(path: str | Path | None) -> Path:
                 "`model.save_pretrained(dir, safe_serialization=True)`."
             )
         raise InputError(f"{folder} has no *.safetensors weights")
+    _check_shard_index(folder)
     return folder
+
+
+def _check_shard_index(folder: Path) -> None:
+    """Refuse a shard index whose file names leave the folder (``../x.safetensors``, ``/abs``).
+
+    ``transformers`` joins the names onto the folder as given, so such an index would load
+    weights from anywhere on disk.
+    """
+    for index in folder.glob("*.safetensors.index.json"):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"{index}: not a readable shard index ({e})") from None
+        for name in shards:
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise InputError(f"{index}: shard '{name}' is not a file name inside {folder}; "
+                                 "a model folder's index may only name files in that folder")
 
 
 def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:
@@ -70,9 +88,18 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:
 
 
 def load_causal_lm(folder: Path, trust_remote_code: bool = False, dtype: Any = None) -> Any:
-    """Load a causal LM from a checked folder, safetensors only, float32 unless told otherwise."""
+    """Load a causal LM from a checked folder, safetensors only, float32 unless told otherwise.
+
+    Raises:
+        InputError: the folder holds an encoder (transformers would quietly give BERT a random
+            next-token head), needs remote code, or does not load.
+    """
     import torch
     from transformers import AutoModelForCausalLM
+
+    from lmtune.models.encoders import refuse_encoder
+
+    refuse_encoder(folder)
 
     try:
         model = AutoModelForCausalLM.from_pretrained(

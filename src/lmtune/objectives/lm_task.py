@@ -22,7 +22,10 @@ def text_examples(records: list[Record], tokenizer: Any, max_length: int,
         if not isinstance(text, str):
             raise InputError(f"{rec.where}: field 'text' must be a string, got "
                              f"{'nothing' if text is None else type(text).__name__}")
-        ex = text_example(tokenizer, text, max_length, stats)
+        try:
+            ex = text_example(tokenizer, text, max_length, stats)
+        except InputError as e:  # the tokenizer could not encode it: say which line
+            raise InputError(f"{rec.where}: {e}") from None
         if ex is not None:
             examples.append(ex)
     return examples, stats

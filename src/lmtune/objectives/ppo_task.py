@@ -160,6 +160,22 @@ class Rollouts:
             self._rollout()
         return self.buffer.pop(0)
 
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The unused part of the current rollout, for checkpoints: a resumed run trains on the
+        same micro-batches instead of sampling new ones from weights that have moved on."""
+        tensors = {f"buffer.{i}.{k}": v for i, micro in enumerate(self.buffer)
+                   for k, v in micro.items() if torch.is_tensor(v)}
+        plain = [{k: v for k, v in micro.items() if not torch.is_tensor(v)} for micro in self.buffer]
+        return tensors, {"count": self.count, "stats": self.stats, "buffer": plain}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        device = next(self.model.parameters()).device
+        self.count, self.stats = meta["count"], meta["stats"]
+        self.buffer = [dict(plain) for plain in meta["buffer"]]
+        for key, value in tensors.items():
+            _, i, name = key.split(".", 2)
+            self.buffer[int(i)][name] = value.to(device)
+
     def _prompt_indices(self) -> list[int]:
         """The next ``rollout_batch_size`` prompts, walking seeded permutations epoch by epoch."""
         size, n, seed = self.cfg["ppo.rollout_batch_size"], len(self.prompts), self.cfg["train.seed"]
@@ -252,7 +268,10 @@ def load_prompts(ctx: Any, key: str) -> list[tuple[str, list[int]]] | None:
         if not isinstance(text, str) or not text.strip():
             raise InputError(f"{rec.where}: a PPO prompt must be a non-empty string in 'prompt' (JSONL) or a "
                              "line (TXT)")
-        ids = ([bos] if bos is not None else []) + encode(ctx.tokenizer, text)
+        try:
+            ids = ([bos] if bos is not None else []) + encode(ctx.tokenizer, text)
+        except InputError as e:  # the tokenizer's complaint does not know the line; add it
+            raise InputError(f"{rec.where}: {e}") from None
         if len(ids) >= max_length:
             raise InputError(f"{rec.where}: the prompt has {len(ids)} tokens, which fills train.max_length="
                              f"{max_length} and leaves no room for a response; shorten it or raise train.max_length")
@@ -306,5 +325,5 @@ def build_task(ctx: Any) -> Task:
         evaluators["eval_score"] = eval_score
 
     return Task(model=wrapper, train_examples=prompts, collate=lambda examples: examples, loss=loss,
-                save=prepared.save, next_batch=rollouts.next_batch, evaluators=evaluators,
+                save=prepared.save, next_batch=rollouts.next_batch, resumable=rollouts, evaluators=evaluators,
                 summary={"ppo": {k[4:]: v for k, v in cfg.items() if k.startswith("ppo.")}, **prepared.summary})

@@ -1,0 +1,318 @@
+"""``lmtune eval``: score a model (and adapter) on a data file, with or without few-shot prompts.
+
+Which scoring runs depends on the metric (``lmtune.metrics.METRICS[name].needs``):
+
+- ``loss`` (perplexity): exp of the token-weighted mean next-token loss over the tokens that
+  carry loss: every token of text data, only the completion of prompt/completion data (the
+  prompt is given, not predicted).
+- ``text`` (exact_match, token_f1, bleu, rouge): greedy generation from each prompt, compared
+  with the reference completion.
+- ``labels`` / ``scores`` (accuracy, f1, auc): the classification head saved with the model,
+  through ``lmtune.models.heads.predict``.
+
+Few-shot mode (``shots=k``) is evaluation without training: k solved examples from
+``shots_file`` are placed before every prompt. It scores the same metrics, so a user can see
+whether fine-tuning beats prompting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmtune.data.batching import pad_batch
+from lmtune.data.examples import BuildStats, encode, special_ids, text_example
+from lmtune.data.readers import Record, read_records
+from lmtune.errors import InputError
+from lmtune.metrics import METRICS, check_metric_names
+
+SFT_FORMATS = ("prompt_completion", "alpaca")
+SHOT_SEPARATOR = "\n"  # between solved examples; whitespace, so word-level tokenizers drop it
+EVAL_BATCH = 16
+
+
+def parse_metrics(metrics: str | list[str]) -> list[str]:
+    """Metric names from ``"a,b"`` or a list, validated (unknown names raise InputError)."""
+    names = metrics.split(",") if isinstance(metrics, str) else list(metrics)
+    names = [n for n in names if n.strip()]
+    if not names:
+        raise InputError(f"--metrics is empty; choose from {', '.join(METRICS)}")
+    return check_metric_names(names)
+
+
+def prompt_pair(record: Record, fmt: str) -> tuple[str, str]:
+    """(prompt, completion) of a prompt/completion or alpaca record, parsed as the SFT objective does.
+
+    Raises:
+        InputError: a missing or non-string field (naming the record).
+    """
+    from lmtune.data.formats import parse_records
+
+    samples = parse_records([record], fmt, BuildStats())
+    if not samples:
+        raise InputError(f"{record.where}: the reference answer is empty; drop the record or fill it in")
+    return samples[0].prompt, samples[0].completion
+
+
+def shot_text(record: Record, fmt: str) -> str:
+    """One solved example as it appears in a few-shot prompt."""
+    from lmtune.data.formats import separator
+
+    if fmt in SFT_FORMATS:
+        prompt, completion = prompt_pair(record, fmt)
+        return prompt + separator(prompt, completion) + completion
+    return _text_field(record)
+
+
+def few_shot_prefixes(data_records: list[Record], shots: int, shots_file: str | None,
+                      data_path: str) -> list[str]:
+    """The few-shot prefix for every evaluated record (``""`` when ``shots`` is 0).
+
+    Shots are the first ``shots`` records of ``shots_file`` (default: the data file itself).
+    When they come from the data file, a record never appears among its own shots: the
+    next record takes its place.
+
+    Raises:
+        InputError: negative ``shots`` or too few examples to draw them from.
+    """
+    if shots < 0:
+        raise InputError(f"--shots must be >= 0, got {shots}")
+    if shots == 0:
+        return [""] * len(data_records)
+    from lmtune.run import detect_format
+
+    same_file = shots_file is None or Path(shots_file).resolve() == Path(data_path).resolve()
+    pool = data_records if same_file else read_records(shots_file)
+    fmt = detect_format(pool)
+    needed = shots + 1 if same_file else shots
+    if len(pool) < needed:
+        source = shots_file or data_path
+        raise InputError(f"--shots {shots} needs {needed} examples in {source}, which has {len(pool)}; "
+                         "use fewer shots or a larger --shots-file")
+    texts = [shot_text(r, fmt) for r in pool[:needed]]
+    prefixes = []
+    for i in range(len(data_records)):
+        chosen = [t for j, t in enumerate(texts) if not (same_file and j == i)][:shots]
+        prefixes.append(SHOT_SEPARATOR.join(chosen) + SHOT_SEPARATOR)
+    return prefixes
+
+
+def loss_examples(records: list[Record], fmt: str, tokenizer: Any, prefixes: list[str],
+                  max_length: int | None) -> tuple[list[dict[str, list[int]]], BuildStats]:
+    """Token examples whose labels mark exactly the tokens perplexity is measured on.
+
+    Built by the training objectives' own code, so eval scores what training trained: text
+    is BOS + text + EOS with every token after BOS scored (``objective=lm``); prompt/completion,
+    alpaca and chat records score only the response (``objective=sft``). A few-shot prefix is
+    context only: it is never scored.
+
+    Raises:
+        InputError: a malformed record, chat data for a tokenizer without a chat template, or
+            a few-shot example longer than the model's context.
+    """
+    from lmtune.data.formats import prompt_completion_ids
+
+    stats = BuildStats()
+    limit = max_length or 10**9
+    if fmt == "messages":
+        return _chat_examples(records, tokenizer, limit, prefixes, stats)
+    examples = []
+    for rec, prefix in zip(records, prefixes):
+        if fmt == "text" and not prefix:
+            ex = text_example(tokenizer, _text_field(rec), limit, stats)
+        else:
+            if fmt == "text":
+                prompt, target = prefix, _text_field(rec)
+            else:
+                prompt, target = prompt_pair(rec, fmt)
+                prompt = prefix + prompt
+            # Without shots, a long example is cut as training cuts it; shots must not push it out.
+            ex = prompt_completion_ids(tokenizer, prompt, target, 10**9 if prefix else limit, stats, "response",
+                                       rec.where)
+            if prefix and ex is not None and len(ex["input_ids"]) > limit:
+                raise InputError(f"{rec.where}: {len(ex['input_ids'])} tokens with the few-shot examples, more "
+                                 f"than the model's context of {limit}; use fewer --shots or shorter examples")
+        if ex is not None:
+            examples.append(ex)
+    return examples, stats
+
+
+def _chat_examples(records: list[Record], tokenizer: Any, limit: int, prefixes: list[str],
+                   stats: BuildStats) -> tuple[list[dict[str, list[int]]], BuildStats]:
+    from lmtune.data.chat import has_chat_template
+    from lmtune.objectives.sft_task import sft_examples
+
+    if any(prefixes):
+        raise InputError("--shots works with text, prompt/completion and alpaca data, not chat messages")
+    if not has_chat_template(tokenizer):
+        raise InputError("chat records are scored through the model's chat template, and this tokenizer has "
+                         "none; evaluate a model fine-tuned on chat data (it saves the template) or convert "
+                         "the records to prompt/completion")
+    return sft_examples(records, "messages", tokenizer, limit, "response", stats)
+
+
+def _text_field(rec: Record) -> str:
+    text = rec.fields.get("text")
+    if not isinstance(text, str):
+        raise InputError(f"{rec.where}: field 'text' must be a string")
+    return text
+
+
+@torch.no_grad()
+def perplexity(model: Any, examples: list[dict[str, list[int]]], pad_id: int,
+               batch_size: int = EVAL_BATCH) -> dict[str, float | int]:
+    """Token-weighted loss and perplexity: one sum over all scored tokens, one division.
+
+    Returns:
+        ``{"loss": mean nats per token, "perplexity": exp(loss), "tokens": scored tokens}``.
+    """
+    from lmtune.metrics import perplexity_from
+    from lmtune.objectives.lm import lm_loss
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = pad_batch(examples[start:start + batch_size], pad_id)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        loss_sum, _ = lm_loss(model, batch)
+        total += float(loss_sum)
+        tokens += batch["num_loss_tokens"]
+    model.train(was_training)
+    return {"loss": total / max(tokens, 1), "perplexity": perplexity_from(total, tokens), "tokens": tokens}
+
+
+def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
+                     batch_size: int = EVAL_BATCH) -> list[str]:
+    """Greedy continuation of every prompt, decoded without special tokens.
+
+    Prompts are batched only with prompts of the same token length, so no row is padded
+    and a batched answer is exactly the answer the prompt gets alone.
+    """
+    from lmtune.generate import generate
+
+    bos, eos = special_ids(tokenizer)
+    encoded = [([bos] if bos is not None else []) + encode(tokenizer, p) for p in prompts]
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(i)
+    answers: list[str] = [""] * len(prompts)
+    stops = [eos] if eos is not None else []
+    for rows in by_length.values():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            new = generate(model, [encoded[i] for i in chunk], max_new_tokens=max_new_tokens, stop_ids=stops)
+            for i, ids in zip(chunk, new):
+                answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return answers
+
+
+def run_eval(model: str | None, adapter: str | None, data: str, metrics: str | list[str] = "perplexity",
+             shots: int = 0, shots_file: str | None = None, max_new_tokens: int = 32) -> dict[str, Any]:
+    """Evaluate ``model`` (+ ``adapter``) on ``data`` with the named metrics.
+
+    Args:
+        model: local model folder (``None``: the shipped model).
+        adapter: adapter folder to apply without merging, or ``None``.
+        data: evaluation file: text, prompt/completion, alpaca, or text+label records.
+        metrics: comma-separated names or a list (see ``lmtune.metrics.METRICS``).
+        shots: few-shot mode: solved examples placed before every prompt (0: off).
+        shots_file: where the solved examples come from (default: ``data``).
+        max_new_tokens: generation length cap for text metrics.
+
+    Returns:
+        A flat dict: each metric's value, plus ``examples``, ``shots`` and, with
+        perplexity, ``loss`` and ``tokens``.
+
+    Raises:
+        InputError: unknown metric, empty or unreadable data, a metric the data cannot
+            support, labels the model never saw in training, too many shots.
+    """
+    names = parse_metrics(metrics)
+    records = read_records(data)
+    from lmtune.run import detect_format
+
+    fmt = detect_format(records)
+    needs = {METRICS[n].needs for n in names}
+    if needs & {"labels", "scores"}:
+        if needs - {"labels", "scores"}:
+            raise InputError(f"{', '.join(names)}: accuracy, f1 and auc score a classifier; evaluate them "
+                             "separately from perplexity and generation metrics")
+        if shots:
+            raise InputError("--shots applies to perplexity and generation metrics, not to a classification head")
+        return classification_metrics(model, adapter, records, fmt, names, data)
+    if fmt == "classification":
+        raise InputError(f"{data} holds text+label records; score them with --metrics accuracy,f1,auc")
+    if fmt not in ("text", "messages", *SFT_FORMATS):
+        raise InputError(f"{data}: lmtune eval reads text, prompt/completion, alpaca or chat records (this file "
+                         f"is {fmt}); convert it, e.g. to {{\"prompt\": ..., \"completion\": ...}} lines")
+    if "text" in needs and fmt not in SFT_FORMATS:
+        text_metrics = ", ".join(n for n in names if METRICS[n].needs == "text")
+        raise InputError(f"{text_metrics} compare a generated answer with a reference, so {data} needs "
+                         f"prompt+completion (or instruction+output) records; {fmt} data supports perplexity only")
+
+    prefixes = few_shot_prefixes(records, shots, shots_file, data)
+    pairs = [prompt_pair(r, fmt) for r in records] if "text" in needs else []  # malformed rows fail before loading
+    lm, tokenizer, folder = _load(model, adapter)
+    results: dict[str, Any] = {"examples": len(records), "shots": shots}
+    if "loss" in needs:
+        from lmtune.models.loading import context_length
+
+        examples, stats = loss_examples(records, fmt, tokenizer, prefixes, context_length(folder))
+        if not examples:
+            raise InputError(f"{data}: no example has a token to score (empty texts or responses)")
+        scored = perplexity(lm, examples, tokenizer.pad_token_id)
+        results.update(perplexity=scored["perplexity"], loss=scored["loss"], tokens=scored["tokens"])
+        if stats.truncated or stats.dropped:
+            results.update(truncated=stats.truncated, dropped=sum(stats.dropped.values()))
+    if "text" in needs:
+        answers = generate_answers(lm, tokenizer, [p + q for p, (q, _) in zip(prefixes, pairs)], max_new_tokens)
+        references = [c for _, c in pairs]
+        for name in names:
+            if METRICS[name].needs == "text":
+                results[name] = METRICS[name].fn(answers, references)
+    return {**{n: results[n] for n in names}, **{k: v for k, v in results.items() if k not in names}}
+
+
+def _load(model: str | None, adapter: str | None) -> tuple[Any, Any, Path]:
+    from lmtune.models.loading import load_model_and_tokenizer
+    from lmtune.run import pick_device
+
+    lm, tokenizer, folder = load_model_and_tokenizer(model)
+    if adapter:
+        from lmtune.methods.adapters import load_adapter
+
+        lm = load_adapter(lm, adapter, tokenizer=tokenizer)
+    lm.to(pick_device())
+    lm.eval()
+    return lm, tokenizer, folder
+
+
+def classification_metrics(model: str | None, adapter: str | None, records: list[Record], fmt: str,
+                           names: list[str], data: str) -> dict[str, Any]:
+    """accuracy / f1 / auc from the classification head saved with the model.
+
+    Raises:
+        InputError: the data is not text+label, the heads module is missing, or (from
+            ``heads.predict``) the data holds labels the head was never trained on.
+    """
+    if fmt != "classification":
+        raise InputError(f"{', '.join(names)} need text+label records; {data} holds {fmt} records")
+    try:
+        from lmtune.models.heads import predict
+    except ImportError:
+        raise InputError("accuracy, f1 and auc need a classification head (objective=classify), which this "
+                         "installation of lmtune does not include") from None
+    from lmtune.models.loading import resolve_model_dir
+
+    # Indices into label_names; predict refuses labels the head never saw, naming each with its line.
+    truth, pred, probs, label_names = predict(resolve_model_dir(model), adapter, records)
+    results: dict[str, Any] = {}
+    for name in names:
+        metric = METRICS[name]
+        results[name] = metric.fn(truth, probs) if metric.needs == "scores" else metric.fn(truth, pred)
+    results.update(examples=len(records), labels=list(label_names))
+    return results

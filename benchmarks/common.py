@@ -307,13 +307,13 @@ def sequence_flops(rung: str, length: int, loss_tokens: int, passes: float = 2.0
     return passes * fwd + lora + ref_passes * fwd
 
 
-def window_rates(steps: list[dict[str, float]], warmup: int, window: int) -> list[float]:
-    """Loss tokens per second of consecutive windows after the warm-up steps."""
+def window_rates(steps: list[dict[str, float]], warmup: int, window: int, clock: str = "seconds") -> list[float]:
+    """Loss tokens per second (``clock="cpu_seconds"``: per CPU-second) of consecutive windows after warm-up."""
     rest = steps[warmup:]
     rates = []
     for start in range(0, len(rest) - window + 1, window):
         chunk = rest[start:start + window]
-        secs = sum(s["seconds"] for s in chunk)
+        secs = sum(s.get(clock, 0.0) for s in chunk)
         if secs > 0:
             rates.append(sum(s["tokens"] for s in chunk) / secs)
     return rates
@@ -332,20 +332,23 @@ class StepClock:
 
     def __init__(self) -> None:
         self.last: float | None = None
+        self.last_cpu = 0.0
         self.steps: list[dict[str, float]] = []
 
     def start(self) -> None:
-        self.last = time.perf_counter()
+        self.last, self.last_cpu = time.perf_counter(), time.process_time()
 
     def tick(self, tokens: int, loss: float | None) -> None:
         import torch
 
         if torch.cuda.is_available():  # kernels run asynchronously: a step ends when the GPU is done
             torch.cuda.synchronize()
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
+        # CPU seconds of all this process's threads: on a shared machine they grow with the work
+        # done, not with the time spent waiting for a core (a cross-check on the wall-clock rates).
         self.steps.append({"seconds": now - (self.last if self.last is not None else now), "tokens": int(tokens),
-                           "loss": None if loss is None else float(loss)})
-        self.last = now
+                           "loss": None if loss is None else float(loss), "cpu_seconds": cpu - self.last_cpu})
+        self.last, self.last_cpu = now, cpu
 
 
 def flops_per_loss_token(work: Path, rung: str, n_steps: int, bs: int, dpo_bs: int) -> dict[str, float]:
@@ -372,3 +375,28 @@ def flops_per_loss_token(work: Path, rung: str, n_steps: int, bs: int, dpo_bs: i
     out["dpo"] = (live + ref) / max(tokens, 1)  # policy fwd+bwd and the reference forward, each step
     out["dpo_precomputed"] = live / max(tokens, 1)  # reference log-probs computed before the timed window
     return out
+
+
+def quick_mm_peak(precision: str) -> float:
+    """Best ``torch.mm`` FLOP/s of a few square products in this process, for this arm's MFU.
+
+    Measured inside each arm (before and after training) so that, on a shared machine, an arm's
+    MFU is relative to the speed the machine gave *that* arm.
+    """
+    import torch
+
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    n = 4096 if cuda else 1024
+    a, b = torch.randn(n, n, device=dev).to(dtype), torch.randn(n, n, device=dev).to(dtype)
+    best = 0.0
+    for _ in range(8 if cuda else 5):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if cuda:
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best

@@ -27,6 +27,8 @@ def summarise(run: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
         row["ok"] = bool(ok)
         row["errors"] = sorted({r.get("error", "?") for r in row["runs"] if not r.get("ok")})
         row["tps"] = median([median(window_rates(r["steps"], s["warmup"], s["window"])) for r in ok if r["steps"]])
+        row["tpcpu"] = median([median(window_rates(r["steps"], s["warmup"], s["window"], "cpu_seconds"))
+                               for r in ok if r["steps"]])
         row["peak_rss"] = median([r["peak_rss_mb"] for r in ok])
         row["rss_start"] = median([r.get("rss_at_start_mb") for r in ok])
         row["first_step"] = median([r["steps"][0]["seconds"] for r in ok if r["steps"]])
@@ -36,6 +38,7 @@ def summarise(run: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
         row["final_loss"] = sum(tail) / len(tail) if tail else None
         row["tokens_match"] = first.get("tokens_match") if first else None
         row["cuda_peak"] = median([r.get("cuda_peak_mb") for r in ok]) if ok else None
+        row["mm_peak"] = median([r.get("mm_peak") for r in ok])
         row["extra"] = first or {}
     return rows
 
@@ -65,7 +68,9 @@ def _mfu(row: dict[str, Any], run: dict[str, Any], rung: str, peaks: dict[str, f
     key = "sft"
     if row["kind"].endswith("dpo"):
         key = "dpo_precomputed" if row["settings"].get("precompute_ref") else "dpo"
-    peak = peaks.get(row["settings"].get("precision", "fp32"))
+    # The arm's own matmul peak (measured in its process, before and after training) when there is
+    # one: on a shared machine that is the speed the machine gave this arm.
+    peak = row["mm_peak"] or peaks.get(row["settings"].get("precision", "fp32"))
     if row["tps"] is None or not peak or key not in flops:
         return None
     return row["tps"] * flops[key] / peak
@@ -76,9 +81,9 @@ def table(run: dict[str, Any], rows: dict[tuple[str, str], dict[str, Any]], rung
     base = rows.get((rung, "lmtune-dpo" if dpo else "lmtune"))
     plain = rows.get((rung, "trl-dpo" if dpo else "plain"))
     ref_name = "trl-dpo" if dpo else "plain"
-    out = [f"| arm | precision | batch | loss tokens/s | × lmtune | peak RSS MB | RSS at start MB | first step s "
-           f"| final loss | max abs Δloss vs {ref_name} | MFU | notes |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [f"| arm | precision | batch | loss tokens/s | × lmtune | tokens/CPU-s × lmtune | peak RSS MB "
+           f"| RSS at start MB | first step s | final loss | max abs Δloss vs {ref_name} | MFU | notes |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (r, name), row in rows.items():
         if r != rung or row["kind"] in ("matmul_peak", "ce_memory") or row["kind"].endswith("dpo") != dpo:
             continue
@@ -108,8 +113,10 @@ def table(run: dict[str, Any], rows: dict[tuple[str, str], dict[str, Any]], rung
         if row["cuda_peak"]:
             notes.append(f"GPU peak {row['cuda_peak']:.0f} MB")
         ratio = row["tps"] / base["tps"] if base and base["tps"] and row["tps"] else None
+        cpu_ratio = row["tpcpu"] / base["tpcpu"] if base and base.get("tpcpu") and row.get("tpcpu") else None
         mfu = _mfu(row, run, rung, peaks)
         out.append(f"| {name} | {prec} | {row['batch_size']} | {_fmt(row['tps'])} | {_fmt(ratio, '.2f')} "
+                   f"| {_fmt(cpu_ratio, '.2f')} "
                    f"| {_fmt(row['peak_rss'])} | {_fmt(row['rss_start'])} | {_fmt(row['first_step'], '.2f')} "
                    f"| {_fmt(row['final_loss'], '.4f')} | {_fmt(delta, '.1e')} | {_fmt(mfu, '.1%')} "
                    f"| {'; '.join(notes)} |")
@@ -208,7 +215,9 @@ def write_report(run: dict[str, Any], path: Path) -> None:
               f"- SFT batch {s['batch_size']} examples (packed arms: rows of 512 tokens, about the same tokens per "
               f"step); DPO batch {s['dpo_batch_size']} pairs",
               "- MFU: model FLOPs (frozen base: forward + input-gradient matmuls, LoRA 6·N, causal attention, "
-              "output head only on loss rows) per loss token × tokens/s ÷ the matmul peak above for the arm's dtype",
+              "output head only on loss rows) per loss token × tokens/s ÷ the arm's own `torch.mm` peak for its "
+              "dtype (best square product measured in the arm's process before and after training; the run-level "
+              "probe above when missing)",
               "- peak RSS: `ru_maxrss` of the arm's process (imports, model, data, training); "
               "RSS at start: after loading, before the first step", ""]
     lines += ["## Goals (issue 9)", ""] + goals(run, rows) + [""]

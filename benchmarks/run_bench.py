@@ -43,6 +43,7 @@ OPTIONAL_ARMS: dict[str, dict[str, Any]] = {
     "lmtune-full": {"kind": "lmtune_full", "precision": "fp32"},
     "plain-full": {"kind": "plain", "precision": "fp32", "full": True},
     "lmtune-compile": {"kind": "lmtune_sft", "precision": "fp32", "compile": True},
+    "lmtune-packing-compile": {"kind": "lmtune_sft", "precision": "fp32", "packing": True, "compile": True},
     "lmtune-packing-bf16": {"kind": "lmtune_sft", "precision": "bf16", "packing": True},
     "trl-defaults": {"kind": "trl_sft", "precision": "bf16", "packing": False, "grad_ckpt": True},
     "lmtune-dpo-precompute": {"kind": "lmtune_dpo", "precision": "fp32", "precompute_ref": True},

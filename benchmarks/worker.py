@@ -30,7 +30,7 @@ ARMS = {
 def main(spec_path: str) -> int:
     t_start = time.perf_counter()
     spec = json.loads(Path(spec_path).read_text())
-    from common import ROOT, peak_rss_mb, set_thread_env
+    from common import ROOT, peak_rss_mb, quick_mm_peak, set_thread_env
 
     set_thread_env(spec["threads"])
     sys.path.insert(0, str(ROOT / "src"))  # this checkout's lmtune, not an installed one
@@ -39,9 +39,13 @@ def main(spec_path: str) -> int:
     torch.set_num_threads(spec["threads"])
     module, fn = ARMS[spec["kind"]]
     result: dict = {"name": spec["name"]}
+    training = spec["kind"] not in ("matmul_peak", "ce_memory")
     try:
+        peaks = [quick_mm_peak(spec["precision"])] if training else []
         result.update(getattr(__import__(module), fn)(spec))
         result["ok"] = True
+        if training:
+            result["mm_peak"] = max(peaks + [quick_mm_peak(spec["precision"])])
     except BaseException as e:  # noqa: BLE001 - every failure becomes a row, never a crash of the run
         result["ok"] = False
         result["error"] = f"{type(e).__name__}: {e}"[:400]

@@ -25,10 +25,13 @@ EXAMPLES = """examples:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lmtune.config import load_config
-    from lmtune.run import run_training
 
     config_file, overrides = _split_config_args(args.args)
     cfg = load_config(config_file, overrides)
+    # Imported only once the config is valid: lmtune.run pulls in torch and transformers
+    # (seconds), and a mistyped key should be answered at once.
+    from lmtune.run import run_training
+
     run_training(cfg)
     return 0
 

@@ -142,6 +142,16 @@ def test_only_adapter_params_get_gradients():
     assert all(not p.requires_grad for n, p in model.named_parameters() if ".lora_" not in n)
 
 
+def test_adapter_init_follows_train_seed():
+    def a_weights(seed):
+        model = _applied("gpt2", **{"train.seed": seed}).model
+        return [p for n, p in model.named_parameters() if "lora_A" in n]
+
+    first, again, other = a_weights(3), a_weights(3), a_weights(4)
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    assert not all(torch.equal(x, y) for x, y in zip(first, other))
+
+
 def test_optimizer_sees_only_adapter_params():
     model = _applied("gpt2", **{"lora.dora": True}).model
     optimizer = make_optimizer(model, load_config())

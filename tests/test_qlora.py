@@ -231,3 +231,16 @@ def test_streamed_loading_equals_loading_then_quantizing(llama_dir):
     b = apply(load_causal_lm(llama_dir), tok, cfg, llama_dir).model
     x = ids()
     torch.testing.assert_close(logits(a, x), logits(b, x), atol=0, rtol=0)
+
+
+def test_inspect_qlora_numbers_equal_the_run_summary():
+    from lmtune.footprint import inspect_model
+
+    prepared, _ = _qlora()
+    cfg = load_config(overrides={"method": "qlora", "lora.target_modules": "all-linear"})
+    row = inspect_model(lambda: _llama()[0], cfg)["qlora"]
+    s = prepared.summary
+    assert row["bytes_per_quantized_param"] == s["bytes_per_quantized_param"]
+    assert row["base_weight_bytes"] / 2**20 == pytest.approx(s["weight_memory_mb"])
+    assert row["weight_bytes_fp32"] / 2**20 == pytest.approx(s["weight_memory_fp32_mb"])
+    assert row["unquantized_layers"] == s["unquantized_layers"]

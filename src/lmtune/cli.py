@@ -70,8 +70,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model, tokenizer, folder = load_model_and_tokenizer(args.model)
     if args.adapter:
-        from lmtune.methods.adapters import load_adapter
+        from lmtune.methods.adapters import adapter_tokenizer, load_adapter
 
+        tokenizer = adapter_tokenizer(args.adapter, tokenizer)  # with the chat tokens training added, if any
         model = load_adapter(model, args.adapter, tokenizer=tokenizer)
     prompt = args.prompt
     stop_ids: list[int] = []

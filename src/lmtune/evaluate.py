@@ -283,8 +283,9 @@ def _load(model: str | None, adapter: str | None) -> tuple[Any, Any, Path]:
 
     lm, tokenizer, folder = load_model_and_tokenizer(model)
     if adapter:
-        from lmtune.methods.adapters import load_adapter
+        from lmtune.methods.adapters import adapter_tokenizer, load_adapter
 
+        tokenizer = adapter_tokenizer(adapter, tokenizer)  # with the chat tokens training added, if any
         lm = load_adapter(lm, adapter, tokenizer=tokenizer)
     lm.to(pick_device())
     lm.eval()

@@ -68,7 +68,8 @@ def method_row(model_fn: Any, method: str, cfg: dict[str, Any]) -> dict[str, Any
             memory = weight_memory(model, names, cfg["quant.block_size"], cfg["quant.double_quant"])
             quantized_bytes, quantized_numel = memory["quantized_bytes"], memory["quantized_params"]
             row.update(unquantized_layers=sorted(keep), bytes_per_quantized_param=memory["bytes_per_quantized_param"],
-                       weight_bytes_fp32=memory["weight_bytes_fp32"], weight_bytes_bf16=memory["weight_bytes_bf16"])
+                       base_weight_bytes=memory["weight_bytes"], weight_bytes_fp32=memory["weight_bytes_fp32"],
+                       weight_bytes_bf16=memory["weight_bytes_bf16"])
         targets = resolve_targets(model, cfg["lora.target_modules"], dora=spec.dora)
         inject(model, targets, spec)
         row.update(lora_target_modules=len(targets))
@@ -135,8 +136,8 @@ def render(folder: Path, model_name: str, cfg: dict[str, Any], rows: dict[str, d
         lines.append(f"  AdamW:      {a['adamw']:<44} = {human(row['optimizer_bytes'])}")
         lines.append(f"  total:      {'':<44} = {human(row['train_bytes'])}")
         if method == "qlora":
-            lines.append(f"  NF4 bytes per quantized parameter: {row['bytes_per_quantized_param']:.4f}; weights "
-                         f"{human(row['weight_bytes'])} vs fp32 {human(row['weight_bytes_fp32'])}, "
+            lines.append(f"  NF4 bytes per quantized parameter: {row['bytes_per_quantized_param']:.4f}; base weights "
+                         f"{human(row['base_weight_bytes'])} vs fp32 {human(row['weight_bytes_fp32'])}, "
                          f"bf16 {human(row['weight_bytes_bf16'])}")
             if row["unquantized_layers"]:
                 lines.append(f"  kept in full precision (size not a whole number of blocks): "

@@ -224,6 +224,56 @@ def write_adapter_folder(out: Path, config: dict[str, Any], tensors: dict[str, t
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
+def token_embedding_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The input embedding and the output head by module name: an adapter's ``modules_to_save`` after new tokens.
+
+    New tokens' rows train but live in the base's matrices, so the adapter must carry the
+    matrices whole (PEFT has no other way to store rows of a resized embedding).
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    out = {names[id(emb)]: emb}
+    if head is not None and id(head) in names:
+        out[names[id(head)]] = head
+    return out
+
+
+def add_modules_to_save(folder: Path, modules: dict[str, nn.Module], prefix: str = PREFIX) -> None:
+    """Make a saved adapter folder carry whole trained ``modules`` PEFT's way (``modules_to_save``).
+
+    Their weights go under ``<prefix><name>.<param>`` (PEFT's prefix is ``base_model.model.`` for
+    LoRA, ``base_model.`` for prompt learning). A head tied to the embedding is stored too (PEFT
+    reads a key per listed module), and ``ensure_weight_tying`` makes PEFT tie its copy to the
+    embedding's; lmtune's loader keeps the base's tie by loading both into the one tensor.
+    """
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    for name, module in modules.items():
+        for k, v in module.state_dict().items():
+            tensors[f"{prefix}{name}.{k}"] = v.detach().float().cpu().clone()  # a tied head: its own copy
+    params = [id(p) for m in modules.values() for p in m.parameters()]
+    if len(set(params)) < len(params):  # tied weights
+        config["ensure_weight_tying"] = True
+    config["modules_to_save"] = list(dict.fromkeys([*(config.get("modules_to_save") or []), *modules]))
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def save_new_token_rows(folder: Path, model: nn.Module, added: list[str]) -> None:
+    """Add to a saved adapter the embeddings holding the rows of tokens training ``added`` (and say so).
+
+    ``model`` is the trained LoRA model or prompt-tuning wrapper; the tokenizer with the added
+    tokens is already in the folder (see :func:`adapter_tokenizer`).
+    """
+    prompt = hasattr(model, "prompt_embeddings")
+    add_modules_to_save(folder, token_embedding_modules(model.model if prompt else model),
+                        "base_model." if prompt else PREFIX)
+    meta = {**read_meta(folder), "added_tokens": added}
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
 def save_adapter(model: nn.Module, out: Path, tokenizer: Any = None, adapter: str = DEFAULT,
                  base_folder: Path | str | None = None, meta: dict[str, Any] | None = None) -> None:
     """Save adapter ``adapter`` of ``model`` as a PEFT LoRA folder."""
@@ -264,6 +314,26 @@ def read_adapter_folder(folder: Path | str) -> tuple[dict[str, Any], dict[str, t
     return config, tensors, read_meta(folder)
 
 
+def adapter_tokenizer(folder: Path | str, tokenizer: Any) -> Any:
+    """The tokenizer to run an adapter with: its own when training added tokens to ``tokenizer``.
+
+    An SFT run on chat data adds ChatML's tokens (and a chat template) to a tokenizer without a
+    template; the adapter folder then holds that grown tokenizer. It is used only if it extends
+    ``tokenizer`` (every base token keeps its id), so ids mean the same words.
+    """
+    from lmtune.models.loading import load_tokenizer
+
+    folder = Path(folder)
+    if not read_meta(folder).get("added_tokens") or not (folder / "tokenizer_config.json").is_file():
+        return tokenizer
+    own = load_tokenizer(folder)
+    mine = own.get_vocab()
+    if any(mine.get(t) != i for t, i in tokenizer.get_vocab().items()):
+        raise InputError(f"the adapter in {folder} added tokens to another tokenizer than this model's; load it onto "
+                         f"the model it was trained from ({read_meta(folder).get('base_model')})")
+    return own
+
+
 def check_base(folder: Path, meta: dict[str, Any], model: nn.Module, tokenizer: Any = None) -> None:
     """Refuse a base model (or tokenizer) other than the one the adapter was trained on."""
     recorded = meta.get("base_fingerprint")
@@ -278,8 +348,21 @@ def check_base(folder: Path, meta: dict[str, Any], model: nn.Module, tokenizer: 
                          "its token ids would not mean the same words")
 
 
+def fit_embeddings(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = PREFIX) -> None:
+    """Grow ``model``'s embeddings to the rows of a saved embedding (tokens the adapter added).
+
+    What PEFT users do with ``base.resize_token_embeddings(len(adapter_tokenizer))`` before
+    loading; the new rows' values then come from the saved module. A tied head stays tied.
+    """
+    emb = model.get_input_embeddings()
+    name = next(n for n, m in model.named_modules() if m is emb)
+    saved = tensors.get(f"{prefix}{name}.weight")
+    if saved is not None and saved.dim() == 2 and saved.shape[0] > emb.weight.shape[0]:
+        model.resize_token_embeddings(saved.shape[0], mean_resizing=False)
+
+
 def _pop_saved_modules(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
-                       model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+                       model: nn.Module, prefix: str = PREFIX) -> dict[str, dict[str, torch.Tensor]]:
     """Take PEFT's ``modules_to_save`` tensors (whole trained modules, e.g. a classifier head) out of ``tensors``.
 
     PEFT names a module to save by its name or a dotted suffix and stores its parameters under
@@ -287,8 +370,8 @@ def _pop_saved_modules(folder: Path, config: dict[str, Any], tensors: dict[str, 
     """
     wanted = config.get("modules_to_save") or []
     saved: dict[str, dict[str, torch.Tensor]] = {}
-    for key in [k for k in tensors if k.startswith(PREFIX) and ".lora_" not in k]:
-        module, _, param = key[len(PREFIX):].rpartition(".")
+    for key in [k for k in tensors if k.startswith(prefix) and ".lora_" not in k]:
+        module, _, param = key[len(prefix):].rpartition(".")
         if any(module == w or module.endswith("." + w) for w in wanted):
             saved.setdefault(module, {})[param] = tensors.pop(key)
     modules = dict(model.named_modules())
@@ -356,6 +439,8 @@ def load_adapter(model: nn.Module, folder: Path | str, tokenizer: Any = None, ad
     folder = Path(folder)
     config, tensors, meta = read_adapter_folder(folder)
     peft_type = config.get("peft_type")
+    if config.get("modules_to_save"):  # an embedding saved whole may have rows for added tokens
+        fit_embeddings(model, tensors, "base_model." if peft_type == "PROMPT_TUNING" else PREFIX)
     if peft_type == "PROMPT_TUNING":
         from lmtune.methods.prompt_tuning import load_prompt_adapter
 

@@ -250,7 +250,9 @@ def prepare(model: nn.Module, tokenizer: Any, cfg: dict[str, Any], base_folder: 
     fingerprint = base_fingerprint(model)  # before wrapping: the base the adapter belongs to
     names = resolve_targets(model, cfg["lora.target_modules"], dora=spec.dora)
     model.requires_grad_(False)
-    inject(model, names, spec, DEFAULT, quantize, quantize_only)
+    with torch.random.fork_rng(devices=[]):  # A's init follows train.seed, without touching the global RNG
+        torch.manual_seed(cfg["train.seed"])
+        inject(model, names, spec, DEFAULT, quantize, quantize_only)
     params = adapter_parameters(model)
     for p in params:
         p.requires_grad_(True)

@@ -128,9 +128,10 @@ def save_prompt_adapter(model: PromptTuned, out: Path, tokenizer: Any, init: str
 def load_prompt_adapter(model: nn.Module, folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
                         meta: dict[str, Any], tokenizer: Any = None) -> PromptTuned:
     """Wrap ``model`` with the soft prompt of a PEFT prompt-tuning folder (read by ``load_adapter``)."""
-    from lmtune.methods.adapters import check_base
+    from lmtune.methods.adapters import _pop_saved_modules, check_base
 
     check_base(folder, meta, model, tokenizer)
+    saved = _pop_saved_modules(folder, config, tensors, model, prefix="base_model.")  # e.g. chat-token embeddings
     if set(tensors) != {"prompt_embeddings"}:
         raise InputError(f"{folder}: a prompt-tuning adapter holds one tensor, prompt_embeddings; found "
                          f"{', '.join(sorted(tensors))}")
@@ -142,6 +143,9 @@ def load_prompt_adapter(model: nn.Module, folder: Path, config: dict[str, Any], 
     if prompt.dim() != 2 or prompt.shape[1] != hidden or (n is not None and prompt.shape[0] != n):
         raise InputError(f"{folder}: prompt_embeddings has shape {tuple(prompt.shape)}; this model needs "
                          f"({n}, {hidden}): the adapter belongs to another base model")
+    with torch.no_grad():
+        for module, params in saved.items():
+            model.get_submodule(module).load_state_dict(params)
     wrapped = PromptTuned(model, prompt)
     wrapped.prompt_embeddings.requires_grad_(False)
     return wrapped

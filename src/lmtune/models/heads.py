@@ -206,18 +206,12 @@ def add_head_to_adapter(clf: Classifier, folder: Path) -> None:
     ``PeftModel.from_pretrained(AutoModelForSequenceClassification...(base), folder)`` runs the
     trained head. (Every head, the first included, is also in ``classify_heads.safetensors``.)
     """
-    from safetensors.torch import load_file, save_file
+    from lmtune.methods.adapters import CONFIG_FILE, add_modules_to_save
 
-    from lmtune.methods.adapters import CONFIG_FILE, PREFIX, WEIGHTS_FILE
-
+    if clf.hf_head_name is not None:
+        add_modules_to_save(folder, {clf.hf_head_name: clf.heads[0]})
     config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     config["task_type"] = "SEQ_CLS"
-    if clf.hf_head_name is not None:
-        tensors = load_file(str(folder / WEIGHTS_FILE))
-        for k, v in clf.heads[0].state_dict().items():
-            tensors[f"{PREFIX}{clf.hf_head_name}.{k}"] = v.detach().float().cpu().contiguous()
-        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-        config["modules_to_save"] = [clf.hf_head_name]
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 

@@ -9,6 +9,7 @@ several examples share a row without attending to each other (``lmtune.data.pack
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,8 +21,9 @@ from lmtune.data.formats import Conversation, parse_records, prompt_completion_i
 from lmtune.data.packing import ATTENTION_NAME, BLOCK_MASK, collate_packed, pack_examples, packed_attention
 from lmtune.data.readers import Record
 from lmtune.errors import InputError
+from lmtune.methods import Prepared
 from lmtune.objectives.lm import lm_loss
-from lmtune.train import Task, TrainingError
+from lmtune.train import Task, TrainingError, param_counts
 
 # Methods that keep embeddings frozen: new ChatML rows need their own gradient there.
 FULL_EMBEDDING_METHODS = ("full",)
@@ -132,8 +134,7 @@ def build_task(ctx: Any) -> Task:
             log.say(f"method={cfg['method']} freezes the embeddings: training only the {rows} embedding rows of "
                     "the new chat tokens (the other rows get no gradient)")
         if cfg["method"] in ADAPTER_METHODS:
-            log.say(f"warning: method={cfg['method']} saves only its adapter, which does not hold the new chat "
-                    "token rows; use a model whose tokenizer has a chat template, or method=full/freeze")
+            prepared = _save_new_rows_too(prepared, added, rows, log)
 
     cause = (f"every label is -100 (train.loss_on={loss_on}, train.max_length={max_length}); "
              "check that the data's responses are non-empty and fit")
@@ -148,6 +149,28 @@ def build_task(ctx: Any) -> Task:
                **({"added_tokens": added} if added else {}), **prepared.summary}
     return Task(model=prepared.model, train_examples=train_rows, eval_examples=eval_ex,
                 collate=sft_collate(tok.pad_token_id, cause), loss=sft_loss, save=prepared.save, summary=summary)
+
+
+def _save_new_rows_too(prepared: Prepared, added: list[str], rows: int, log: Any) -> Prepared:
+    """An adapter method's output carries the embeddings as PEFT ``modules_to_save`` (the new rows live there).
+
+    ``trainable_params`` counts what trains: the adapter and the new rows, not whole matrices.
+    """
+    from lmtune.methods.adapters import save_new_token_rows
+
+    model = prepared.model
+    log.say("the adapter will also carry the input embedding and output head (PEFT modules_to_save) with the "
+            "new chat tokens' rows, and the tokenizer with the chat template")
+
+    def save(out: Path) -> None:
+        prepared.save(out)
+        save_new_token_rows(Path(out), model, added)
+
+    vocab, hidden = model.get_input_embeddings().weight.shape
+    total, trainable = param_counts(model)
+    trainable -= (rows // len(added)) * vocab * hidden - rows * hidden  # masked matrices: only new rows learn
+    summary = {**prepared.summary, "trainable_params": trainable, "trainable_ratio": trainable / max(total, 1)}
+    return Prepared(model=model, save=save, summary=summary)
 
 
 def _report(log: Any, stats: BuildStats, max_length: int) -> None:

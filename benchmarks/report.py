@@ -181,7 +181,8 @@ def write_report(run: dict[str, Any], path: Path) -> None:
     bf16 = ("native (avx512_bf16)" if m.get("avx512_bf16") else "native (AMX)" if m.get("amx_bf16")
             else "NOT native: no avx512_bf16, no AMX (bf16 rows are emulated and slow)")
     lines = ["# lmtune benchmark results", "",
-             "Written by `benchmarks/run_bench.py` from one invocation; raw numbers in `RESULTS.json`. "
+             f"Written by `benchmarks/run_bench.py` from one invocation; raw numbers in "
+             f"`{path.with_suffix('.json').name}`. "
              "Ratios come from arms run side by side in that invocation; absolute numbers drift between runs.", ""]
     if run.get("label"):
         lines += [f"**Conditions: {run['label']}**", ""]

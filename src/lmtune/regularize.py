@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lmtune.data.batching import epoch_order, pad_batch
+from lmtune.data.batching import epoch_order
 from lmtune.data.readers import read_records
 from lmtune.errors import InputError
 
@@ -107,22 +107,10 @@ def retain_evaluator(examples: list[dict[str, list[int]]], pad_id: int,
     Whatever the objective, this is the language-model loss of the model's LM head, so
     before and after are comparable across methods.
     """
-    from lmtune.objectives.lm import lm_loss
+    from lmtune.evaluate import perplexity
 
-    @torch.no_grad()
     def retain_loss(model: torch.nn.Module) -> float:
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        total, tokens = 0.0, 0
-        for start in range(0, len(examples), batch_size):
-            batch = pad_batch(examples[start:start + batch_size], pad_id)
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            loss_sum, _ = lm_loss(model, batch)
-            total += float(loss_sum)
-            tokens += batch["num_loss_tokens"]
-        model.train(was_training)
-        return total / max(tokens, 1)
+        return perplexity(model, examples, pad_id, batch_size)["loss"]
 
     return retain_loss
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from lmtune.errors import InputError
+from lmtune.errors import InputError, Interrupted
 
 EXAMPLES = """examples:
   lmtune demo
@@ -52,7 +52,7 @@ def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from lmtune.models.shipped import pretrain
+    from lmtune.pretrain import pretrain
 
     pretrain(args.corpus, args.out, args.overrides)
     return 0
@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"lmtune: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # a checkpoint was saved; the message says how to continue
+        print(f"lmtune: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("lmtune: interrupted", file=sys.stderr)
         return 130

@@ -6,9 +6,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lmtune.compile.build import (DEFAULT_RANK, DEFAULT_SMOOTHING, LINKS_FILE, Compiled, compile_graph,
-                                  corpus_links)
-from lmtune.compile.extract import extract_links
+from lmtune.compile.build import DEFAULT_RANK, DEFAULT_SMOOTHING, LINKS_FILE, Compiled, compile_graph, corpus_links
+from lmtune.compile.extract import new_links
 from lmtune.compile.graph import Link, make_link, merge_links, read_links, sum_duplicates, write_links
 from lmtune.errors import InputError
 
@@ -19,8 +18,6 @@ def as_links(graph: GraphLike) -> list[Link]:
     """Links from a file path, or from ``Link``s, ``(source, target, weight)`` tuples or dicts."""
     if isinstance(graph, (str, Path)):
         return read_links(graph)
-    from lmtune.compile.graph import _checked
-
     links = []
     for n, item in enumerate(graph):
         where = f"graph item {n}"
@@ -116,7 +113,7 @@ def extract_to_files(model: str | Path, out: str | Path | None = None, *, top: i
     for path in sources:
         known += read_links(path)
     exclude = {(link.source, link.target) for link in known}
-    found = extract_links(model, top=top, min_prob=min_prob, exclude=exclude, data=data)
+    found = new_links(model, top=top, min_prob=min_prob, exclude=exclude, data=data)
     say(f"{len(found)} links with probability >= {min_prob} not in "
         f"{', '.join(map(str, sources)) if sources else 'any graph (none given)'}")
     for link in found[:10]:

@@ -95,7 +95,7 @@ def strongest_new_links(q: torch.Tensor, seen: torch.Tensor, names: list[str], e
     return sorted(found, key=lambda link: (-link.weight, link.source, link.target))
 
 
-def extract_links(model_dir: str | Path, top: int = 100, min_prob: float = 0.05,
+def new_links(model_dir: str | Path, top: int = 100, min_prob: float = 0.05,
                   exclude: set[tuple[str, str]] | None = None, data: str | Path | None = None) -> list[Link]:
     """The model's strongest next-token links that are not in ``exclude``.
 

@@ -1,4 +1,4 @@
-"""Three compile -> fine-tune -> extract -> merge cycles on the shipped corpus, against a random and a pre-trained start.
+"""Three compile -> fine-tune -> extract -> merge cycles on the shipped corpus, vs a random and a pre-trained start.
 
 The seed graph is the bigram counts of the first 200 sentences of the shipped pre-training
 corpus (a stand-in for a hand-made graph: it knows some associations and lacks most). Each cycle:
@@ -31,7 +31,7 @@ import torch
 import lmtune.compile
 from lmtune.cli import main as lmtune_cli
 from lmtune.compile.build import corpus_links
-from lmtune.compile.graph import read_links, write_links
+from lmtune.compile.graph import write_links
 from lmtune.evaluate import run_eval
 from lmtune.models.loading import load_tokenizer, save_model, shipped_model_dir
 
@@ -90,21 +90,23 @@ def run(work: Path, steps: int, rank: int, smoothing: float) -> dict:
                        "examples": [[x.source, x.target, x.weight] for x in found[:5]],
                        "seconds": round(time.time() - t0, 1)})
         print(f"cycle {c}: {r['links']} links, rel. error {r['relative_error']:.4f} "
-              f"(||M-M_K||_F {r['residual_frobenius']:.3f} = sqrt(sum s_k^2, k>K) {r['discarded_singular_values_root']:.3f}), "
+              f"(||M-M_K||_F {r['residual_frobenius']:.3f} = sqrt(sum s_k^2, k>K) "
+              f"{r['discarded_singular_values_root']:.3f}), "
               f"held-out loss {loss0:.3f} compiled -> {loss1:.3f} fine-tuned, +{len(found)} links", flush=True)
         graph = next_graph
     rnd = random_start(work / "compiled_1", work / "random_init")
-    baselines = {
-        "random": {"loss_start": held_out_loss(rnd), "loss_finetuned": fine_tune(rnd, text, work / "tuned_random", steps)},
-        "shipped": {"loss_start": held_out_loss(None), "loss_finetuned": fine_tune(None, text, work / "tuned_shipped", steps)},
-    }
-    return {"steps": steps, "rank": rank, "smoothing": smoothing, "seed_sentences": SEED_SENTENCES, "finetune_sentences": FINETUNE_SENTENCES,
+    baselines = {name: {"loss_start": held_out_loss(start),
+                        "loss_finetuned": fine_tune(start, text, work / f"tuned_{name}", steps)}
+                 for name, start in (("random", rnd), ("shipped", None))}
+    return {"steps": steps, "rank": rank, "smoothing": smoothing, "seed_sentences": SEED_SENTENCES,
+            "finetune_sentences": FINETUNE_SENTENCES,
             "vocab_size": len(tokenizer), "cycles": cycles, "baselines": baselines,
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def table(res: dict) -> str:
-    rows = ["| start | graph links | rel. error ‖M−M_K‖_F/‖M‖_F | held-out loss at start | after fine-tuning | links added |",
+    rows = ["| start | graph links | rel. error ‖M−M_K‖_F/‖M‖_F | held-out loss at start | after fine-tuning "
+            "| links added |",
             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for c in res["cycles"]:
         rows.append(f"| compiled, cycle {c['cycle']} | {c['links']} | {c['relative_error']:.4f} | "

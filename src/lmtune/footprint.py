@@ -64,10 +64,10 @@ def method_row(model_fn: Any, method: str, cfg: dict[str, Any]) -> dict[str, Any
         if method == "qlora":
             from lmtune.methods.qlora import checked_plan, weight_memory
 
-            names, keep = checked_plan(model, cfg["quant.block_size"], cfg["quant.double_quant"])
+            names = checked_plan(model)
             memory = weight_memory(model, names, cfg["quant.block_size"], cfg["quant.double_quant"])
             quantized_bytes, quantized_numel = memory["quantized_bytes"], memory["quantized_params"]
-            row.update(unquantized_layers=sorted(keep), bytes_per_quantized_param=memory["bytes_per_quantized_param"],
+            row.update(quantized_layers=len(names), bytes_per_quantized_param=memory["bytes_per_quantized_param"],
                        base_weight_bytes=memory["weight_bytes"], weight_bytes_fp32=memory["weight_bytes_fp32"],
                        weight_bytes_bf16=memory["weight_bytes_bf16"])
         targets = resolve_targets(model, cfg["lora.target_modules"], dora=spec.dora)
@@ -93,8 +93,8 @@ def method_row(model_fn: Any, method: str, cfg: dict[str, Any]) -> dict[str, Any
     )
     row["train_bytes"] = row["weight_bytes"] + row["gradient_bytes"] + row["optimizer_bytes"]
     row["arithmetic"] = {
-        "weights": (f"{full_precision:,} × 4 B" + (f" + {quantized_numel:,} × {quantized_bytes / quantized_numel:.4f} B"
-                                                   " (NF4)" if quantized_numel else "")),
+        "weights": (f"{full_precision:,} × 4 B" + (f" + {quantized_numel:,} NF4 weights in {quantized_bytes:,} B"
+                                                   if quantized_numel else "")),
         "gradients": f"{trainable:,} × 4 B",
         "adamw": f"{trainable:,} × 8 B (two fp32 moments)",
     }
@@ -136,12 +136,9 @@ def render(folder: Path, model_name: str, cfg: dict[str, Any], rows: dict[str, d
         lines.append(f"  AdamW:      {a['adamw']:<44} = {human(row['optimizer_bytes'])}")
         lines.append(f"  total:      {'':<44} = {human(row['train_bytes'])}")
         if method == "qlora":
-            lines.append(f"  NF4 bytes per quantized parameter: {row['bytes_per_quantized_param']:.4f}; base weights "
+            lines.append(f"  NF4 bytes per quantized parameter (padding included): {row['bytes_per_quantized_param']:.5f}; base weights "
                          f"{human(row['base_weight_bytes'])} vs fp32 {human(row['weight_bytes_fp32'])}, "
                          f"bf16 {human(row['weight_bytes_bf16'])}")
-            if row["unquantized_layers"]:
-                lines.append(f"  kept in full precision (size not a whole number of blocks): "
-                             f"{', '.join(row['unquantized_layers'])}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -74,6 +74,8 @@ def test_inspect_counts_equal_summary_json(model_dir, corpus, tmp_path, method, 
     summary = run_training(cfg, RunLog(tmp_path / "r", cfg, quiet=True, tensorboard=False))
     row = run_inspect(str(model_dir), [f"{k}={json.dumps(v)}" for k, v in overrides.items()])["methods"][method]
     assert (row["total_params"], row["trainable_params"]) == (summary["total_params"], summary["trainable_params"])
+    # the prediction is written next to the measured peak (this tiny model: mostly the process baseline)
+    assert 0.75 < summary["predicted_peak_mb"] / summary["peak_rss_mb"] < 1.25
 
 
 def test_cli_prints_the_arithmetic_and_json(gpt2_dir, capsys):

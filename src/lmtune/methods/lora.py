@@ -122,6 +122,10 @@ class LoRALinear(nn.Module):
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantized:
+            if type(self.base_layer) is nn.Linear:  # no bf16 weight copy kept for backward under autocast
+                from lmtune.frozen_matmul import frozen_linear
+
+                return frozen_linear(x, self.base_layer.weight, self.base_layer.bias)
             return self.base_layer(x)
         from lmtune.quant import linear_4bit
 

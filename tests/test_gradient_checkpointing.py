@@ -64,3 +64,19 @@ def test_checkpointed_gradients_equal_the_plain_run(method):
 def test_a_model_without_checkpointing_support_is_refused_naming_the_key():
     with pytest.raises(InputError, match="train.gradient_checkpointing"):
         enable_gradient_checkpointing(torch.nn.Linear(3, 3))
+
+
+def test_the_config_key_turns_it_on_in_a_run(model_dir, corpus, tmp_path, monkeypatch):
+    import lmtune.recompute
+    from lmtune.run import run_training
+    from lmtune.runlog import RunLog
+
+    enabled = []
+    original = lmtune.recompute.enable_gradient_checkpointing
+    monkeypatch.setattr(lmtune.recompute, "enable_gradient_checkpointing", lambda m: enabled.append(original(m)))
+    cfg = load_config(overrides={"model": str(model_dir), "data.train": str(corpus), "output_dir": str(tmp_path / "r"),
+                                 "method": "lora", "train.steps": 1, "train.batch_size": 2,
+                                 "train.gradient_checkpointing": True})
+    summary = run_training(cfg, RunLog(tmp_path / "r", cfg, quiet=True, tensorboard=False))
+    assert len(enabled) == 1 and enabled[0].is_gradient_checkpointing
+    assert summary["steps"] == 1

@@ -142,9 +142,18 @@ def prepare(cfg: dict[str, Any], log: RunLog | None = None) -> tuple[Any, RunCon
 
 def run_training(cfg: dict[str, Any], log: RunLog | None = None) -> dict[str, Any]:
     """Run ``lmtune train`` for a validated config and return the summary."""
+    from lmtune.footprint import current_rss_bytes, predicted_peak_mb
     from lmtune.train import param_counts, train
 
+    from transformers import PreTrainedModel  # noqa: F401  (~150 MB every run holds: inside the baseline)
+
+    baseline = current_rss_bytes()  # before the model loads: Python, torch, transformers, lmtune
     task, ctx = prepare(cfg, log)
+    if cfg["train.gradient_checkpointing"]:
+        from lmtune.recompute import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(task.model)
+    task.summary["predicted_peak_mb"] = predicted_peak_mb(ctx.model_folder, cfg, baseline)
     ctx.log.say(f"model: {ctx.model_folder} | method: {cfg['method']} | objective: {cfg['objective']} | "
                 f"format: {cfg['data.format']}")
     total, trainable = param_counts(task.model)

@@ -237,7 +237,8 @@ def render(folder: Path, model_name: str, cfg: dict[str, Any], rows: dict[str, d
                 how = peak["arithmetic"].get(part, "")
                 lines.append(f"    {part + ':':<13}{how:<60} {human(size)}")
         if method == "qlora":
-            lines.append(f"  NF4 bytes per quantized parameter (padding included): {row['bytes_per_quantized_param']:.5f}; base weights "
+            lines.append(f"  NF4 bytes per quantized parameter (padding included): "
+                         f"{row['bytes_per_quantized_param']:.5f}; base weights "
                          f"{human(row['base_weight_bytes'])} vs fp32 {human(row['weight_bytes_fp32'])}, "
                          f"bf16 {human(row['weight_bytes_bf16'])}")
         lines.append("")
@@ -262,6 +263,7 @@ def run_inspect(model: str | Path | None, overrides: list[str]) -> dict[str, Any
     arch = architecture(probe.config)
     for method, row in rows.items():
         if "error" not in row:
-            row["predicted_peak"] = predict_peak(row, arch, **{**_shape(cfg), "method": method}, baseline_bytes=baseline)
+            shape = {**_shape(cfg), "method": method}
+            row["predicted_peak"] = predict_peak(row, arch, **shape, baseline_bytes=baseline)
     return {"model": str(folder), "architecture": type(probe).__name__, "method": cfg["method"],
             "methods": rows, "text": render(folder, type(probe).__name__, cfg, rows)}

@@ -142,10 +142,10 @@ def prepare(cfg: dict[str, Any], log: RunLog | None = None) -> tuple[Any, RunCon
 
 def run_training(cfg: dict[str, Any], log: RunLog | None = None) -> dict[str, Any]:
     """Run ``lmtune train`` for a validated config and return the summary."""
+    from transformers import PreTrainedModel  # noqa: F401  (~150 MB every run holds: inside the baseline)
+
     from lmtune.footprint import current_rss_bytes, predicted_peak_mb
     from lmtune.train import param_counts, train
-
-    from transformers import PreTrainedModel  # noqa: F401  (~150 MB every run holds: inside the baseline)
 
     baseline = current_rss_bytes()  # before the model loads: Python, torch, transformers, lmtune
     task, ctx = prepare(cfg, log)

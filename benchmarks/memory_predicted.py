@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-THREADS = "2"
+THREADS = "1"  # 2 OpenMP threads on a 2-core machine shared by ~8 jobs spin-wait: 10x slower
 SIZES = {"12m": (4, 384, 1024, 8000), "134m": (12, 768, 2048, 32000),  # layers, hidden, MLP, vocab
          "27m": (12, 384, 1024, 8000)}  # deeper, for checkpointing at up to 2,048 tokens in reasonable time
 PREDICTED_SIZES = ("12m", "134m")
@@ -110,7 +110,8 @@ def header(command: str) -> str:
 
 def predicted_table(tmp: Path, steps: int) -> str:
     rows = ["## Predicted vs measured peak (batch 8 × 128 tokens, fp32)", "",
-            "| model | method | predicted (MB) | measured (MB) | predicted / measured |", "| --- | --- | ---: | ---: | ---: |"]
+            "| model | method | predicted (MB) | measured (MB) | predicted / measured |",
+            "| --- | --- | ---: | ---: | ---: |"]
     for size in PREDICTED_SIZES:
         base = tmp / size
         n = build_base(base, size, 2048)
@@ -123,18 +124,19 @@ def predicted_table(tmp: Path, steps: int) -> str:
             if "failed" in r:
                 rows.append(f"| {size} ({n / 1e6:.0f}M) | {method} | failed: {r['failed']} | | |")
                 continue
-            rows.append(f"| {size} ({n / 1e6:.0f}M) | {method} | {r['predicted_peak_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
-                        f"{r['predicted_peak_mb'] / r['peak_rss_mb']:.2f} |")
+            rows.append(f"| {size} ({n / 1e6:.0f}M) | {method} | {r['predicted_peak_mb']:.0f} | "
+                        f"{r['peak_rss_mb']:.0f} | {r['predicted_peak_mb'] / r['peak_rss_mb']:.2f} |")
     return "\n".join(rows) + "\n"
 
 
 def checkpointing_table(tmp: Path, steps: int) -> str:
     base = tmp / "27m-ckpt"
     n = build_base(base, "27m", 2048)
-    rows = [f"## Gradient checkpointing: LoRA (all-linear, r=8) on a {n / 1e6:.0f}M Llama (12 layers, d=384), batch 1, "
-            "fp32", "",
-            "| tokens | plain peak (MB) | checkpointed peak (MB) | memory ratio | plain step (s) | checkpointed step (s) | "
-            "time ratio | predicted plain / checkpointed (MB) |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [f"## Gradient checkpointing: LoRA (all-linear, r=8) on a {n / 1e6:.0f}M Llama (12 layers, d=384), "
+            "batch 1, fp32", "",
+            "| tokens | plain peak (MB) | checkpointed peak (MB) | memory ratio | plain step (s) "
+            "| checkpointed step (s) | time ratio | predicted plain / checkpointed (MB) |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for tokens in (512, 1024, 2048):
         data = long_text(tmp, tokens)
         got = {}
@@ -147,7 +149,8 @@ def checkpointing_table(tmp: Path, steps: int) -> str:
         if "failed" in a or "failed" in b:
             rows.append(f"| {tokens} | failed: {a.get('failed') or b.get('failed')} | | | | | | |")
             continue
-        rows.append(f"| {tokens} | {a['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} | {b['peak_rss_mb'] / a['peak_rss_mb']:.2f} | "
+        rows.append(f"| {tokens} | {a['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} | "
+                    f"{b['peak_rss_mb'] / a['peak_rss_mb']:.2f} | "
                     f"{a['step_s']:.2f} | {b['step_s']:.2f} | {b['step_s'] / a['step_s']:.2f} | "
                     f"{a['predicted_peak_mb']:.0f} / {b['predicted_peak_mb']:.0f} |")
     return "\n".join(rows) + "\n"
@@ -155,17 +158,19 @@ def checkpointing_table(tmp: Path, steps: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3)  # step time: steps after the first
     parser.add_argument("--tables", default="predicted,checkpointing")
     parser.add_argument("--arm")
     args = parser.parse_args()
     if args.arm:
         print(json.dumps(run_arm(json.loads(args.arm))))
         return
-    report = header(f"PYTHONPATH=src python benchmarks/memory_predicted.py --steps {args.steps} --tables {args.tables}")
+    command = f"PYTHONPATH=src python benchmarks/memory_predicted.py --steps {args.steps} --tables {args.tables}"
+    report = header(command)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.tables.split(","):
-            report += "\n" + {"predicted": predicted_table, "checkpointing": checkpointing_table}[name](Path(tmp), args.steps)
+            build = {"predicted": predicted_table, "checkpointing": checkpointing_table}[name]
+            report += "\n" + build(Path(tmp), args.steps)
             (HERE / "MEMORY.md").write_text(report, encoding="utf-8")
     print(report)
 

@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-THREADS = "2"
+THREADS = "1"  # 2 OpenMP threads on a 2-core machine shared by ~8 jobs spin-wait: 10x slower
 EVAL_LINES = 48
 ARMS = ("lora-fp32", "lora-bf16", "qlora")
 DEFAULT_ARMS = "lora-fp32,qlora"

@@ -132,7 +132,7 @@ def run_arm(arm: str, base: Path, out: Path, steps: int) -> dict:
 
     train_module.accumulate_gradients = measured
     start = time.perf_counter()
-    summary = run_module.run_training(cfg, RunLog(out, cfg, quiet=True, tensorboard=False))
+    summary = run_module.run_training(cfg, log=RunLog(out, quiet=True, tensorboard=False)).summary
     step_s = summary["tokens_trained"] / summary["tokens_per_second"] / summary["steps"]
     steady = sorted(after_step[1:] or after_step)
     return {"arm": arm, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

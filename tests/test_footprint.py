@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import word_tokenizer
 from lmtune.config import load_config
 from lmtune.footprint import activation_numbers, architecture, predict_peak
-from lmtune.methods import apply_method
+from lmtune.methods.registry import METHODS
 from lmtune.objectives.lm import lm_loss
 
 
@@ -22,7 +22,7 @@ def _saved_numbers_per_token(config, method, tokens=(2, 48)):
     """Numbers autograd keeps for backward per token (unique storages, parameters excluded): the oracle."""
     torch.manual_seed(0)
     cfg = load_config(overrides={"method": method, "lora.target_modules": "all-linear", "lora.r": 8})
-    model = apply_method(LlamaForCausalLM(config), word_tokenizer(), cfg, "base").model.train()
+    model = METHODS[method].prepare(LlamaForCausalLM(config), word_tokenizer(), "base", cfg).model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     seen = {}

@@ -13,7 +13,7 @@ from adapter_helpers import ids, randomize_adapters
 from conftest import word_tokenizer
 from lmtune.config import load_config
 from lmtune.errors import InputError
-from lmtune.methods import apply_method
+from lmtune.methods.registry import METHODS
 from lmtune.recompute import enable_gradient_checkpointing
 
 
@@ -25,7 +25,7 @@ def _prepared(method):
                                          max_position_embeddings=64, tie_word_embeddings=False))
     cfg = load_config(overrides={"method": method, "lora.target_modules": "all-linear", "freeze.layers": 1,
                                  "prompt_tuning.num_virtual_tokens": 3})
-    prepared = apply_method(model, tok, cfg, "base").model
+    prepared = METHODS[method].prepare(model, tok, "base", cfg).model
     randomize_adapters(prepared)  # B = 0 would give A no gradient to compare
     return prepared.train()
 
@@ -77,6 +77,6 @@ def test_the_config_key_turns_it_on_in_a_run(model_dir, corpus, tmp_path, monkey
     cfg = load_config(overrides={"model": str(model_dir), "data.train": str(corpus), "output_dir": str(tmp_path / "r"),
                                  "method": "lora", "train.steps": 1, "train.batch_size": 2,
                                  "train.gradient_checkpointing": True})
-    summary = run_training(cfg, RunLog(tmp_path / "r", cfg, quiet=True, tensorboard=False))
+    summary = run_training(cfg, log=RunLog(tmp_path / "r", quiet=True, tensorboard=False)).summary
     assert len(enabled) == 1 and enabled[0].is_gradient_checkpointing
     assert summary["steps"] == 1

@@ -14,9 +14,12 @@ backward's working set, and the process baseline (Python, torch, transformers).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from lmtune.config import RunConfig
 
 KB, MB, GB = 1024, 1024**2, 1024**3
 
@@ -39,12 +42,12 @@ def _meta_model(folder: Path, trust_remote_code: bool) -> nn.Module:
 
 
 def _counts(model: nn.Module) -> tuple[int, int]:
-    from lmtune.train import param_counts
+    from lmtune.models.loading import param_counts
 
     return param_counts(model)
 
 
-def method_row(model_fn: Any, method: str, cfg: dict[str, Any]) -> dict[str, Any]:
+def method_row(model_fn: Any, method: str, cfg: RunConfig) -> dict[str, Any]:
     """Parameters and memory of one method on a fresh (meta) model from ``model_fn()``."""
     from lmtune.methods.adapters import inject
     from lmtune.methods.lora import LoRASpec
@@ -58,26 +61,26 @@ def method_row(model_fn: Any, method: str, cfg: dict[str, Any]) -> dict[str, Any
         if method == "freeze":
             from lmtune.methods.freeze import freeze_layers
 
-            freeze_layers(model, cfg["freeze.layers"])
+            freeze_layers(model, cfg.freeze.layers)
     elif method in ("lora", "qlora"):
-        spec = LoRASpec.from_config(cfg)
+        spec = LoRASpec.from_config(cfg.lora)
         model.requires_grad_(False)
         if method == "qlora":
             from lmtune.methods.qlora import checked_plan, weight_memory
 
             names = checked_plan(model)
-            memory = weight_memory(model, names, cfg["quant.block_size"], cfg["quant.double_quant"])
+            memory = weight_memory(model, names, cfg.quant.block_size, cfg.quant.double_quant)
             quantized_bytes, quantized_numel = memory["quantized_bytes"], memory["quantized_params"]
             row.update(quantized_layers=len(names), bytes_per_quantized_param=memory["bytes_per_quantized_param"],
                        base_weight_bytes=memory["weight_bytes"], weight_bytes_fp32=memory["weight_bytes_fp32"],
                        weight_bytes_bf16=memory["weight_bytes_bf16"])
-        targets = resolve_targets(model, cfg["lora.target_modules"], dora=spec.dora)
+        targets = resolve_targets(model, cfg.lora.target_modules, dora=spec.dora)
         inject(model, targets, spec)
         row.update(lora_target_modules=len(targets))
     elif method == "prompt_tuning":
         hidden = model.get_input_embeddings().weight.shape[1]
         total, _ = _counts(model)
-        n = cfg["prompt_tuning.num_virtual_tokens"]
+        n = cfg.prompt_tuning.num_virtual_tokens
         row.update(total_params=total + n * hidden, trainable_params=n * hidden)
     if "total_params" not in row:
         total, trainable = _counts(model)
@@ -102,18 +105,18 @@ def method_row(model_fn: Any, method: str, cfg: dict[str, Any]) -> dict[str, Any
     return row
 
 
-def inspect_model(model_fn: Any, cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def inspect_model(model_fn: Any, cfg: RunConfig) -> dict[str, dict[str, Any]]:
     """Rows for full, (freeze,) lora, qlora and prompt_tuning under ``cfg``'s settings."""
     from lmtune.errors import InputError
 
-    methods = ["full"] + (["freeze"] if cfg["freeze.layers"] or cfg["method"] == "freeze" else [])
+    methods = ["full"] + (["freeze"] if cfg.freeze.layers or cfg.method == "freeze" else [])
     methods += ["lora", "qlora", "prompt_tuning"]
     rows = {}
     for method in methods:
         try:
             rows[method] = method_row(model_fn, method, cfg)
         except InputError as e:
-            if method == cfg["method"]:
+            if method == cfg.method:
                 raise
             rows[method] = {"error": str(e)}  # e.g. nothing quantizable: shown, not fatal for other rows
     return rows
@@ -197,27 +200,27 @@ def current_rss_bytes() -> float:
         return 0.0
 
 
-def predicted_peak_mb(folder: Path, cfg: dict[str, Any], baseline_bytes: float) -> float:
+def predicted_peak_mb(folder: Path, cfg: RunConfig, baseline_bytes: float) -> float:
     """The peak ``lmtune inspect`` predicts for ``cfg``'s run (what summary.json reports next to ``peak_rss_mb``)."""
-    trust = cfg["trust_remote_code"]
+    trust = cfg.trust_remote_code
     model = _meta_model(folder, trust)
-    row = method_row(lambda: _meta_model(folder, trust), cfg["method"], cfg)
+    row = method_row(lambda: _meta_model(folder, trust), cfg.method, cfg)
     return predict_peak(row, architecture(model.config), **_shape(cfg), baseline_bytes=baseline_bytes)["total"] / MB
 
 
-def _shape(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {"method": cfg["method"], "objective": cfg["objective"], "batch_size": cfg["train.batch_size"],
-            "seq_len": cfg["train.max_length"], "precision": cfg["train.precision"],
-            "checkpointing": cfg["train.gradient_checkpointing"], "lora_r": cfg["lora.r"]}
+def _shape(cfg: RunConfig) -> dict[str, Any]:
+    return {"method": cfg.method, "objective": cfg.objective, "batch_size": cfg.train.batch_size,
+            "seq_len": cfg.train.max_length, "precision": cfg.train.precision,
+            "checkpointing": cfg.train.gradient_checkpointing, "lora_r": cfg.lora.r}
 
 
-def render(folder: Path, model_name: str, cfg: dict[str, Any], rows: dict[str, dict[str, Any]]) -> str:
+def render(folder: Path, model_name: str, cfg: RunConfig, rows: dict[str, dict[str, Any]]) -> str:
     """The human-readable report."""
     lines = [f"model: {folder} ({model_name})",
              "training memory = weights + gradients (fp32) + AdamW state (2 × fp32); the predicted peak adds "
              "activations, the chunked head, backward's working set and this process's baseline", ""]
     for method, row in rows.items():
-        mark = "   <- this config" if method == cfg["method"] else ""
+        mark = "   <- this config" if method == cfg.method else ""
         lines.append(f"{method}{mark}")
         if "error" in row:
             lines += [f"  not possible: {row['error']}", ""]
@@ -231,8 +234,8 @@ def render(folder: Path, model_name: str, cfg: dict[str, Any], rows: dict[str, d
         lines.append(f"  total:      {'':<44} = {human(row['train_bytes'])}")
         if "predicted_peak" in row:
             peak = row["predicted_peak"]
-            lines.append(f"  predicted peak RSS for batch {cfg['train.batch_size']} × {cfg['train.max_length']} tokens "
-                         f"({cfg['train.precision']}) = {human(peak['total'])}:")
+            lines.append(f"  predicted peak RSS for batch {cfg.train.batch_size} × {cfg.train.max_length} tokens "
+                         f"({cfg.train.precision}) = {human(peak['total'])}:")
             for part, size in peak["parts"].items():
                 how = peak["arithmetic"].get(part, "")
                 lines.append(f"    {part + ':':<13}{how:<60} {human(size)}")
@@ -255,8 +258,8 @@ def run_inspect(model: str | Path | None, overrides: list[str]) -> dict[str, Any
     from lmtune.models.loading import resolve_model_dir
 
     cfg = load_config(overrides=overrides)
-    folder = resolve_model_dir(model if model is not None else cfg["model"])
-    trust = cfg["trust_remote_code"]
+    folder = resolve_model_dir(model if model is not None else cfg.model)
+    trust = cfg.trust_remote_code
     probe = _meta_model(folder, trust)
     baseline = current_rss_bytes()  # this process has imported what a run imports: the baseline on this machine
     rows = inspect_model(lambda: _meta_model(folder, trust), cfg)
@@ -265,5 +268,5 @@ def run_inspect(model: str | Path | None, overrides: list[str]) -> dict[str, Any
         if "error" not in row:
             shape = {**_shape(cfg), "method": method}
             row["predicted_peak"] = predict_peak(row, arch, **shape, baseline_bytes=baseline)
-    return {"model": str(folder), "architecture": type(probe).__name__, "method": cfg["method"],
+    return {"model": str(folder), "architecture": type(probe).__name__, "method": cfg.method,
             "methods": rows, "text": render(folder, type(probe).__name__, cfg, rows)}

@@ -71,7 +71,7 @@ def run_arm(spec: dict) -> dict:
                  "lora.target_modules": "all-linear", "train.lr": 1e-4, "train.log_every": 1,
                  "train.eval_every": 0, "train.seed": 0, **spec["overrides"]}
     cfg = load_config(overrides=overrides)
-    summary = run_training(cfg, RunLog(Path(spec["out"]), cfg, quiet=True, tensorboard=False))
+    summary = run_training(cfg, log=RunLog(Path(spec["out"]), quiet=True, tensorboard=False)).summary
     step_s = summary["tokens_trained"] / summary["tokens_per_second"] / summary["steps"]
     return {"peak_rss_mb": summary["peak_rss_mb"], "predicted_peak_mb": summary["predicted_peak_mb"],
             "step_s": step_s}

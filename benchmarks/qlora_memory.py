@@ -72,7 +72,11 @@ def build_base(folder: Path, size: str) -> int:
 
     if size == REAL:
         gguf = smollm2_gguf()
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        config.__dict__.pop("quantization_config", None)  # dequantized already; marked so, it refuses to save
+        model = type(loaded)(config)
+        model.load_state_dict(loaded.state_dict())
         save_model(model, AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name), folder)
         return sum(p.numel() for p in model.parameters())
     tok = load_tokenizer(shipped_model_dir())

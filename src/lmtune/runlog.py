@@ -117,12 +117,15 @@ class RunLog:
         if not self.active or not path.is_file():
             return
         kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        # Read as bytes, line by line: one damaged line (a torn write, a stray non-UTF-8 byte)
+        # is dropped and must not stop the run from reading the others.
+        for raw in path.read_bytes().splitlines():
             try:
+                line = raw.decode("utf-8")
                 if json.loads(line)["step"] <= step:
                     kept.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut short by a kill; the resumed run rewrites it
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut short by a kill, or damaged; the resumed run rewrites it
         # Replaced, not rewritten in place: a kill mid-write must not lose the records kept.
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

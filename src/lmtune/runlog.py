@@ -51,6 +51,7 @@ class RunLog:
         self._tensorboard = tensorboard
         self._writer: Any = None
         self._bar_active = False
+        self._with_first_step: dict[str, Any] = {}  # JSON files to write once the run has a first step
 
     def say(self, message: str) -> None:
         if not self.quiet:
@@ -71,10 +72,17 @@ class RunLog:
             finally:
                 self._bar_active = False
 
+    def write_with_first_step(self, name: str, obj: Any) -> None:
+        """Write JSON file ``name`` into the output folder with the first logged step (not before)."""
+        self._with_first_step[name] = obj
+
     def step(self, record: dict[str, Any], total: int) -> None:
         if not self.active:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        for name, obj in self._with_first_step.items():
+            write_json_atomic(self.output_dir / name, obj)
+        self._with_first_step.clear()
         with (self.output_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         line = f"step {record['step']:4d} / {total} | loss {record['loss']:.4f}"

@@ -305,3 +305,26 @@ def test_other_content_parts_are_refused_naming_the_part(part, needle):
         parse_records([rec], "messages", BuildStats())
     assert needle in str(e.value)
 
+
+
+# ---- config numbers that passed the checks and then crashed -------------------------------------
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("train.lr=1e300", "'train.lr' must be at most 1e+09 in magnitude"),  # Adam: "cannot be converted to float"
+    ("train.lr=5", "'train.lr' must be in (0, 1]"),
+    ("lora.alpha=1e300", "'lora.alpha' must be at most 1e+09 in magnitude"),
+    ("train.epochs=1e12", "'train.epochs' must be at most 1e+09 in magnitude"),
+])
+def test_config_refuses_out_of_range_numbers(capsys, corpus, tmp_path, override, needle):
+    fails(capsys, ["train", f"data.train={corpus}", f"output_dir={tmp_path / 'o'}", override], needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_clip_grad_norm_zero_is_documented_as_off_and_is_off(gpt2_dir, corpus, tmp_path, capsys):
+    from lmtune.config import describe_keys
+
+    assert "clip the global gradient norm (0 or null: off)" in describe_keys()
+    out = tmp_path / "o"
+    assert main(["train", f"model={gpt2_dir}", f"data.train={corpus}", f"output_dir={out}", "train.steps=1",
+                 "train.clip_grad_norm=0"]) == 0, capsys.readouterr().err
+    assert "grad_norm" not in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])

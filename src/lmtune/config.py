@@ -33,6 +33,10 @@ def _positive(v: Any) -> str | None:
     return None if v > 0 else "must be > 0"
 
 
+def _learning_rate(v: Any) -> str | None:
+    return None if 0 < v <= 1 else "must be in (0, 1] (an Adam step moves each weight by about lr)"
+
+
 def _non_negative(v: Any) -> str | None:
     return None if v >= 0 else "must be >= 0"
 
@@ -59,6 +63,7 @@ def _power_of_two(v: Any) -> str | None:
 
 
 NUM = (int, float)
+MAX_MAGNITUDE = 1e9  # far beyond any sensible setting, far below float32's 3.4e38
 OPT_STR = (str, type(None))
 OPT_INT = (int, type(None))
 
@@ -90,7 +95,7 @@ KEYS: dict[str, Key] = {
     "freeze.layers": Key(0, int, "freeze embeddings and the first N blocks", _non_negative),
     "train.steps": Key(None, OPT_INT, "optimizer steps (default: from epochs)", _positive),
     "train.epochs": Key(1.0, NUM, "passes over data.train when train.steps is unset", _positive),
-    "train.lr": Key(1e-3, NUM, "peak learning rate", _positive),
+    "train.lr": Key(1e-3, NUM, "peak learning rate", _learning_rate),
     "train.batch_size": Key(8, int, "examples per micro-batch", _positive),
     "train.grad_accum": Key(1, int, "micro-batches per optimizer step", _positive),
     "train.max_length": Key(256, int, "tokens per example; longer ones are truncated and counted", _positive),
@@ -100,7 +105,7 @@ KEYS: dict[str, Key] = {
     "train.weight_decay": Key(0.0, NUM, "AdamW decay on matrices (never on biases and norms)", _non_negative),
     "train.betas": Key([0.9, 0.999], (list, tuple), "AdamW betas", _betas),
     "train.eps": Key(1e-8, NUM, "AdamW epsilon", _positive),
-    "train.clip_grad_norm": Key(1.0, (int, float, type(None)), "clip the global gradient norm (null: off)",
+    "train.clip_grad_norm": Key(1.0, (int, float, type(None)), "clip the global gradient norm (0 or null: off)",
                                 _non_negative),
     "train.seed": Key(0, int, "seed for init, data order, dropout", _seed),
     "train.precision": Key("fp32", str, "fp32, or bf16 autocast", choices=("fp32", "bf16")),
@@ -199,6 +204,8 @@ def _coerce(key: str, value: Any, spec: Key, where: str) -> Any:
         raise InputError(f"{where}: '{key}' must be {_kind_name(kinds)}, got {value!r} ({type(value).__name__})")
     if isinstance(value, float) and not math.isfinite(value):
         raise InputError(f"{where}: '{key}' must be a finite number, got {value!r}")
+    if isinstance(value, float) and abs(value) > MAX_MAGNITUDE:  # would overflow float32 inside torch
+        raise InputError(f"{where}: '{key}' must be at most {MAX_MAGNITUDE:g} in magnitude, got {value!r}")
     if spec.choices is not None and value not in spec.choices:
         options = ", ".join(str(c) for c in spec.choices if c is not None)
         raise InputError(f"{where}: '{key}' must be one of {options}; got {value!r}")

@@ -23,7 +23,9 @@ from lmtune.models.loading import (
     resolve_model_dir,
 )
 from lmtune.regularize import Guards
+from lmtune.rundir import lock_output_dir, refuse_model_folder
 from lmtune.runlog import RunLog
+from lmtune.runrecord import record_run
 
 # objective -> module with ``build_task(ctx) -> Task``; imported only when used.
 OBJECTIVES = {
@@ -113,6 +115,7 @@ def prepare(cfg: dict[str, Any], log: RunLog | None = None) -> tuple[Any, RunCon
     if cfg["data.train"] is None:
         raise InputError("data.train is required: the training data file")
     folder = resolve_model_dir(cfg["model"])
+    refuse_model_folder(out, folder)
     tokenizer = load_tokenizer(folder, cfg["trust_remote_code"])
     check_tokenizer(folder, tokenizer)
     ctx = RunContext(cfg, folder, tokenizer, out, log or RunLog(out, cfg))
@@ -133,6 +136,7 @@ def prepare(cfg: dict[str, Any], log: RunLog | None = None) -> tuple[Any, RunCon
         cfg["objective"] = DEFAULT_OBJECTIVE[fmt]
     if cfg["objective"] != "classify":  # lm, sft, dpo, ppo and reward all load a causal LM
         refuse_encoder(folder)
+    record_run(out, cfg, ctx.log)  # run.json: a resume that would not continue the same run is refused here
     guards = Guards.from_context(ctx)  # data.retain, replay, L2: read and checked before the model loads
     module = importlib.import_module(OBJECTIVES[cfg["objective"]])
     task = module.build_task(ctx)
@@ -144,17 +148,18 @@ def run_training(cfg: dict[str, Any], log: RunLog | None = None) -> dict[str, An
     """Run ``lmtune train`` for a validated config and return the summary."""
     from lmtune.train import param_counts, train
 
-    task, ctx = prepare(cfg, log)
-    ctx.log.say(f"model: {ctx.model_folder} | method: {cfg['method']} | objective: {cfg['objective']} | "
-                f"format: {cfg['data.format']}")
-    total, trainable = param_counts(task.model)
-    ctx.log.say(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
-    try:
-        summary = train(task, cfg, ctx.output_dir, device=pick_device(), log=ctx.log)
-    except OSError as e:  # disk full, permissions: say so, not a traceback; checkpoints are written atomically
-        raise InputError(f"training stopped: a write in {ctx.output_dir} failed: {e}. Checkpoints already "
-                         "written are intact; free space (or fix permissions) and continue with "
-                         "train.resume=true") from None
+    with lock_output_dir(check_output_dir(cfg)):  # one process per output_dir, for the run's life
+        task, ctx = prepare(cfg, log)
+        ctx.log.say(f"model: {ctx.model_folder} | method: {cfg['method']} | objective: {cfg['objective']} | "
+                    f"format: {cfg['data.format']}")
+        total, trainable = param_counts(task.model)
+        ctx.log.say(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
+        try:
+            summary = train(task, cfg, ctx.output_dir, device=pick_device(), log=ctx.log)
+        except OSError as e:  # disk full, permissions: say so, not a traceback; checkpoints are written atomically
+            raise InputError(f"training stopped: a write in {ctx.output_dir} failed: {e}. Checkpoints already "
+                             "written are intact; free space (or fix permissions) and continue with "
+                             "train.resume=true") from None
     ctx.log.say(f"saved to {ctx.output_dir}")
     return summary
 

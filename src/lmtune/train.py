@@ -292,6 +292,7 @@ def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.devic
                         "continue with train.resume=true")
                 sys.exit(128 + stop.received)
             if stop_early:
+                state["stopped_early_at"] = step  # a resume of this finished run is refused (lmtune.runrecord)
                 log.say(f"early stopping at step {step}: eval loss has not improved for "
                         f"{cfg['train.patience']} evaluations")
                 break
@@ -414,6 +415,7 @@ def _summary(task: Task, cfg: dict[str, Any], state: dict[str, Any], model: torc
         "trainable_ratio": trainable / max(total, 1),
         "steps": state["step"], "tokens_trained": state["tokens"],
         "final_loss": state["last_loss"], "eval_loss": state["eval_loss"],
+        "stopped_early_at": state.get("stopped_early_at"),
         "tokens_per_second": tokens_this_run / step_time if step_time > 0 else None,
         "peak_rss_mb": peak_rss_mb(), "wall_seconds": elapsed,
         **task.summary,

@@ -47,3 +47,14 @@ def test_two_ranks_equal_one_process_on_the_global_batch(gpt2_dir, corpus, tmp_p
               for d in ("one", "two")]
     assert len(losses[1]) == 3  # rank 1 wrote nothing of its own
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=1e-6)
+
+
+def test_a_rank_with_no_share_of_a_short_last_batch_still_joins_the_all_reduce(gpt2_dir, corpus, tmp_path):
+    # 33 examples, 2 ranks × 4: step 5 holds one example, so rank 1 gets none. It used to skip the
+    # gradient all-reduce (gloo: collective mismatch; NCCL: a hang). Oracle: one process, batch 8.
+    common = [f"model={gpt2_dir}", f"data.train={corpus}", "train.steps=5", "train.lr=1e-2", "train.eps=1e-3"]
+    _train([*common, "train.batch_size=8", f"output_dir={tmp_path / 'one'}"], 1, tmp_path)
+    _train([*common, "train.batch_size=4", f"output_dir={tmp_path / 'two'}"], 2, tmp_path)
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5)

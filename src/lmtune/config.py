@@ -26,6 +26,9 @@ from lmtune.errors import InputError
 Check = Callable[[Any], "str | None"]  # returns a complaint, or None when the value is fine
 
 
+MAX_MAGNITUDE = 1e9  # far beyond any sensible setting, far below float32's 3.4e38
+
+
 def key(default: Any, doc: str, check: Check | None = None, choices: tuple[Any, ...] | None = None) -> Any:
     """A config field: its default, one line of doc, and an optional range check or choice list."""
     return field(default=default, metadata={"doc": doc, "check": check, "choices": choices})
@@ -38,6 +41,10 @@ def section(cls: type) -> Any:
 
 def _positive(v: Any) -> str | None:
     return None if v > 0 else "must be > 0"
+
+
+def _learning_rate(v: Any) -> str | None:
+    return None if 0 < v <= 1 else "must be in (0, 1] (an Adam step moves each weight by about lr)"
 
 
 def _non_negative(v: Any) -> str | None:
@@ -113,7 +120,7 @@ class DistributedConfig:
 class TrainConfig:
     steps: int | None = key(None, "optimizer steps (default: from epochs)", _positive)
     epochs: float = key(1.0, "passes over data.train when train.steps is unset", _positive)
-    lr: float = key(1e-3, "peak learning rate", _positive)
+    lr: float = key(1e-3, "peak learning rate", _learning_rate)
     batch_size: int = key(8, "examples per micro-batch", _positive)
     grad_accum: int = key(1, "micro-batches per optimizer step", _positive)
     max_length: int = key(256, "tokens per example; longer ones are truncated and counted", _positive)
@@ -122,7 +129,7 @@ class TrainConfig:
     weight_decay: float = key(0.0, "AdamW decay on matrices (never on biases and norms)", _non_negative)
     betas: tuple[float, float] = key((0.9, 0.999), "AdamW betas", _betas)
     eps: float = key(1e-8, "AdamW epsilon", _positive)
-    clip_grad_norm: float | None = key(1.0, "clip the global gradient norm (null: off)", _non_negative)
+    clip_grad_norm: float | None = key(1.0, "clip the global gradient norm (0 or null: off)", _non_negative)
     seed: int = key(0, "seed for init, data order, dropout", _seed)
     precision: str = key("fp32", "fp32, or bf16 autocast", choices=("fp32", "bf16"))
     packing: bool = key(False, "sft: pack several examples per row, no attention across them")
@@ -328,6 +335,8 @@ def coerce(spec: Key, value: Any, where: str) -> Any:
         raise InputError(f"{where}: '{name}' must be {_kind_name(kinds)}, got {value!r} ({type(value).__name__})")
     if isinstance(value, float) and not math.isfinite(value):
         raise InputError(f"{where}: '{name}' must be a finite number, got {value!r}")
+    if isinstance(value, float) and abs(value) > MAX_MAGNITUDE:  # would overflow float32 inside torch
+        raise InputError(f"{where}: '{name}' must be at most {MAX_MAGNITUDE:g} in magnitude, got {value!r}")
     if spec.choices is not None and value not in spec.choices:
         options = ", ".join(str(c) for c in spec.choices if c is not None)
         raise InputError(f"{where}: '{name}' must be one of {options}; got {value!r}")

@@ -41,15 +41,22 @@ class Dist:
         return float(t.item())
 
     def sync_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Sum gradients over ranks (each already divided by the global loss-unit count)."""
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
+        """Sum gradients over ranks (each already divided by the global loss-unit count).
+
+        Every rank takes part in the same all-reduce of every trainable parameter: a rank with
+        no share of a short last batch, or whose loss did not reach a parameter, has no
+        gradient there and contributes zeros. (Skipping the collective on such a rank made
+        gloo abort with a mismatch and would hang NCCL.)
+        """
+        if not params:
             return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for all gradients
         dist.all_reduce(flat)
         offset = 0
-        for g in grads:
+        for p, g in zip(params, grads):
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            p.grad = g
             offset += g.numel()
 
     def barrier(self) -> None:

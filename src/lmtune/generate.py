@@ -8,24 +8,30 @@ sequence each step when the model offers no cache.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lmtune.data.examples import encode
 from lmtune.errors import InputError
 
 
 def _check_options(
-    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
+    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+    seed: int | None = None,
 ) -> None:
     if max_new_tokens < 0:
         raise InputError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}.")
-    if temperature < 0:
+    # NaN passes every comparison, so it is refused by name; inf would divide logits to 0.
+    if not math.isfinite(temperature) or temperature < 0:
         raise InputError(
-            f"--temperature must be 0 (greedy) or positive, got {temperature}."
+            f"--temperature must be 0 (greedy) or a finite positive number, got {temperature}."
         )
+    if seed is not None and not 0 <= seed < 2**64:
+        raise InputError(f"--seed must be in [0, 2**64) (torch's generator seed), got {seed}.")
     if top_k is not None and top_k <= 0:
         raise InputError(f"--top-k must be a positive integer, got {top_k}.")
     if top_p is not None and not 0 < top_p <= 1:
@@ -202,7 +208,7 @@ def generate(
         InputError: For invalid options, malformed prompts, or a prompt longer
             than the model's context.
     """
-    _check_options(max_new_tokens, temperature, top_k, top_p)
+    _check_options(max_new_tokens, temperature, top_k, top_p, seed)
     ids = _as_batch(input_ids)  # (B, T)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -320,7 +326,10 @@ def generate_text(
     """
     # Special tokens are added by hand: some tokenizers would append EOS, which
     # would tell the model the text is already finished.
-    ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+    try:
+        ids = encode(tokenizer, prompt)
+    except InputError as e:
+        raise InputError(f"--prompt: {e}") from None
     bos = getattr(tokenizer, "bos_token_id", None)
     if add_bos and bos is not None and (not ids or ids[0] != bos):
         ids.insert(0, bos)

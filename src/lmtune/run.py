@@ -16,6 +16,7 @@ from lmtune.config import KEYS, RunConfig
 from lmtune.data.readers import Record, read_records
 from lmtune.distributed import pick_device
 from lmtune.errors import InputError
+from lmtune.footprint import current_rss_bytes, predicted_peak_mb
 from lmtune.methods.registry import METHODS, Method
 from lmtune.models.encoders import refuse_encoder
 from lmtune.models.loading import (
@@ -27,8 +28,11 @@ from lmtune.models.loading import (
 )
 from lmtune.objectives.registry import DEFAULT_OBJECTIVE, OBJECTIVES, Objective
 from lmtune.objectives.task import RunContext, Task
+from lmtune.recompute import enable_gradient_checkpointing
 from lmtune.regularize import Guards
+from lmtune.rundir import lock_output_dir, refuse_model_folder
 from lmtune.runlog import RunLog
+from lmtune.runrecord import record_run
 from lmtune.train import train
 
 IN_MEMORY = Path("in-memory model")  # what a run records as its base when the API was handed a model object
@@ -159,6 +163,7 @@ def prepare(cfg: RunConfig, log: RunLog | None = None, model: torch.nn.Module | 
         context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     else:
         folder = resolve_model_dir(cfg.model)
+        refuse_model_folder(out, folder)
         tokenizer = load_tokenizer(folder, cfg.trust_remote_code)
         check_tokenizer(folder, tokenizer)
         context = context_length(folder)
@@ -181,6 +186,7 @@ def prepare(cfg: RunConfig, log: RunLog | None = None, model: torch.nn.Module | 
     if objective.generative and model is None:
         refuse_encoder(folder)
     ctx = RunContext(cfg, method, folder, tokenizer, out, log, base_model=model, _records=preset)
+    record_run(out, cfg.flat(), log)  # run.json: a resume that would not continue the same run is refused here
     guards = Guards.from_context(ctx)  # data.retain, replay, L2: read and checked before the model loads
     task = objective.build(ctx)
     guards.attach(task, cfg, tokenizer.pad_token_id)
@@ -202,26 +208,23 @@ def run_training(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokeni
     """
     from transformers import PreTrainedModel  # noqa: F401  (~150 MB every run holds: inside the baseline)
 
-    from lmtune.footprint import current_rss_bytes, predicted_peak_mb
-
     baseline = current_rss_bytes()  # before the model loads: Python, torch, transformers, lmtune
-    task, ctx = prepare(cfg, log, model, tokenizer, train_records, eval_records)
-    cfg = ctx.cfg
-    if cfg.train.gradient_checkpointing:
-        from lmtune.recompute import enable_gradient_checkpointing
-
-        enable_gradient_checkpointing(task.model)
-    if ctx.model_folder is not None:  # a model passed in as an object has no config folder to inspect
-        task.summary["predicted_peak_mb"] = predicted_peak_mb(ctx.model_folder, cfg, baseline)
-    ctx.log.say(f"model: {ctx.model_folder} | method: {cfg.method} | objective: {cfg.objective} | "
-                f"format: {cfg.data.format}")
-    total, trainable = param_counts(task.model)
-    ctx.log.say(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
-    try:
-        summary = train(task, cfg.train, ctx.output_dir, device=pick_device(), log=ctx.log)
-    except OSError as e:  # disk full, permissions: say so, not a traceback; checkpoints are written atomically
-        raise InputError(f"training stopped: a write in {ctx.output_dir} failed: {e}. Checkpoints already "
-                         "written are intact; free space (or fix permissions) and continue with "
-                         "train.resume=true") from None
+    with lock_output_dir(check_output_dir(cfg.output_dir, cfg.train.resume)):  # one process per output_dir
+        task, ctx = prepare(cfg, log, model, tokenizer, train_records, eval_records)
+        cfg = ctx.cfg
+        if cfg.train.gradient_checkpointing:
+            enable_gradient_checkpointing(task.model)
+        if model is None:  # a model passed in as an object has no config folder to inspect
+            task.summary["predicted_peak_mb"] = predicted_peak_mb(ctx.model_folder, cfg, baseline)
+        ctx.log.say(f"model: {ctx.model_folder} | method: {cfg.method} | objective: {cfg.objective} | "
+                    f"format: {cfg.data.format}")
+        total, trainable = param_counts(task.model)
+        ctx.log.say(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
+        try:
+            summary = train(task, cfg.train, ctx.output_dir, device=pick_device(), log=ctx.log)
+        except OSError as e:  # disk full, permissions: say so, not a traceback; checkpoints are written atomically
+            raise InputError(f"training stopped: a write in {ctx.output_dir} failed: {e}. Checkpoints already "
+                             "written are intact; free space (or fix permissions) and continue with "
+                             "train.resume=true") from None
     ctx.log.say(f"saved to {ctx.output_dir}")
     return RunResult(model=task.model, tokenizer=ctx.tokenizer, summary=summary, output_dir=ctx.output_dir)

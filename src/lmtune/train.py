@@ -38,6 +38,7 @@ class TrainState:
     eval_loss: float | None = None
     best_eval: float | None = None  # early stopping: the best eval loss so far, and how many since
     bad_evals: int = 0
+    stopped_early_at: int | None = None  # a resume of a run early stopping ended is refused (lmtune.runrecord)
     before: dict[str, float] = dataclasses.field(default_factory=dict)  # evaluators before training
 
 
@@ -166,6 +167,7 @@ def train(task: Task, settings: TrainConfig, output_dir: Path, device: torch.dev
                             "continue with train.resume=true")
                     raise Interrupted(stop.received)
                 if stop_early:
+                    state.stopped_early_at = state.step
                     log.say(f"early stopping at step {state.step}: eval loss has not improved for "
                             f"{settings.patience} evaluations")
                     break
@@ -342,6 +344,7 @@ def _finish(task: Task, state: TrainState, best: dict[str, torch.Tensor] | None,
     summary = {
         "total_params": total, "trainable_params": trainable, "trainable_ratio": trainable / max(total, 1),
         "steps": state.step, "tokens_trained": state.tokens, "final_loss": state.last_loss, "eval_loss": eval_loss,
+        "stopped_early_at": state.stopped_early_at,
         "tokens_per_second": clock.tokens_per_second(state.tokens), "peak_rss_mb": peak_rss_mb(),
         "wall_seconds": time.perf_counter() - clock.begun, **task.summary, "first_step_seconds": clock.first_step,
     }

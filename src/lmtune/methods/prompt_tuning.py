@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lmtune.config import PromptTuningConfig
+from lmtune.data.examples import encode
 from lmtune.errors import InputError
 from lmtune.methods.prepared import Prepared
 
@@ -91,7 +92,10 @@ def initial_prompt(model: nn.Module, tokenizer: Any, n: int, init: str, seed: in
     if init == "vocab":
         return table[torch.randint(0, table.shape[0], (n,), generator=g)].clone()
     if init.startswith("text:"):
-        ids = tokenizer(init[5:].strip(), add_special_tokens=False)["input_ids"]
+        try:
+            ids = encode(tokenizer, init[5:].strip())
+        except InputError as e:
+            raise InputError(f"prompt_tuning.init={init!r}: {e}") from None
         if not ids:
             raise InputError(f"prompt_tuning.init={init!r}: the text has no tokens; {INIT_HELP}")
         ids = (ids * (n // len(ids) + 1))[:n]

@@ -144,6 +144,10 @@ def load_quantized(folder: Path, quant: QuantConfig, trust_remote_code: bool = F
             tensor = f.get_tensor(key).float()
         owner_name, _, leaf = key.rpartition(".")
         owner = owners[owner_name]
+        want = getattr(owner, leaf).shape  # the shape config.json gives, on the meta device
+        if tensor.shape != want:
+            raise InputError(f"{file}: tensor {key} is {tuple(tensor.shape)} but the config needs {tuple(want)}; "
+                             "the weights belong to another model, or config.json was edited")
         if leaf in owner._parameters:
             owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
         else:

@@ -11,23 +11,17 @@ safetensors only, ``trust_remote_code`` off unless asked, nothing downloaded.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lmtune.errors import InputError
+from lmtune.models.metadata import check_config
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    """The folder's ``config.json`` as a dict."""
-    try:
-        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{folder}/config.json: cannot read it ({e})") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{folder}/config.json: must hold a JSON object")
-    return config
+    """The folder's ``config.json`` as a dict, its sizes checked (see ``lmtune.models.metadata``)."""
+    return check_config(folder)
 
 
 def is_encoder(folder: Path) -> bool:

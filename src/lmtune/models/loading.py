@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.errors import InputError
+from lmtune.models.metadata import check_config, check_model_folder, check_tokenizer_folder, read_json_object
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 META_FILE = "lmtune.json"
@@ -53,6 +54,7 @@ def resolve_model_dir(path: str | Path | None) -> Path:
             )
         raise InputError(f"{folder} has no *.safetensors weights")
     _check_shard_index(folder)
+    check_model_folder(folder)
     return folder
 
 
@@ -77,9 +79,10 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:
     """Load the tokenizer saved in ``folder``, locally."""
     from transformers import AutoTokenizer
 
+    check_tokenizer_folder(folder)
     try:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # OSError, ValueError, or the tokenizers library's bare Exception for a damaged file
         raise InputError(f"{folder}: could not load its tokenizer: {e}") from None
     if tok.pad_token_id is None:
         # Padding is masked out of attention and loss, so any id works; EOS is the usual choice.
@@ -102,9 +105,11 @@ def load_causal_lm(folder: Path, trust_remote_code: bool = False, dtype: Any = N
     refuse_encoder(folder)
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        # The loading report is asked for and checked: by default transformers only logs that a
+        # tensor was missing (and initialises it at random), and a wrong shape is named only in a log.
+        model, info = AutoModelForCausalLM.from_pretrained(
             folder, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code,
-            dtype=dtype or torch.float32,
+            dtype=dtype or torch.float32, output_loading_info=True, ignore_mismatched_sizes=True,
         )
     except ValueError as e:
         if "trust_remote_code" in str(e):
@@ -113,7 +118,30 @@ def load_causal_lm(folder: Path, trust_remote_code: bool = False, dtype: Any = N
         raise InputError(f"{folder}: not a causal language model this transformers can load: {e}") from None
     except OSError as e:
         raise InputError(f"{folder}: could not load the model: {e}") from None
+    refuse_incomplete(folder, info)
     return model
+
+
+def refuse_incomplete(folder: Path, info: dict[str, Any]) -> None:
+    """Refuse a load that left tensors at random: missing from the files, or of the wrong shape.
+
+    A partly random model must never train or generate.
+
+    Raises:
+        InputError: naming the weight files and up to five tensors (with their shapes).
+    """
+    where = f"{folder}/{'model.safetensors' if (Path(folder) / 'model.safetensors').is_file() else '*.safetensors'}"
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        shown = "; ".join(f"{k} is {tuple(got)} but the config needs {tuple(want)}" for k, got, want in mismatched[:5])
+        raise InputError(f"{where}: {len(mismatched)} tensor(s) do not fit config.json: {shown}. The weights "
+                         "belong to another model, or config.json was edited (vocab_size and hidden sizes must "
+                         "match the weights)")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise InputError(f"{where} lacks {len(missing)} tensor(s) the model needs: {', '.join(missing[:5])}"
+                         f"{', …' if len(missing) > 5 else ''}; they would start random. The file is incomplete or "
+                         "belongs to another model")
 
 
 def load_model_and_tokenizer(path: str | Path | None, tokenizer_path: str | Path | None = None,
@@ -133,10 +161,7 @@ def load_model_and_tokenizer(path: str | Path | None, tokenizer_path: str | Path
 
 def context_length(folder: Path) -> int | None:
     """The model's maximum sequence length from its ``config.json`` (``None`` if it has none)."""
-    try:
-        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{folder}/config.json is not readable JSON: {e}") from None
+    config = check_config(folder)
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):
         if isinstance(config.get(key), int):
             return config[key]
@@ -162,10 +187,7 @@ def read_meta(folder: Path) -> dict[str, Any]:
     path = Path(folder) / META_FILE
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e}); delete it to load the model without its record") from None
+    return read_json_object(path, "; delete it to load the model without its record")
 
 
 def check_tokenizer(model_folder: Path, tokenizer: Any, tokenizer_folder: Path | None = None) -> None:

@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(describe_keys())
         return 0
+    from lmtune.env import set_process_defaults
+
+    set_process_defaults()  # the command owns its process: offline, quiet libraries (lmtune.env)
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)

@@ -25,8 +25,9 @@ from lmtune.errors import InputError
 
 __version__ = "0.1.0"
 
-_API = ("train", "load", "generate", "evaluate", "merge", "inspect")
-__all__ = [*_API, "load_config", "RunResult", "InputError", "__version__"]
+__all__ = ["train", "load", "generate", "evaluate", "merge", "inspect", "load_config", "RunResult", "InputError",
+           "__version__"]
+_API = ("train", "load", "generate", "evaluate", "merge", "inspect")  # functions of lmtune.api
 
 if TYPE_CHECKING:
     from lmtune.api import evaluate, generate, inspect, load, merge, train

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,3 +235,107 @@ def test_the_demo_runs_single_threaded_and_restores_the_thread_count(monkeypatch
         assert inside == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+# --- train ---------------------------------------------------------------------------------------------------------
+
+TRAIN = {"steps": 4, "batch_size": 4, "lr": 1e-2, "max_length": 32, "seed": 3}
+
+
+def summary_losses(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if "loss" in k}
+
+
+def test_train_on_rows_and_a_dataset_equals_the_cli_run_on_their_file(gpt2_dir, tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    path = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    eval_path = write_jsonl(tmp_path / "eval.jsonl", ROWS[:4])
+    assert main(["train", f"model={gpt2_dir}", f"data.train={path}", f"data.eval={eval_path}", "method=lora",
+                 f"output_dir={tmp_path / 'cli'}", *[f"train.{k}={v}" for k, v in TRAIN.items()]]) == 0
+    cli = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    rows = lmtune.train(gpt2_dir, data=ROWS, eval_data=ROWS[:4], method="lora", output_dir=tmp_path / "rows",
+                        train=TRAIN)
+    dataset = lmtune.train(gpt2_dir, data=datasets.Dataset.from_list(ROWS), eval_data=eval_path, method="lora",
+                           output_dir=tmp_path / "ds", train=TRAIN)
+    assert summary_losses(cli)  # final and eval losses are there to compare
+    assert summary_losses(rows.summary) == summary_losses(dataset.summary) == summary_losses(cli)
+    cli_curve = (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()
+    rows_curve = (tmp_path / "rows" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x).get("loss") for x in cli_curve] == [json.loads(x).get("loss") for x in rows_curve]
+
+
+def test_the_result_carries_the_trained_model_with_its_adapter_as_peft_loads_it(gpt2_dir, tmp_path):
+    peft = pytest.importorskip("peft")  # the oracle: PEFT reading the adapter folder the run wrote
+    from transformers import AutoModelForCausalLM
+
+    result = lmtune.train(gpt2_dir, data=ROWS, method="lora", output_dir=tmp_path / "run", train=TRAIN,
+                          lora={"r": 4, "target_modules": "all-linear"})
+    assert result.output_dir == tmp_path / "run"
+    assert result.summary == json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(result.tokenizer) == len(word_tokenizer())
+    assert any(".lora_A." in n for n, _ in result.model.named_parameters())
+    base = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    oracle = peft.PeftModel.from_pretrained(base, tmp_path / "run").eval()
+    ids = torch.tensor([result.tokenizer("the cat can run .", add_special_tokens=False)["input_ids"]])
+    result.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(input_ids=ids).logits, oracle(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+    reloaded, tok = lmtune.load(gpt2_dir, adapter=tmp_path / "run")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, oracle(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_train_an_in_memory_model_equals_training_its_saved_folder(tmp_path):
+    from lmtune.models.loading import save_model
+
+    model, tok = in_memory_model("llama")
+    save_model(model, tok, tmp_path / "base")  # the same initial weights, as a folder
+    from_folder = lmtune.train(tmp_path / "base", data=ROWS, output_dir=tmp_path / "a", train=TRAIN)
+    in_memory = lmtune.train(model, tok, data=ROWS, output_dir=tmp_path / "b", train=TRAIN)
+    assert summary_losses(in_memory.summary) == pytest.approx(summary_losses(from_folder.summary), rel=1e-6)
+    trained = dict(in_memory.model.named_parameters())
+    for name, p in from_folder.model.named_parameters():
+        torch.testing.assert_close(trained[name], p, rtol=1e-5, atol=1e-6)
+
+
+def test_train_with_a_config_file_and_keyword_sections_over_it(gpt2_dir, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {gpt2_dir}\nmethod: lora\ntrain:\n  steps: 2\n  batch_size: 4\n  lr: 0.01\n")
+    result = lmtune.train(config=cfg, data=ROWS, output_dir=tmp_path / "run", train={"steps": 3})
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert max(steps) == 3  # the keyword section won over the file
+    assert any(".lora_A." in n for n, _ in result.model.named_parameters())  # the file's method held
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"data": [dict(ROWS[0]), {"prompt": "the cat", "completion": 7}]}, r"data\[1\]"),
+    ({"data": ROWS, "eval_data": [{"prompt": "a"}, 5]}, r"eval_data\[1\]: each row must be a mapping"),
+    ({"data": ROWS, "lora": {"rank": 4}, "method": "lora"}, "lora.rank"),
+])
+def test_train_raises_input_error_naming_what_is_wrong(gpt2_dir, tmp_path, kwargs, message):
+    with pytest.raises(lmtune.InputError, match=message):
+        lmtune.train(gpt2_dir, output_dir=tmp_path / "run", train=TRAIN, **kwargs)
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_train_refuses_a_tokenizer_without_an_in_memory_model_and_vice_versa(gpt2_dir, tmp_path):
+    model, tok = in_memory_model()
+    with pytest.raises(lmtune.InputError, match="needs its tokenizer"):
+        lmtune.train(model, data=ROWS, output_dir=tmp_path / "a")
+    with pytest.raises(lmtune.InputError, match="goes with an in-memory model"):
+        lmtune.train(gpt2_dir, tok, data=ROWS, output_dir=tmp_path / "b")
+
+
+def test_the_python_api_example_tunes_scores_and_merges(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    try:
+        example = importlib.import_module("python_api")
+    finally:
+        sys.path.pop(0)
+    r = example.run(tmp_path / "ex", steps=40)
+    assert r["after"]["perplexity"] < r["before"]["perplexity"]
+    # The merged folder scores what the in-memory model with its adapter scored.
+    assert r["merged"]["perplexity"] == pytest.approx(r["after"]["perplexity"], rel=1e-4)
+    assert r["merged"]["exact_match"] == r["after"]["exact_match"]

@@ -339,3 +339,19 @@ def test_the_python_api_example_tunes_scores_and_merges(tmp_path):
     # The merged folder scores what the in-memory model with its adapter scored.
     assert r["merged"]["perplexity"] == pytest.approx(r["after"]["perplexity"], rel=1e-4)
     assert r["merged"]["exact_match"] == r["after"]["exact_match"]
+
+
+def test_merging_a_chat_adapter_keeps_the_chat_tokens_it_added(gpt2_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    turn = [{"role": "user", "content": "can the cat run ?"}, {"role": "assistant", "content": "the cat can run ."}]
+    result = lmtune.train(gpt2_dir, data=[{"messages": turn}] * 8, method="lora", output_dir=tmp_path / "chat",
+                          train={"steps": 3, "batch_size": 4, "max_length": 24, "lr": 5e-2})
+    out = lmtune.merge(gpt2_dir, adapter=tmp_path / "chat", out=tmp_path / "merged")
+    merged, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)  # the oracle
+    assert "<|im_end|>" in tok.get_vocab() and len(tok) == merged.get_input_embeddings().weight.shape[0]
+    ids = torch.tensor([tok.apply_chat_template(turn, tokenize=True, return_dict=False)])
+    result.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, result.model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)

@@ -506,7 +506,7 @@ def load_with_adapter(model: str | Path | nn.Module | None, adapter: str | Path 
 
 
 def merge_command(model: str | Path | None, adapter: str | Path, out: str | Path) -> Path:
-    """``lmtune merge``: base + adapter -> a plain ``transformers`` folder with the tokenizer.
+    """``lmtune merge``: base + adapter -> a plain ``transformers`` folder with the tokenizer; returns ``out``.
 
     A QLoRA adapter merges into the *original* full-precision base, never into 4-bit weights
     (rounding the merged weights to NF4 again would lose most of the update).
@@ -524,10 +524,9 @@ def merge_command(model: str | Path | None, adapter: str | Path, out: str | Path
     if config.get("peft_type") == "PROMPT_TUNING":
         raise InputError(f"{adapter} is a prompt-tuning adapter: it prepends learned inputs and changes no weight, "
                          "so there is nothing to merge; use it with --adapter instead")
-    base, tokenizer, folder = load_model_and_tokenizer(model)
-    load_adapter(base, adapter, tokenizer)
+    # The adapter's tokenizer where its training added chat tokens: the merged rows are for those ids.
+    base, tokenizer, folder = load_with_adapter(model, adapter)
     merged = merge_and_unload(base)
     save_model(merged, tokenizer, out, {"base_model": str(folder), "adapter": str(adapter), "method": "merged",
                                         "weights_fingerprint": weights_fingerprint(merged)})
-    print(f"merged {adapter} into {folder}; wrote {out}")
     return out

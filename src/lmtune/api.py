@@ -60,9 +60,10 @@ def train(model: PathLikeStr | nn.Module | None = None, tokenizer: Any = None, *
             the data's fields).
         output_dir: where the run writes its model or adapter, metrics and ``summary.json``.
         config: a ``RunConfig`` or a YAML file as the base; the other arguments override it.
-        overrides: dotted keys, as ``["train.lr=1e-4"]`` or ``{"data.format": "text"}``.
+        overrides: dotted keys over ``config``, as ``["train.lr=1e-4"]`` or ``{"data.format": "text"}``.
         **sections: config sections as dicts (``lora={"r": 16}``, ``train={"steps": 100}``) and
-            top-level keys (``trust_remote_code=True``); ``lmtune train --keys`` lists them all.
+            top-level keys (``trust_remote_code=True``), applied last; ``lmtune train --keys``
+            lists them all.
 
     Returns:
         A ``RunResult``: ``.model`` (trained, adapter attached where the method has one),

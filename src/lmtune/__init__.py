@@ -21,12 +21,12 @@ import sys as _sys
 import types as _types
 from typing import TYPE_CHECKING, Any
 
-from lmtune.errors import InputError
+from lmtune.errors import InputError, Interrupted
 
 __version__ = "0.1.0"
 
-__all__ = ["train", "load", "generate", "evaluate", "merge", "inspect", "load_config", "RunResult", "InputError",
-           "__version__"]
+__all__ = ["train", "load", "generate", "evaluate", "merge", "inspect", "compile", "load_config", "RunResult",
+           "InputError", "Interrupted", "__version__"]
 _API = ("train", "load", "generate", "evaluate", "merge", "inspect")  # functions of lmtune.api
 
 if TYPE_CHECKING:
@@ -72,3 +72,7 @@ class _Package(_types.ModuleType):
 
 
 _sys.modules[__name__].__class__ = _Package
+
+# lmtune.compile(...) compiles a link graph into a model; the package is callable and imports
+# nothing heavy until called (see lmtune/compile/__init__.py).
+from lmtune import compile as compile  # noqa: E402,A004

@@ -290,10 +290,10 @@ def run_eval(model: str | Path | nn.Module | None, adapter: str | Path | None, d
 def _load(model: str | Path | nn.Module | None, adapter: str | Path | None,
           tokenizer: Any) -> tuple[Any, Any, int | None]:
     """The model to score, its tokenizer and context: from folders, or the caller's own objects as they are."""
+    from lmtune.distributed import pick_device
     from lmtune.generate import max_context
     from lmtune.methods.adapters import load_with_adapter
     from lmtune.models.loading import context_length
-    from lmtune.run import pick_device
 
     lm, tokenizer, folder = load_with_adapter(model, adapter, tokenizer=tokenizer)
     if folder is None:

@@ -1,6 +1,6 @@
 """LoRA instruction tuning, evaluation and merge from Python, on the shipped model.
 
-    python examples/python_api.py                      # about 20 s on two CPU cores
+    python examples/python_api.py                      # 150 LoRA steps on the shipped model
     python examples/python_api.py --steps 300 --out runs/python-api
 
 The same runs as ``lmtune train``, ``lmtune eval`` and ``lmtune merge``: the training rows are

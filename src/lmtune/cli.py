@@ -66,23 +66,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"{label}\t{prob:.4f}")
         return 0
     from lmtune.generate import generate_text
-    from lmtune.models.loading import load_model_and_tokenizer
+    from lmtune.methods.adapters import load_with_adapter
 
-    model, tokenizer, folder = load_model_and_tokenizer(args.model)
-    if args.adapter:
-        from lmtune.methods.adapters import adapter_tokenizer, load_adapter
-
-        tokenizer = adapter_tokenizer(args.adapter, tokenizer)  # with the chat tokens training added, if any
-        model = load_adapter(model, args.adapter, tokenizer=tokenizer)
-    prompt = args.prompt
-    stop_ids: list[int] = []
-    if args.chat:
-        from lmtune.data.chat import render_generation_prompt
-
-        prompt, stop_ids = render_generation_prompt(tokenizer, args.prompt)
-    text = generate_text(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
+    # With an adapter: the adapter's tokenizer, with the chat tokens training added, if any.
+    model, tokenizer, _ = load_with_adapter(args.model, args.adapter)
+    text = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                         stop_ids=stop_ids, add_bos=not args.chat)
+                         chat=args.chat)
     print(text)
     return 0
 
@@ -103,7 +93,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from lmtune.methods.adapters import merge_command
 
-    merge_command(model=args.model, adapter=args.adapter, out=args.out)
+    out = merge_command(model=args.model, adapter=args.adapter, out=args.out)
+    print(f"merged {args.adapter} into {args.model or 'the shipped model'}; wrote {out}")
     return 0
 
 
@@ -256,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(describe_keys())
         return 0
+    from lmtune.env import set_process_defaults
+
+    set_process_defaults()  # the command owns its process: offline, quiet libraries (lmtune.env)
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)

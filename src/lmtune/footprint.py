@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from lmtune.errors import InputError
+
 if TYPE_CHECKING:
     from lmtune.config import RunConfig
 
@@ -33,10 +35,16 @@ def human(n: float) -> str:
 
 
 def _meta_model(folder: Path, trust_remote_code: bool) -> nn.Module:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    return _meta_from_config(config, trust_remote_code)
+
+
+def _meta_from_config(config: Any, trust_remote_code: bool = False) -> nn.Module:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
@@ -107,8 +115,6 @@ def method_row(model_fn: Any, method: str, cfg: RunConfig) -> dict[str, Any]:
 
 def inspect_model(model_fn: Any, cfg: RunConfig) -> dict[str, dict[str, Any]]:
     """Rows for full, (freeze,) lora, qlora and prompt_tuning under ``cfg``'s settings."""
-    from lmtune.errors import InputError
-
     methods = ["full"] + (["freeze"] if cfg.freeze.layers or cfg.method == "freeze" else [])
     methods += ["lora", "qlora", "prompt_tuning"]
     rows = {}
@@ -214,7 +220,7 @@ def _shape(cfg: RunConfig) -> dict[str, Any]:
             "checkpointing": cfg.train.gradient_checkpointing, "lora_r": cfg.lora.r}
 
 
-def render(folder: Path, model_name: str, cfg: RunConfig, rows: dict[str, dict[str, Any]]) -> str:
+def render(folder: Path | str, model_name: str, cfg: RunConfig, rows: dict[str, dict[str, Any]]) -> str:
     """The human-readable report."""
     lines = [f"model: {folder} ({model_name})",
              "training memory = weights + gradients (fp32) + AdamW state (2 × fp32); the predicted peak adds "
@@ -248,8 +254,15 @@ def render(folder: Path, model_name: str, cfg: RunConfig, rows: dict[str, dict[s
     return "\n".join(lines).rstrip() + "\n"
 
 
-def run_inspect(model: str | Path | None, overrides: list[str]) -> dict[str, Any]:
+def run_inspect(model: str | Path | nn.Module | None, overrides: list[str] | dict[str, Any] | None = None,
+                **keys: Any) -> dict[str, Any]:
     """``lmtune inspect``: the report as a dict (``--json``) with its text under ``"text"``.
+
+    Args:
+        model: model folder (``None``: ``model`` from the config, else the shipped model), or an
+            in-memory ``transformers`` model, whose config is used (its weights are not touched).
+        overrides: config keys as ``key=value`` strings or a dict of dotted keys.
+        **keys: config keys and sections as for ``load_config`` (``method="lora", lora={"r": 16}``).
 
     Raises:
         InputError: bad model folder or config keys, or the configured method cannot apply.
@@ -257,16 +270,23 @@ def run_inspect(model: str | Path | None, overrides: list[str]) -> dict[str, Any
     from lmtune.config import load_config
     from lmtune.models.loading import resolve_model_dir
 
-    cfg = load_config(overrides=overrides)
-    folder = resolve_model_dir(model if model is not None else cfg.model)
-    trust = cfg.trust_remote_code
-    probe = _meta_model(folder, trust)
+    cfg = load_config(overrides=overrides, **keys)
+    if isinstance(model, nn.Module):
+        config = getattr(model, "config", None)
+        if config is None:
+            raise InputError(f"inspect reads a transformers config; {type(model).__name__} has no .config")
+        where, model_fn = f"in-memory {config.model_type} model", lambda: _meta_from_config(config)
+    else:
+        folder = resolve_model_dir(model if model is not None else cfg.model)
+        trust = cfg.trust_remote_code
+        where, model_fn = str(folder), lambda: _meta_model(folder, trust)
+    probe = model_fn()
     baseline = current_rss_bytes()  # this process has imported what a run imports: the baseline on this machine
-    rows = inspect_model(lambda: _meta_model(folder, trust), cfg)
+    rows = inspect_model(model_fn, cfg)
     arch = architecture(probe.config)
     for method, row in rows.items():
         if "error" not in row:
             shape = {**_shape(cfg), "method": method}
             row["predicted_peak"] = predict_peak(row, arch, **shape, baseline_bytes=baseline)
-    return {"model": str(folder), "architecture": type(probe).__name__, "method": cfg.method,
-            "methods": rows, "text": render(folder, type(probe).__name__, cfg, rows)}
+    return {"model": where, "architecture": type(probe).__name__, "method": cfg.method,
+            "methods": rows, "text": render(where, type(probe).__name__, cfg, rows)}

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmtune.data.chat import render_generation_prompt
 from lmtune.data.examples import encode
 from lmtune.errors import InputError
 
@@ -146,7 +147,8 @@ class _Forward:
         return self.model(ids, **kwargs)
 
 
-def _max_context(model: nn.Module) -> int | None:
+def max_context(model: nn.Module) -> int | None:
+    """The longest sequence the model's config allows (``None`` when it states none)."""
     config = getattr(model, "config", None)
     for name in ("n_positions", "max_position_embeddings"):
         value = getattr(config, name, None)
@@ -226,7 +228,7 @@ def generate(
             )
     prompt_len = ids.shape[1]
     steps = max_new_tokens
-    context = _max_context(model)
+    context = max_context(model)
     if context is not None:
         if prompt_len > context:
             raise InputError(
@@ -303,6 +305,7 @@ def generate_text(
     seed: int | None = None,
     stop_ids: Iterable[int] = (),
     add_bos: bool = True,
+    chat: bool = False,
 ) -> str:
     """Continue a text prompt and return only the generated text.
 
@@ -317,13 +320,22 @@ def generate_text(
         seed: Seed for sampling.
         stop_ids: Extra token ids that end generation, besides the EOS token.
         add_bos: Prepend the tokenizer's BOS token when it has one.
+        chat: Treat ``prompt`` as one user turn: render it with the chat template
+            (which writes its own special tokens, so no BOS is added) and stop at
+            the end of the assistant's turn.
 
     Returns:
         The decoded continuation, special tokens removed.
 
     Raises:
-        InputError: For invalid options or a prompt that does not fit the model.
+        InputError: For invalid options, a prompt that does not fit the model, or
+            ``chat`` with a tokenizer that has no chat template (nor ChatML tokens).
     """
+    stops = set(stop_ids)
+    if chat:
+        prompt, turn_end = render_generation_prompt(tokenizer, prompt)
+        stops.update(turn_end)
+        add_bos = False
     # Special tokens are added by hand: some tokenizers would append EOS, which
     # would tell the model the text is already finished.
     try:
@@ -333,7 +345,6 @@ def generate_text(
     bos = getattr(tokenizer, "bos_token_id", None)
     if add_bos and bos is not None and (not ids or ids[0] != bos):
         ids.insert(0, bos)
-    stops = set(stop_ids)
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None:
         stops.add(eos)

@@ -6,6 +6,7 @@ data, which keys apply), so a mistake is reported in a second, not after a model
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,7 +173,9 @@ def prepare(cfg: RunConfig, log: RunLog | None = None, model: torch.nn.Module | 
     if model is not None and not objective.generative:
         raise InputError(f"objective={objective.name} loads its model from a folder (it adds a head); "
                          "pass model= as a folder path")
-    log = log or RunLog(out)
+    if log is None:  # under torchrun only rank 0 prints and writes; the others check the same inputs silently
+        main = int(os.environ.get("RANK", "0")) == 0
+        log = RunLog(out) if main else RunLog(out, quiet=True, tensorboard=False, active=False)
     if context is not None and cfg.train.max_length > context:
         # Positions past the model's context have no embedding; longer examples are truncated.
         log.say(f"train.max_length={cfg.train.max_length} exceeds the model's context of {context} tokens; "

@@ -72,7 +72,7 @@ def assert_equal_runs(common: list[str], batch: int, tmp_path: Path) -> tuple[li
     a, b = _tensors(one), _tensors(two)
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
     ma, mb = _metrics(one), _metrics(two)
     assert [m["step"] for m in ma] == [m["step"] for m in mb]  # rank 1 appended nothing of its own
     torch.testing.assert_close(torch.tensor([m["loss"] for m in mb]), torch.tensor([m["loss"] for m in ma]),
@@ -95,7 +95,7 @@ def test_lora_equals_one_process_and_replay_is_sharded(gpt2_dir, corpus, tmp_pat
     replay = tmp_path / "replay.txt"
     replay.write_text("the red ball .\nmy mom has a hat .\nthe fish can jump .\n")
     ma, mb = assert_equal_runs([f"model={gpt2_dir}", f"data.train={corpus}", "method=lora", "lora.r=4",
-                                "train.steps=3", "train.lr=1e-2", f"regularize.replay_data={replay}",
+                                "train.steps=3", f"regularize.replay_data={replay}",
                                 "regularize.replay_ratio=0.25"], 8, tmp_path)
     # Replay adds 8·0.25/0.75 = 2.67 examples per global batch; repeated on each rank the token
     # counts would exceed one process's.
@@ -104,7 +104,7 @@ def test_lora_equals_one_process_and_replay_is_sharded(gpt2_dir, corpus, tmp_pat
 
 def test_dpo_equals_one_process(gpt2_dir, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
-    ma, mb = assert_equal_runs([f"model={gpt2_dir}", f"data.train={data}", "train.steps=3", "train.lr=1e-2"],
+    ma, mb = assert_equal_runs([f"model={gpt2_dir}", f"data.train={data}", "train.steps=3"],
                                4, tmp_path)
     # Per-pair metrics are pair-weighted means over both ranks: the same as over the whole batch.
     for key in ("rewards/margins", "rewards/accuracies", "logps/chosen"):
@@ -114,8 +114,8 @@ def test_dpo_equals_one_process(gpt2_dir, tmp_path):
 
 def test_classification_equals_one_process(gpt2_dir, tmp_path):
     data = write_jsonl(tmp_path / "topic.jsonl", topic_records(14))
-    assert_equal_runs([f"model={gpt2_dir}", f"data.train={data}", "objective=classify", "train.steps=3",
-                       "train.lr=1e-2"], 8, tmp_path)
+    assert_equal_runs([f"model={gpt2_dir}", f"data.train={data}", "objective=classify", "train.steps=3"],
+                      8, tmp_path)
 
 
 def test_fsdp2_full_and_lora_equal_one_process(gpt2_dir, corpus, tmp_path):

@@ -111,8 +111,8 @@ class DistributedConfig:
                               choices=(None, "gloo", "nccl"))
     timeout: float = key(300.0, "seconds a rank waits for the others before the run stops, naming itself",
                          _positive)
-    bucket_mb: float = key(25.0, "ddp: gradient bucket size; all-reduce of a full bucket overlaps backward "
-                                 "(larger than the model: one all-reduce after backward, no overlap)", _positive)
+    bucket_mb: float = key(25.0, "ddp: gradient bucket MB, all-reduced during backward (> model: no overlap)",
+                           _positive)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,26 @@ from lmtune.errors import InputError
 FSDP_METHODS = ("full", "freeze", "lora")
 
 
+def check_strategy(cfg: Any) -> None:
+    """Refuse, before any model loads, what ``train.distributed.strategy=fsdp`` cannot do yet.
+
+    Raises:
+        InputError: naming the method or key and the fix.
+    """
+    if cfg.train.distributed.strategy != "fsdp":
+        return
+    if cfg.method not in FSDP_METHODS:
+        raise InputError(f"train.distributed.strategy=fsdp shards plain weights ({', '.join(FSDP_METHODS)}); "
+                         f"method={cfg.method} is not supported with it: use train.distributed.strategy=ddp")
+    blocked = {"train.save_every": cfg.train.save_every, "train.resume": cfg.train.resume,
+               "train.patience": cfg.train.patience, "data.retain": cfg.data.retain,
+               "regularize.l2_init": cfg.regularize.l2_init, "train.compile": cfg.train.compile}
+    for name, value in blocked.items():
+        if value:
+            raise InputError(f"{name} is not supported with train.distributed.strategy=fsdp yet (its weights are "
+                             "sharded DTensors); remove it or use train.distributed.strategy=ddp")
+
+
 class LossModule(nn.Module):
     """``forward(batch, regularize)`` = the task's loss on ``model`` (plus the regularizers when asked)."""
 

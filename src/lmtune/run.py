@@ -16,6 +16,7 @@ import torch
 from lmtune.config import KEYS, RunConfig
 from lmtune.data.readers import Record, read_records
 from lmtune.distributed import pick_device
+from lmtune.engine import check_strategy
 from lmtune.errors import InputError
 from lmtune.methods.registry import METHODS, Method
 from lmtune.models.encoders import refuse_encoder
@@ -137,6 +138,7 @@ def resolve(cfg: RunConfig, records: list[Record] | None) -> tuple[RunConfig, Me
         allowed = " or ".join(f"method={m}" for m in objective.methods)
         raise InputError(f"objective={objective.name} trains with {allowed}; got method={method.name}")
     check_keys_apply(cfg, method, objective)
+    check_strategy(cfg)
     return cfg, method, objective
 
 

@@ -125,6 +125,7 @@ class Engine:
         for m in self.module.modules():
             if isinstance(m, FSDPModule):
                 m.set_gradient_divide_factor(1.0)  # sum: each rank's loss is its share of the global mean
+                m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
 
     def trainable(self) -> list[nn.Parameter]:
         """The parameters the optimizer steps (under FSDP2: this rank's shards)."""

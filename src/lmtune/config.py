@@ -112,8 +112,14 @@ class FreezeConfig:
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    strategy: str = key("ddp", "under torchrun", choices=("ddp", "fsdp"))
-    backend: str | None = key(None, "process-group backend (default: nccl on GPU, gloo on CPU)")
+    strategy: str = key("ddp", "under torchrun: ddp (a full copy per rank) or fsdp (FSDP2, weights sharded)",
+                        choices=("ddp", "fsdp"))
+    backend: str | None = key(None, "process-group backend (default: nccl on GPU, gloo on CPU)",
+                              choices=(None, "gloo", "nccl"))
+    timeout: float = key(300.0, "seconds a rank waits for the others before the run stops, naming itself",
+                         _positive)
+    bucket_mb: float = key(25.0, "ddp: gradient bucket MB, all-reduced during backward (> model: no overlap)",
+                           _positive)
 
 
 @dataclass(frozen=True)

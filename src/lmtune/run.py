@@ -6,6 +6,7 @@ data, which keys apply), so a mistake is reported in a second, not after a model
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from lmtune.config import KEYS, RunConfig
 from lmtune.data.readers import Record, read_records
 from lmtune.distributed import pick_device
+from lmtune.engine import check_strategy
 from lmtune.errors import InputError
 from lmtune.footprint import current_rss_bytes, predicted_peak_mb
 from lmtune.methods.registry import METHODS, Method
@@ -140,6 +142,7 @@ def resolve(cfg: RunConfig, records: list[Record] | None) -> tuple[RunConfig, Me
         allowed = " or ".join(f"method={m}" for m in objective.methods)
         raise InputError(f"objective={objective.name} trains with {allowed}; got method={method.name}")
     check_keys_apply(cfg, method, objective)
+    check_strategy(cfg)
     return cfg, method, objective
 
 
@@ -177,7 +180,9 @@ def prepare(cfg: RunConfig, log: RunLog | None = None, model: torch.nn.Module | 
     if model is not None and not objective.generative:
         raise InputError(f"objective={objective.name} loads its model from a folder (it adds a head); "
                          "pass model= as a folder path")
-    log = log or RunLog(out)
+    if log is None:  # under torchrun only rank 0 prints and writes; the others check the same inputs silently
+        main = int(os.environ.get("RANK", "0")) == 0
+        log = RunLog(out) if main else RunLog(out, quiet=True, tensorboard=False, active=False)
     if context is not None and cfg.train.max_length > context:
         # Positions past the model's context have no embedding; longer examples are truncated.
         log.say(f"train.max_length={cfg.train.max_length} exceeds the model's context of {context} tokens; "

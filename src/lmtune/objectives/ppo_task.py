@@ -28,7 +28,7 @@ from torch import nn
 from lmtune.config import PPOConfig, TrainConfig
 from lmtune.data.batching import epoch_order
 from lmtune.data.examples import encode, special_ids
-from lmtune.distributed import Dist
+from lmtune.distributed import Dist, rank_seed, shard
 from lmtune.errors import InputError
 from lmtune.generate import generate
 from lmtune.models.loading import tokenizer_fingerprint
@@ -160,13 +160,22 @@ class Rollouts:
 
     def next(self, step: int, ddp: Dist | None) -> dict[str, Any]:
         if not self.buffer:
-            self._rollout()
+            self._rollout(ddp)
         return self.buffer.pop(0)
 
     def total_steps(self, train: TrainConfig, world: int) -> int:
-        """``train.epochs`` counts passes over the prompts: each rollout gives ppo.epochs passes of micro-batches."""
+        """``train.epochs`` counts passes over the prompts: each rollout gives ppo.epochs passes of micro-batches.
+
+        Under torchrun each rank rolls out ``rollout_batch_size / world`` of the prompts.
+
+        Raises:
+            InputError: ``ppo.rollout_batch_size`` does not divide by the number of ranks.
+        """
         size = self.ppo.rollout_batch_size
-        per_rollout = self.ppo.epochs * math.ceil(size / train.batch_size) / train.grad_accum
+        if size % world:
+            raise InputError(f"ppo.rollout_batch_size={size} does not divide among {world} ranks, so they would "
+                             f"train on different numbers of micro-batches; use a multiple of {world}")
+        per_rollout = self.ppo.epochs * math.ceil(size // world / train.batch_size) / train.grad_accum
         return max(1, math.ceil(train.epochs * len(self.prompts) / size * per_rollout))
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -207,11 +216,13 @@ class Rollouts:
                            bare).float()
 
     @torch.no_grad()
-    def _rollout(self) -> None:
+    def _rollout(self, ddp: Dist | None = None) -> None:
+        """Roll out this rank's share of the next prompts (each rank samples with its own seed)."""
         ppo, seed = self.ppo, self.seed
-        indices = self._prompt_indices()
+        indices = shard(self._prompt_indices(), ddp)
         prompt_ids = [self.prompts[i][1] for i in indices]
-        responses = self.sample(prompt_ids, ppo.temperature, seed * 1_000_003 + self.count)
+        sample_seed = rank_seed(seed * 1_000_003 + self.count, ddp)
+        responses = self.sample(prompt_ids, ppo.temperature, sample_seed)
         has_eos = torch.tensor([bool(r) and r[-1] == self.eos for r in responses])  # (B,)
         raw = self.score(indices, responses)  # (B,)
         scores = raw - ppo.missing_eos_penalty * (~has_eos).float()  # (B,)
@@ -226,7 +237,7 @@ class Rollouts:
         mask = batch["response_mask"]
         rewards, kl = per_token_rewards(scores.to(device), logp, ref_logp, mask, ppo.kl_coef)
         advantages, returns = gae(rewards, values * mask, mask, ppo.gamma, ppo.lam)
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask)  # per rank: each rank's share of the rollout
 
         kl_per_seq = kl.sum(1)  # (B,)
         self.stats = {"score": raw.mean().item(), "kl": kl_per_seq.mean().item(),
@@ -236,7 +247,7 @@ class Rollouts:
                       "eos_fraction": has_eos.float().mean().item()}
         rollout = {**batch, "old_logprobs": logp, "old_values": values * mask, "advantages": advantages,
                    "returns": returns}
-        g = torch.Generator().manual_seed(seed * 1_000_003 + self.count)
+        g = torch.Generator().manual_seed(sample_seed)
         for _ in range(ppo.epochs):
             for rows in torch.randperm(len(indices), generator=g).split(self.batch_size):
                 rows = rows.to(device)

@@ -67,13 +67,13 @@ def test_a_model_without_checkpointing_support_is_refused_naming_the_key():
 
 
 def test_the_config_key_turns_it_on_in_a_run(model_dir, corpus, tmp_path, monkeypatch):
-    import lmtune.recompute
+    import lmtune.run
     from lmtune.run import run_training
     from lmtune.runlog import RunLog
 
     enabled = []
-    original = lmtune.recompute.enable_gradient_checkpointing
-    monkeypatch.setattr(lmtune.recompute, "enable_gradient_checkpointing", lambda m: enabled.append(original(m)))
+    original = lmtune.run.enable_gradient_checkpointing
+    monkeypatch.setattr(lmtune.run, "enable_gradient_checkpointing", lambda m: enabled.append(original(m)))
     cfg = load_config(overrides={"model": str(model_dir), "data.train": str(corpus), "output_dir": str(tmp_path / "r"),
                                  "method": "lora", "train.steps": 1, "train.batch_size": 2,
                                  "train.gradient_checkpointing": True})

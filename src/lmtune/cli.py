@@ -20,6 +20,8 @@ EXAMPLES = """examples:
   lmtune train examples/lora.yaml train.lr=2e-4
   lmtune train data.train=my.jsonl method=lora output_dir=runs/a
   lmtune generate --prompt "where is the"
+  lmtune convert --model SmolLM2-135M-Instruct.Q4_1.gguf --out smollm2
+  lmtune export --model smollm2 --adapter runs/a/adapter --format ollama --out smollm2-tuned
 """
 
 
@@ -98,6 +100,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from lmtune.models.gguf import convert_command
+
+    convert_command(model=args.model, out=args.out, dtype=args.dtype)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lmtune.export.command import export_command
+
+    export_command(model=args.model, out=args.out, fmt=args.format, adapter=args.adapter, dtype=args.dtype)
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from lmtune.footprint import run_inspect
 
@@ -152,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"lmtune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    model_help = "local model folder (default: the shipped model)"
+    model_help = "local model folder or .gguf file (default: the shipped model)"
 
     p = sub.add_parser("demo", help="pre-training vs fine-tuning vs LoRA on the shipped model, end to end")
     p.add_argument("--out", default="lmtune-demo", help="output folder (default: lmtune-demo)")
@@ -203,6 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("convert", help="a GGUF file -> a plain transformers folder (safetensors + tokenizer)")
+    p.add_argument("--model", required=True, help="a .gguf file, or a folder holding one")
+    p.add_argument("--out", required=True, help="the new folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the GGUF tensors are dequantized to (default: float32)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="write a model (adapter merged) as GGUF for llama.cpp, or for Ollama")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--adapter", help="adapter folder to merge in first")
+    p.add_argument("--format", default="gguf", choices=["gguf", "ollama"],
+                   help="gguf: one .gguf file; ollama: a folder with model.gguf and a Modelfile (default: gguf)")
+    p.add_argument("--out", required=True, help="the .gguf file (gguf) or a new folder (ollama)")
+    p.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="tensor type of the matrices (norms stay f32; default: f16)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("inspect", help="parameters and training memory per method")
     p.add_argument("--model", help=model_help)

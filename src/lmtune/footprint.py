@@ -35,9 +35,9 @@ def human(n: float) -> str:
 
 
 def _meta_model(folder: Path, trust_remote_code: bool) -> nn.Module:
-    from transformers import AutoConfig
+    from lmtune.models.loading import auto_config
 
-    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    config = auto_config(folder, trust_remote_code)
     return _meta_from_config(config, trust_remote_code)
 
 

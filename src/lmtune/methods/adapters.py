@@ -506,28 +506,41 @@ def load_with_adapter(model: str | Path | nn.Module | None, adapter: str | Path 
     return lm, tokenizer, folder
 
 
-def merge_command(model: str | Path | None, adapter: str | Path, out: str | Path) -> Path:
-    """``lmtune merge``: base + adapter -> a plain ``transformers`` folder with the tokenizer; returns ``out``.
+def merged_model(model: str | Path | None, adapter: str | Path | None) -> tuple[nn.Module, Any, Path]:
+    """Load a base model (folder or GGUF) and fold ``adapter`` (if any) into it.
 
     A QLoRA adapter merges into the *original* full-precision base, never into 4-bit weights
     (rounding the merged weights to NF4 again would lose most of the update).
 
+    Returns:
+        ``(plain transformers model, tokenizer to run it with, base source)``.
+
     Raises:
-        InputError: bad folders, an adapter for another base, a prompt-tuning adapter (nothing
-            to fold: it adds inputs, not weight changes), or an ``out`` that already holds a model.
+        InputError: bad folders, an adapter for another base, or a prompt-tuning adapter (nothing
+            to fold: it adds inputs, not weight changes).
+    """
+    if adapter is not None:
+        config, _, _ = read_adapter_folder(adapter)
+        if config.get("peft_type") == "PROMPT_TUNING":
+            raise InputError(f"{adapter} is a prompt-tuning adapter: it prepends learned inputs and changes no "
+                             "weight, so there is nothing to merge; use it with --adapter instead")
+    # The adapter's tokenizer where its training added chat tokens: the merged rows are for those ids.
+    base, tokenizer, folder = load_with_adapter(model, adapter)
+    return (merge_and_unload(base) if adapter is not None else base), tokenizer, folder
+
+
+def merge_command(model: str | Path | None, adapter: str | Path, out: str | Path) -> Path:
+    """``lmtune merge``: base + adapter -> a plain ``transformers`` folder with the tokenizer; returns ``out``.
+
+    Raises:
+        InputError: see :func:`merged_model`, or an ``out`` that already holds a model.
     """
     from lmtune.models.loading import save_model, weights_fingerprint
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out} already exists and is not empty; choose a new folder")
-    config, _, _ = read_adapter_folder(adapter)
-    if config.get("peft_type") == "PROMPT_TUNING":
-        raise InputError(f"{adapter} is a prompt-tuning adapter: it prepends learned inputs and changes no weight, "
-                         "so there is nothing to merge; use it with --adapter instead")
-    # The adapter's tokenizer where its training added chat tokens: the merged rows are for those ids.
-    base, tokenizer, folder = load_with_adapter(model, adapter)
-    merged = merge_and_unload(base)
+    merged, tokenizer, folder = merged_model(model, adapter)
     save_model(merged, tokenizer, out, {"base_model": str(folder), "adapter": str(adapter), "method": "merged",
                                         "weights_fingerprint": weights_fingerprint(merged)})
     return out

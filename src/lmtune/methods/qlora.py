@@ -124,6 +124,8 @@ def load_quantized(folder: Path, quant: QuantConfig, trust_remote_code: bool = F
     from lmtune.models.loading import load_causal_lm
 
     trust = trust_remote_code
+    if Path(folder).suffix.lower() == ".gguf":  # dequantized by transformers' GGUF reader, then quantized in place
+        return load_causal_lm(folder, trust)
     settings = {"block_size": quant.block_size, "double_quant": quant.double_quant}
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust)
     with no_init_weights(), _parameters_on_meta():

@@ -30,15 +30,17 @@ OBJECTIVES = {
     "lm": "lmtune.objectives.lm_task",
     "sft": "lmtune.objectives.sft_task",
     "dpo": "lmtune.objectives.dpo_task",
+    "kto": "lmtune.objectives.kto_task",
     "reward": "lmtune.objectives.reward_task",
     "ppo": "lmtune.objectives.ppo_task",
+    "grpo": "lmtune.objectives.grpo_task",
     "classify": "lmtune.objectives.classify_task",
 }
 
 # data format -> the objective it implies when ``objective`` is unset.
 DEFAULT_OBJECTIVE = {
     "text": "lm", "prompt_completion": "sft", "alpaca": "sft", "messages": "sft",
-    "preference": "dpo", "classification": "classify", "prompts": "ppo",
+    "preference": "dpo", "unpaired_preference": "kto", "classification": "classify", "prompts": "ppo",
 }
 
 
@@ -81,6 +83,8 @@ def detect_format(records: list[Record]) -> str:
         return "messages"
     if "instruction" in fields and "output" in fields:
         return "alpaca"
+    if {"prompt", "completion", "label"} <= fields:
+        return "unpaired_preference"
     if {"prompt", "completion"} <= fields:
         return "prompt_completion"
     if "label" in fields and ("text" in fields or "text_pair" in fields):
@@ -91,7 +95,7 @@ def detect_format(records: list[Record]) -> str:
         return "prompts"
     raise InputError(f"{records[0].where}: cannot tell the data format from the fields {sorted(fields)}; "
                      "expected text, prompt+completion, instruction+output, messages, prompt+chosen+rejected, "
-                     "or text+label — or set data.format")
+                     "prompt+completion+label, or text+label — or set data.format")
 
 
 def check_output_dir(cfg: dict[str, Any]) -> Path:

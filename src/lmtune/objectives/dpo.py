@@ -116,7 +116,7 @@ def orpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, chosen_nll: 
     ratio = F.logsigmoid(log_odds)  # (B,)
     loss = chosen_nll - beta * ratio.mean()
     metrics = _reward_metrics(beta * chosen_avg, beta * rejected_avg, chosen_avg, rejected_avg)
-    metrics.update({"nll_loss": float(chosen_nll), "log_odds_ratio": ratio.mean().item(),
+    metrics.update({"nll_loss": float(chosen_nll.detach()), "log_odds_ratio": ratio.mean().item(),
                     "log_odds_chosen": log_odds.mean().item()})
     return loss, metrics
 

@@ -1,9 +1,10 @@
-"""Objective ``dpo``: preference pairs -> DPO (or IPO, hinge, robust) through the one loop.
+"""Objective ``dpo``: preference pairs -> DPO (or IPO, hinge, robust, ORPO, SimPO) through the one loop.
 
 Each step runs chosen and rejected through the policy in one batched forward; the reference
 log-probs come from the frozen reference (adapter-disabled model or frozen copy) on the same
 batch, or were computed once before training (``dpo.precompute_ref=true``: no copy is kept,
-and each step runs one forward instead of two).
+and each step runs one forward instead of two). ORPO and SimPO need no reference at all: no
+copy is made and no reference forward runs.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import torch
 
 from lmtune.data.preference import IDENTICAL, build_pairs, collate_pairs, completion_logps
 from lmtune.errors import InputError
-from lmtune.objectives.dpo import dpo_loss
+from lmtune.objectives.dpo import REFERENCE_FREE, dpo_loss, orpo_loss, simpo_loss
 from lmtune.objectives.reference import Reference, disable_dropout
-from lmtune.train import Task
+from lmtune.train import LossFn, Task
 
 
 def check_config(cfg: dict[str, Any]) -> None:
@@ -24,8 +25,12 @@ def check_config(cfg: dict[str, Any]) -> None:
     if cfg["dpo.loss"] == "robust" and not cfg["dpo.label_smoothing"] < 0.5:
         raise InputError(f"dpo.loss=robust needs dpo.label_smoothing below 0.5 (the share of flipped labels); "
                          f"got {cfg['dpo.label_smoothing']}")
-    if cfg["dpo.label_smoothing"] and cfg["dpo.loss"] in ("ipo", "hinge"):
-        raise InputError(f"dpo.label_smoothing applies to dpo.loss=sigmoid (cDPO) or robust, not {cfg['dpo.loss']}")
+    if cfg["dpo.label_smoothing"] and cfg["dpo.loss"] in ("ipo", "hinge", "orpo"):
+        raise InputError(f"dpo.label_smoothing applies to dpo.loss=sigmoid (cDPO), robust or simpo, "
+                         f"not {cfg['dpo.loss']}")
+    if cfg["dpo.precompute_ref"] and cfg["dpo.loss"] in REFERENCE_FREE:
+        raise InputError(f"dpo.precompute_ref has no effect with dpo.loss={cfg['dpo.loss']}, which uses no "
+                         "reference model; leave it unset")
 
 
 def load_pairs(ctx: Any, key: str, add_eos: bool = True,
@@ -63,27 +68,8 @@ def precompute_reference(pairs: list[dict[str, Any]], reference: Reference, pad_
                 pair["ref_chosen"], pair["ref_rejected"] = c, r
 
 
-def build_task(ctx: Any) -> Task:
-    """DPO task: pairs in, summed DPO loss over the batch's pairs out."""
-    from lmtune.run import pick_device
-
-    cfg, tok = ctx.cfg, ctx.tokenizer
-    check_config(cfg)
-    train_pairs, stats = load_pairs(ctx, "data.train")
-    eval_pairs, _ = load_pairs(ctx, "data.eval")
-    model = ctx.load_causal_lm()
-    disable_dropout(model)
-    prepared = ctx.apply_method(model)
-    policy, pad_id = prepared.model, tok.pad_token_id
-    precompute = cfg["dpo.precompute_ref"]
-    reference = Reference(policy, cfg["method"], keep_copy=not precompute)
-    if precompute:
-        device = pick_device()
-        policy.to(device)
-        for pairs in (train_pairs, eval_pairs or []):
-            precompute_reference(pairs, reference, pad_id, cfg["train.batch_size"], device)
-        ctx.log.say(f"precomputed reference log-probs for {len(train_pairs) + len(eval_pairs or [])} pairs")
-    beta, loss_type, smoothing = cfg["dpo.beta"], cfg["dpo.loss"], cfg["dpo.label_smoothing"]
+def reference_loss(reference: Reference, loss_type: str, beta: float, smoothing: float) -> LossFn:
+    """The loss of the DPO family that compares the policy with the reference."""
 
     def loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         pairs = batch["num_loss_tokens"]
@@ -98,8 +84,56 @@ def build_task(ctx: Any) -> Task:
                                  chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:])
         return mean * pairs, metrics  # the loop divides by the window's pair count
 
+    return loss
+
+
+def reference_free_loss(loss_type: str, beta: float, gamma: float, smoothing: float) -> LossFn:
+    """ORPO or SimPO: one policy forward per step, on per-token average completion log-probs."""
+
+    def loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        pairs = batch["num_loss_tokens"]
+        summed = completion_logps(model, batch)  # (2B,)
+        lengths = batch["completion_lengths"].clamp(min=1).to(summed.dtype)  # (2B,)
+        chosen, rejected = (summed / lengths).chunk(2)  # (B,), (B,)
+        if loss_type == "orpo":
+            # The SFT term: mean NLL over the chosen completions' tokens (as train.loss_on=response).
+            nll = -summed[:pairs].sum() / lengths[:pairs].sum()
+            mean, metrics = orpo_loss(chosen, rejected, nll, beta)
+        else:
+            mean, metrics = simpo_loss(chosen, rejected, beta, gamma, smoothing)
+        return mean * pairs, metrics
+
+    return loss
+
+
+def build_task(ctx: Any) -> Task:
+    """DPO task: pairs in, summed DPO loss over the batch's pairs out."""
+    from lmtune.run import pick_device
+
+    cfg, tok = ctx.cfg, ctx.tokenizer
+    check_config(cfg)
+    train_pairs, stats = load_pairs(ctx, "data.train")
+    eval_pairs, _ = load_pairs(ctx, "data.eval")
+    model = ctx.load_causal_lm()
+    disable_dropout(model)
+    prepared = ctx.apply_method(model)
+    policy, pad_id = prepared.model, tok.pad_token_id
+    precompute = cfg["dpo.precompute_ref"]
+    beta, loss_type, smoothing = cfg["dpo.beta"], cfg["dpo.loss"], cfg["dpo.label_smoothing"]
+    if loss_type in REFERENCE_FREE:
+        loss = reference_free_loss(loss_type, beta, cfg["dpo.simpo_gamma"], smoothing)
+    else:
+        reference = Reference(policy, cfg["method"], keep_copy=not precompute)
+        if precompute:
+            device = pick_device()
+            policy.to(device)
+            for pairs in (train_pairs, eval_pairs or []):
+                precompute_reference(pairs, reference, pad_id, cfg["train.batch_size"], device)
+            ctx.log.say(f"precomputed reference log-probs for {len(train_pairs) + len(eval_pairs or [])} pairs")
+        loss = reference_loss(reference, loss_type, beta, smoothing)
+
     return Task(model=policy, train_examples=train_pairs, eval_examples=eval_pairs,
                 collate=lambda ps: collate_pairs(ps, pad_id), loss=loss, save=prepared.save,
-                summary={"data": stats, "dpo": {"beta": beta, "loss": loss_type,
-                                                                        "precompute_ref": precompute},
+                summary={"data": stats, "dpo": {"beta": beta, "loss": loss_type, "precompute_ref": precompute,
+                                                 "reference_model": loss_type not in REFERENCE_FREE},
                          **prepared.summary})

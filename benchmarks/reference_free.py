@@ -27,7 +27,7 @@ from pathlib import Path
 from common import build_model_folder, git_describe, machine_info, peak_rss_mb, set_thread_env, versions
 
 HERE = Path(__file__).resolve().parent
-THREADS = 2
+THREADS = 1  # one thread: on a shared, oversubscribed machine OpenMP threads spin-wait on each other
 ARMS = [(method, loss) for method in ("full", "lora") for loss in ("sigmoid", "orpo", "simpo")]
 BATCH = 8
 

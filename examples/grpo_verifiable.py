@@ -1,12 +1,15 @@
 """GRPO with a verifiable reward on lmtune's shipped tiny GPT, next to PPO on the same reward.
 
-The task: the shipped colour questions ("what color is his red box ?"). A completion earns 1 if
-it names the asked colour and no other colour — a check a function does exactly, no reward
-model involved. GRPO (``objective=grpo``) receives the answer as the prompts file's ``answer``
-column; PPO (``objective=ppo``) gets the same check as ``f(prompt, response)``, reading the
-colour from the prompt. Both sample the same number of completions (8 per prompt for GRPO; the
-same prompts 8 times each for PPO), ≤ 6 tokens at temperature 1, and take the same optimizer
-steps.
+The task: the shipped colour questions followed by the start of their answer ("what color is
+his red box ? his box is"; the bare question makes the base model stop at once, as its
+pre-training lines end after "?"). Two checks a function does exactly, no reward model involved:
+``correct`` (1 if the completion names the asked colour and no other) and ``form`` (1 if it is
+one colour word and a full stop, the answer's form), weighted 1 and 0.5. GRPO (``objective=grpo``)
+gets them as two reward functions (``grpo.reward_fns``, ``grpo.reward_weights``) with the answer
+from the prompts file's ``answer`` column; PPO (``objective=ppo``) gets their weighted sum as one
+``f(prompt, response)``, reading the colour from the prompt. Both sample the same number of
+completions (8 per prompt for GRPO; the same prompts 8 times each for PPO), ≤ 4 tokens at
+temperature 1, and take the same optimizer steps.
 
 Written: mean training reward per step (plot), and on 20 held-out questions the reward of
 greedy and of sampled completions (8 per question, temperature 1) before and after. Rerun
@@ -34,7 +37,7 @@ sys.path.insert(0, str(HERE))  # the reward functions below are imported by modu
 
 from lmtune.assets.vocab import COLOURS  # noqa: E402  (after the path line above)
 
-STEPS, GENERATIONS, PROMPTS_PER_BATCH, NEW_TOKENS, SAMPLES = 60, 8, 8, 6, 8
+STEPS, GENERATIONS, PROMPTS_PER_BATCH, NEW_TOKENS, SAMPLES = 100, 8, 8, 4, 8
 
 
 def names_colour(completion: str, answer: str) -> float:
@@ -48,14 +51,28 @@ def asked_colour(prompt: str) -> str:
     return next(w for w in prompt.split()[2:] if w in COLOURS)
 
 
-def grpo_reward(prompts: list[str], completions: list[str], answer: list[str], **columns) -> list[float]:
+def has_form(completion: str) -> float:
+    """1.0 if ``completion`` is one colour word and a full stop ('red .'), else 0.0."""
+    words = completion.split()
+    return float(len(words) == 2 and words[0] in COLOURS and words[1] == ".")
+
+
+def correct(prompts: list[str], completions: list[str], answer: list[str], **columns) -> list[float]:
     """GRPO reward function: one float per completion, the answer from the data's column."""
     return [names_colour(c, a) for c, a in zip(completions, answer, strict=True)]
 
 
+def form(prompts: list[str], completions: list[str]) -> list[float]:
+    """GRPO reward function without the extra columns: it gets only what it names."""
+    return [has_form(c) for c in completions]
+
+
+WEIGHTS = (1.0, 0.5)
+
+
 def ppo_reward(prompt: str, response: str) -> float:
-    """The same check for PPO, which passes one (prompt, response) at a time."""
-    return names_colour(response, asked_colour(prompt))
+    """The same weighted checks for PPO, which passes one (prompt, response) at a time."""
+    return WEIGHTS[0] * names_colour(response, asked_colour(prompt)) + WEIGHTS[1] * has_form(response)
 
 
 def train(out: Path, **keys: object) -> dict:
@@ -68,8 +85,8 @@ def train(out: Path, **keys: object) -> dict:
 
 
 @torch.no_grad()
-def sampled_reward(model_dir: Path | None, questions: list[dict]) -> float:
-    """Mean reward of SAMPLES sampled completions (temperature 1) per held-out question."""
+def sampled_reward(model_dir: Path | None, questions: list[dict]) -> tuple[float, float]:
+    """(correct rate, form rate) of SAMPLES sampled completions (temperature 1) per held-out question."""
     from lmtune.data.examples import encode, special_ids
     from lmtune.generate import generate
     from lmtune.models.loading import load_model_and_tokenizer
@@ -77,20 +94,23 @@ def sampled_reward(model_dir: Path | None, questions: list[dict]) -> float:
     model, tok, _ = load_model_and_tokenizer(model_dir)
     model.eval()
     bos, eos = special_ids(tok)
-    total = 0.0
+    right = formed = 0.0
     for i, q in enumerate(questions):
         ids = torch.tensor([[bos] + encode(tok, q["prompt"])] * SAMPLES)
         for r in generate(model, ids, max_new_tokens=NEW_TOKENS, temperature=1.0, seed=1000 + i, stop_ids={eos}):
-            total += names_colour(tok.decode(r, skip_special_tokens=True), q["answer"])
-    return total / (len(questions) * SAMPLES)
+            text = tok.decode(r, skip_special_tokens=True)
+            right, formed = right + names_colour(text, q["answer"]), formed + has_form(text)
+    n = len(questions) * SAMPLES
+    return right / n, formed / n
 
 
 def colour_questions(name: str) -> list[dict]:
     from lmtune.assets.corpora import data_path
 
     rows = [json.loads(line) for line in data_path(name).read_text(encoding="utf-8").splitlines()]
-    return [{"prompt": r["prompt"], "answer": asked_colour(r["prompt"])} for r in rows
-            if r["prompt"].startswith("what color")]
+    # "his box is red ." -> the prompt ends with "his box is": the answer is the next word
+    return [{"prompt": f"{r['prompt']} {r['completion'].rsplit(' ', 2)[0]}", "answer": asked_colour(r["prompt"])}
+            for r in rows if r["prompt"].startswith("what color")]
 
 
 def reward_curve(out: Path, key: str) -> list[float]:
@@ -119,7 +139,8 @@ def main() -> None:
     t0 = time.perf_counter()
     runs["GRPO"] = train(out / "grpo", objective="grpo", **common, **{
         "data.train": str(out / "train.jsonl"), "data.eval": str(out / "eval.jsonl"),
-        "grpo.reward_fns": ["grpo_verifiable:grpo_reward"], "grpo.num_generations": GENERATIONS,
+        "grpo.reward_fns": ["grpo_verifiable:correct", "grpo_verifiable:form"],
+        "grpo.reward_weights": list(WEIGHTS), "grpo.num_generations": GENERATIONS,
         "grpo.generation_batch_size": PROMPTS_PER_BATCH, "grpo.max_completion_length": NEW_TOKENS,
         "grpo.num_iterations": 2, "grpo.loss_type": "dapo"})
     runs["GRPO"]["seconds"] = time.perf_counter() - t0
@@ -137,8 +158,10 @@ def main() -> None:
     for name, key, curve_key in (("GRPO", "eval_reward", "reward"), ("PPO", "eval_score", "score")):
         s = runs[name]
         curve = reward_curve(out / name.lower(), curve_key)
+        after = sampled_reward(out / name.lower(), eval_q)
         rows.append({"method": name, "greedy_before": s[f"{key}_before"], "greedy_after": s[f"{key}_after"],
-                     "sampled_before": base_sampled, "sampled_after": sampled_reward(out / name.lower(), eval_q),
+                     "correct_before": base_sampled[0], "correct_after": after[0],
+                     "form_before": base_sampled[1], "form_after": after[1],
                      "train_first": sum(curve[:4]) / 4, "train_last": sum(curve[-4:]) / 4,
                      "seconds": s["seconds"], "curve": curve})
     write_report(rows, time.perf_counter() - start, len(train_q), len(eval_q))
@@ -150,19 +173,21 @@ def write_report(rows: list[dict], elapsed: float, n_train: int, n_eval: int) ->
         "Written by `PYTHONPATH=src python examples/grpo_verifiable.py` "
         f"({elapsed / 60:.1f} min on {platform.processor() or platform.machine()}, shared by other work, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, Python {sys.version.split()[0]}).", "",
-        f"Task: {n_train} shipped colour questions (`what color is his red box ?`); reward 1 when the completion "
-        f"names the asked colour and no other, else 0. Both runs: {STEPS} optimizer steps of 32 completions, "
+        f"Task: {n_train} shipped colour questions with the start of their answer (`what color is his red box ? "
+        f"his box is`); reward = 1 × correct (names the asked colour and no other) + 0.5 × form (one colour "
+        f"word and '.'). Both runs: {STEPS} optimizer steps of 32 completions, "
         f"lr 3e-3, generation batches of {PROMPTS_PER_BATCH} prompts × {GENERATIONS} completions (GRPO; PPO: the "
         f"same {PROMPTS_PER_BATCH * GENERATIONS} completions per rollout), 2 passes over each, ≤ {NEW_TOKENS} "
         "new tokens at temperature 1. GRPO: loss dapo, scale_rewards group, beta 0. PPO: kl_coef 0.05, value "
         "head, GAE.", "",
-        f"Held out: {n_eval} colour questions, greedy, and {SAMPLES} samples each at temperature 1.", "",
-        "| method | train reward, first 4 steps | last 4 steps | held-out greedy before | after | "
-        "held-out sampled before | after | wall (s) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        f"Held out: {n_eval} colour questions; total reward of the greedy completion, and the shares of "
+        f"{SAMPLES} samples each (temperature 1) that are correct and that have the answer's form.", "",
+        "| method | train reward, first 4 steps | last 4 steps | held-out greedy reward before | after | "
+        "sampled correct before | after | sampled form before | after | wall (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['method']} | {r['train_first']:.3f} | {r['train_last']:.3f} | {r['greedy_before']:.3f} | "
-              f"{r['greedy_after']:.3f} | {r['sampled_before']:.3f} | {r['sampled_after']:.3f} | {r['seconds']:.0f} |"
-              for r in rows]
+              f"{r['greedy_after']:.3f} | {r['correct_before']:.3f} | {r['correct_after']:.3f} | "
+              f"{r['form_before']:.3f} | {r['form_after']:.3f} | {r['seconds']:.0f} |" for r in rows]
     (HERE / "GRPO.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (HERE / "grpo_verifiable.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
 

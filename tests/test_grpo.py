@@ -171,3 +171,19 @@ def test_resume_mid_generation_batch_replays_the_saved_buffer(gpt2_dir, tmp_path
     for ra, rb in zip(a, b, strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-6) and rb["reward"] == ra["reward"]
         assert rb["kl"] == pytest.approx(ra["kl"], abs=1e-6)
+
+
+def test_top_k_one_samples_identical_completions_so_every_group_ties(gpt2_dir, tmp_path, prompts, rewards_module):
+    out = tmp_path / "run"
+    assert run(*grpo_args(gpt2_dir, prompts, out, "train.steps=1", "grpo.top_k=1",
+                          f"grpo.reward_fns={rewards_module}:brevity")) == 0
+    first = read_metrics(out)[0]
+    assert first["frac_reward_zero_std"] == 1.0 and first["rewards/brevity/std"] == 0.0
+    assert first["loss"] == 0.0  # all advantages are 0
+
+
+def test_chat_prompts_need_a_chat_template(gpt2_dir, tmp_path, rewards_module, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": "the cat"}]}) + "\n", encoding="utf-8")
+    assert run(*grpo_args(gpt2_dir, path, tmp_path / "run", f"grpo.reward_fns={rewards_module}:brevity")) == 2
+    assert "p.jsonl line 1: the prompt is chat messages but the tokenizer has no chat template" in capsys.readouterr().err

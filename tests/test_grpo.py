@@ -186,4 +186,19 @@ def test_chat_prompts_need_a_chat_template(gpt2_dir, tmp_path, rewards_module, c
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": [{"role": "user", "content": "the cat"}]}) + "\n", encoding="utf-8")
     assert run(*grpo_args(gpt2_dir, path, tmp_path / "run", f"grpo.reward_fns={rewards_module}:brevity")) == 2
-    assert "p.jsonl line 1: the prompt is chat messages but the tokenizer has no chat template" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "p.jsonl line 1: the prompt is chat messages but the tokenizer has no chat template" in err
+
+
+def test_a_reward_model_folder_is_one_more_weighted_reward_source(gpt2_dir, tmp_path, prompts, rewards_module):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "the cat", "chosen": "can run .", "rejected": "is big ."}) + "\n")
+    assert run(f"model={gpt2_dir}", "objective=reward", f"data.train={pairs}", f"output_dir={tmp_path / 'rm'}",
+               "train.steps=1") == 0
+    out = tmp_path / "run"
+    assert run(*grpo_args(gpt2_dir, prompts, out, "train.steps=1", f"grpo.reward_fns={rewards_module}:brevity",
+                          f"grpo.reward_model={tmp_path / 'rm'}", "grpo.reward_weights=[1.0,0.5]")) == 0
+    first = read_metrics(out)[0]
+    assert first["rewards/reward_model/std"] > 0  # the reward model scores completions differently
+    assert first["reward"] == pytest.approx(first["rewards/brevity/mean"] + 0.5 * first["rewards/reward_model/mean"],
+                                            abs=1e-6)

@@ -22,10 +22,8 @@ It writes ``examples/GRPO.md`` (table) and ``examples/grpo_verifiable.png`` (plo
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,7 +33,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the reward functions below are imported by module name
 
-from lmtune.assets.vocab import COLOURS  # noqa: E402  (after the path line above)
+from sentiment_rlhf import fresh_out  # noqa: E402  (after the path line above)
+
+from lmtune.assets.vocab import COLOURS  # noqa: E402
 
 STEPS, GENERATIONS, PROMPTS_PER_BATCH, NEW_TOKENS, SAMPLES = 100, 8, 8, 4, 8
 
@@ -118,13 +118,7 @@ def reward_curve(out: Path, key: str) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/grpo_verifiable", help="where the runs go (replaced)")
-    args = parser.parse_args()
-    out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    torch.manual_seed(0)
+    out = fresh_out(__doc__.split("\n")[0], "runs/grpo_verifiable")
     start = time.perf_counter()
     train_q, eval_q = colour_questions("instructions.jsonl"), colour_questions("instructions_eval.jsonl")
     for name, rows in (("train.jsonl", train_q), ("eval.jsonl", eval_q)):

@@ -15,10 +15,8 @@ It writes ``examples/PREFERENCE_LOSSES.md`` (table) and ``examples/preference_lo
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,9 +26,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from sentiment_rlhf import evaluate, train  # noqa: E402  (the same evaluation as the PPO/DPO example)
+from sentiment_rlhf import evaluate, fresh_out, train, write_data  # noqa: E402  (the PPO/DPO example's evaluation)
 
-from lmtune.assets.corpora import data_path  # noqa: E402
 from lmtune.models.loading import load_model_and_tokenizer  # noqa: E402
 
 ARMS = [("sigmoid", {"dpo.beta": 0.2}), ("sigmoid", {"dpo.beta": 1.0}),
@@ -40,17 +37,9 @@ STEPS = 60
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/preference_losses", help="where the runs go (replaced)")
-    args = parser.parse_args()
-    out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    torch.manual_seed(0)
+    out = fresh_out(__doc__.split("\n")[0], "runs/preference_losses")
     start = time.perf_counter()
-    pairs = data_path("preferences.jsonl").read_text(encoding="utf-8").splitlines()
-    (out / "pairs_train.jsonl").write_text("\n".join(pairs[:360]) + "\n", encoding="utf-8")
-    held_out = data_path("ppo_prompts.txt").read_text(encoding="utf-8").splitlines()[80:]
+    held_out = write_data(out)
 
     ref, tok, _ = load_model_and_tokenizer(None)
     ref.eval()

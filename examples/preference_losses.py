@@ -90,10 +90,11 @@ def write_report(rows: list[dict], elapsed: float) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for loss, marker in (("sigmoid", "s"), ("orpo", "o"), ("simpo", "^"), ("base (reference)", "*")):
+    labels = (("sigmoid", "s", "DPO (sigmoid)"), ("orpo", "o", "ORPO"), ("simpo", "^", "SimPO"),
+              ("base (reference)", "*", "base (reference)"))
+    for loss, marker, label in labels:
         pts = [r for r in rows if r["loss"] == loss]
-        ax.scatter([r["kl"] for r in pts], [r["sentiment"] for r in pts], marker=marker, s=60,
-                   label="DPO (sigmoid)" if loss == "sigmoid" else loss.upper() if loss != "base (reference)" else loss)
+        ax.scatter([r["kl"] for r in pts], [r["sentiment"] for r in pts], marker=marker, s=60, label=label)
         for r in pts:
             if r["setting"] != "-":
                 ax.annotate(r["setting"], (r["kl"], r["sentiment"]), textcoords="offset points", xytext=(4, 4),

@@ -81,14 +81,16 @@ def test_kto_with_lora_uses_the_adapter_disabled_reference(gpt2_dir, tmp_path):
     assert (out / "adapter_config.json").is_file()
 
 
-def test_kto_reads_csv_labels(gpt2_dir, tmp_path):
+def test_kto_reads_csv_labels_and_evaluates_held_out_examples(gpt2_dir, tmp_path):
     path = tmp_path / "unpaired.csv"
     path.write_text("prompt,completion,label\n" + "".join(
         f"{r['prompt']},{r['completion']},{str(r['label']).lower()}\n" for r in UNPAIRED), encoding="utf-8")
     out = tmp_path / "run"
-    assert run(f"model={gpt2_dir}", f"data.train={path}", f"output_dir={out}", "train.steps=1",
+    assert run(f"model={gpt2_dir}", f"data.train={path}", f"data.eval={path}", f"output_dir={out}", "train.steps=1",
                "train.batch_size=12") == 0
-    assert json.loads((out / "summary.json").read_text())["data"]["desirable"] == 6
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"]["desirable"] == 6
+    assert 0 < summary["eval_loss"] < 1  # each example's KTO loss lies in (0, max weight)
 
 
 @pytest.mark.parametrize("row,message", [

@@ -44,7 +44,7 @@ def run_arm(method: str, loss: str, base: Path, out: Path, steps: int) -> dict:
         "data.train": str(data_path("preferences.jsonl")), "train.steps": steps, "train.batch_size": BATCH,
         "train.lr": 1e-4, "train.max_length": 64, "train.log_every": 1, "train.seed": 0})
     times: list[tuple[float, float]] = []
-    log = RunLog(out, cfg, quiet=True, tensorboard=False)
+    log = RunLog(out, quiet=True, tensorboard=False)
     real_step, last = log.step, [(time.perf_counter(), time.process_time())]
 
     def timed(record: dict, total: int) -> None:  # wall and CPU time between consecutive step records
@@ -54,7 +54,7 @@ def run_arm(method: str, loss: str, base: Path, out: Path, steps: int) -> dict:
         real_step(record, total)
 
     log.step = timed
-    summary = run_training(cfg, log)
+    summary = run_training(cfg, log=log).summary
     return {"method": method, "loss": loss, "step_s": statistics.median(t[0] for t in times[1:]),
             "step_cpu_s": statistics.median(t[1] for t in times[1:]), "peak_rss_mb": peak_rss_mb(),
             "final_loss": summary["final_loss"], "reference_model": summary["dpo"]["reference_model"]}

@@ -81,7 +81,7 @@ def train(out: Path, **keys: object) -> dict:
     from lmtune.runlog import RunLog
 
     cfg = load_config(overrides={"output_dir": str(out), **keys})
-    return run_training(cfg, RunLog(out, cfg, quiet=True, tensorboard=False))
+    return run_training(cfg, log=RunLog(out, quiet=True, tensorboard=False)).summary
 
 
 @torch.no_grad()

@@ -202,3 +202,17 @@ def test_a_reward_model_folder_is_one_more_weighted_reward_source(gpt2_dir, tmp_
     assert first["rewards/reward_model/std"] > 0  # the reward model scores completions differently
     assert first["reward"] == pytest.approx(first["rewards/brevity/mean"] + 0.5 * first["rewards/reward_model/mean"],
                                             abs=1e-6)
+
+
+def test_epochs_count_passes_over_the_prompts(gpt2_dir, tmp_path, prompts, rewards_module):
+    # 11 prompts / 4 per generation batch = 2.75 batches per epoch; 16 completions / batch 8 = 2 steps
+    # each: ceil(5.5) = 6 steps.
+    out = tmp_path / "run"
+    assert run(*grpo_args(gpt2_dir, prompts, out, "train.epochs=1", f"grpo.reward_fns={rewards_module}:brevity")) == 0
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_grpo_refuses_compile(gpt2_dir, tmp_path, prompts, rewards_module, capsys):
+    assert run(*grpo_args(gpt2_dir, prompts, tmp_path / "run", f"grpo.reward_fns={rewards_module}:brevity",
+                          "train.compile=true")) == 2
+    assert "train.compile does not work with objective=grpo" in capsys.readouterr().err

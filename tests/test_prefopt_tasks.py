@@ -102,3 +102,24 @@ def test_kto_bad_input_exits_2_naming_the_line(gpt2_dir, tmp_path, capsys, row, 
     data = write_jsonl(tmp_path / "unpaired.jsonl", [UNPAIRED[0], row])
     assert run(f"model={gpt2_dir}", f"data.train={data}", f"output_dir={tmp_path / 'run'}", "objective=kto") == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["dpo.simpo_gamma=1.0"], "dpo.simpo_gamma=1.0 has no effect with dpo.loss=sigmoid: only dpo.loss=simpo reads it"),
+    (["dpo.loss=orpo", "dpo.simpo_gamma=1.0"], "has no effect with dpo.loss=orpo"),
+    (["kto.beta=0.5"], "kto.beta=0.5 has no effect with method=full objective=dpo: only objective=kto reads it"),
+    (["grpo.num_generations=8"], "grpo.num_generations=8 has no effect with method=full objective=dpo: only "
+                                 "objective=grpo reads it"),
+])
+def test_keys_of_another_loss_are_refused_not_ignored(gpt2_dir, tmp_path, capsys, extra, message):
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    out = tmp_path / "run"
+    assert run(f"model={gpt2_dir}", f"data.train={data}", f"output_dir={out}", *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "summary.json").exists()
+
+
+def test_dpo_keys_are_refused_under_kto(gpt2_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "unpaired.jsonl", UNPAIRED)
+    assert run(f"model={gpt2_dir}", f"data.train={data}", f"output_dir={tmp_path / 'run'}", "dpo.beta=0.5") == 2
+    assert "dpo.beta=0.5 has no effect with method=full objective=kto" in capsys.readouterr().err

@@ -278,8 +278,8 @@ def run_eval(model: str | None, adapter: str | None, data: str, metrics: str | l
 
 
 def _load(model: str | None, adapter: str | None) -> tuple[Any, Any, Path]:
+    from lmtune.distributed import pick_device
     from lmtune.models.loading import load_model_and_tokenizer
-    from lmtune.run import pick_device
 
     lm, tokenizer, folder = load_model_and_tokenizer(model)
     if adapter:

@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lmtune.config import LoraConfig
 from lmtune.errors import InputError
-from lmtune.methods import Prepared
+from lmtune.methods.prepared import Prepared
 
 DEFAULT = "default"  # adapter name used when only one adapter is in play (PEFT's name too)
 
@@ -62,9 +63,10 @@ class LoRASpec:
         return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> LoRASpec:
-        return cls(r=cfg["lora.r"], alpha=float(cfg["lora.alpha"]), dropout=float(cfg["lora.dropout"]),
-                   rslora=cfg["lora.rslora"], dora=cfg["lora.dora"], init=cfg["lora.init"])
+    def from_config(cls, section: LoraConfig) -> LoRASpec:
+        """The spec of a ``lora`` config section."""
+        return cls(r=section.r, alpha=float(section.alpha), dropout=float(section.dropout),
+                   rslora=section.rslora, dora=section.dora, init=section.init)
 
 
 class LoRALinear(nn.Module):
@@ -237,8 +239,8 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def prepare(model: nn.Module, tokenizer: Any, cfg: dict[str, Any], base_folder: Path,
-            quantize: dict[str, Any] | None = None, quantize_only: set[str] | None = None) -> Prepared:
+def apply(model: nn.Module, tokenizer: Any, base_folder: Path, section: LoraConfig, seed: int, method: str = "lora",
+          quantize: dict[str, Any] | None = None, quantize_only: set[str] | None = None) -> Prepared:
     """Freeze ``model``, add a fresh adapter on ``lora.target_modules``; save it PEFT's way.
 
     ``quantize``/``quantize_only``: QLoRA's NF4 settings and the targets that can take them.
@@ -246,17 +248,16 @@ def prepare(model: nn.Module, tokenizer: Any, cfg: dict[str, Any], base_folder: 
     from lmtune.methods.adapters import adapter_parameters, base_fingerprint, inject, save_adapter
     from lmtune.methods.targets import resolve_targets
 
-    spec = LoRASpec.from_config(cfg)
+    spec = LoRASpec.from_config(section)
     fingerprint = base_fingerprint(model)  # before wrapping: the base the adapter belongs to
-    names = resolve_targets(model, cfg["lora.target_modules"], dora=spec.dora)
+    names = resolve_targets(model, section.target_modules, dora=spec.dora)
     model.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):  # A's init follows train.seed, without touching the global RNG
-        torch.manual_seed(cfg["train.seed"])
+        torch.manual_seed(seed)
         inject(model, names, spec, DEFAULT, quantize, quantize_only)
     params = adapter_parameters(model)
     for p in params:
         p.requires_grad_(True)
-    method = cfg["method"]
 
     def save(out: Path) -> None:
         save_adapter(model, out, tokenizer, DEFAULT, base_folder,
@@ -266,7 +267,3 @@ def prepare(model: nn.Module, tokenizer: Any, cfg: dict[str, Any], base_folder: 
                "adapter_params": sum(p.numel() for p in params)}
     return Prepared(model=model, save=save, summary=summary)
 
-
-def apply(model: Any, tokenizer: Any, cfg: dict[str, Any], base_folder: Path) -> Prepared:
-    """``method=lora``: freeze the model, wrap the targets with a fresh adapter, save it PEFT's way."""
-    return prepare(model, tokenizer, cfg, base_folder)

@@ -20,8 +20,9 @@ from typing import Any
 
 from torch import nn
 
+from lmtune.config import LoraConfig, QuantConfig
 from lmtune.errors import InputError
-from lmtune.methods import Prepared
+from lmtune.methods.prepared import Prepared
 from lmtune.methods.targets import base_modules, is_linear
 from lmtune.quant import nf4_nbytes, quantize_problem
 
@@ -110,7 +111,7 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
-def load_quantized(folder: Path, cfg: dict[str, Any]) -> nn.Module:
+def load_quantized(folder: Path, quant: QuantConfig, trust_remote_code: bool = False) -> nn.Module:
     """Load a causal LM with its linear layers streamed straight into NF4.
 
     Loading the fp32 model first and quantizing it afterwards would make the peak memory of a
@@ -131,8 +132,8 @@ def load_quantized(folder: Path, cfg: dict[str, Any]) -> nn.Module:
     from lmtune.methods.lora import LoRALinear
     from lmtune.models.loading import load_causal_lm
 
-    trust = cfg["trust_remote_code"]
-    settings = {"block_size": cfg["quant.block_size"], "double_quant": cfg["quant.double_quant"]}
+    trust = trust_remote_code
+    settings = {"block_size": quant.block_size, "double_quant": quant.double_quant}
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust)
     with no_init_weights(), _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust, dtype=torch.float32)
@@ -185,21 +186,23 @@ def _release_freed_memory() -> None:
         pass
 
 
-def apply(model: Any, tokenizer: Any, cfg: dict[str, Any], base_folder: Path) -> Prepared:
+def apply(model: Any, tokenizer: Any, base_folder: Path, lora_section: LoraConfig, quant: QuantConfig,
+          seed: int) -> Prepared:
     """``method=qlora``: quantize the base's linear layers to NF4, then add a LoRA adapter."""
-    from lmtune.methods.lora import LoRALinear, prepare
+    from lmtune.methods import lora
 
-    block, double = cfg["quant.block_size"], cfg["quant.double_quant"]
+    block, double = quant.block_size, quant.double_quant
     quantize, keep = checked_plan(model, block, double)
     memory = weight_memory(model, quantize, block, double)
     settings = {"block_size": block, "double_quant": double}
     # Targets are quantized as they are wrapped (so no fp32 copy lingers); then the rest.
-    prepared = prepare(model, tokenizer, cfg, base_folder, quantize=settings, quantize_only=set(quantize))
+    prepared = lora.apply(model, tokenizer, base_folder, lora_section, seed, "qlora", quantize=settings,
+                          quantize_only=set(quantize))
     modules = dict(model.named_modules())
     for name in quantize:
-        if not isinstance(modules[name], LoRALinear):
+        if not isinstance(modules[name], lora.LoRALinear):
             parent, _, child = name.rpartition(".")
-            wrapped = LoRALinear(modules[name], quantize_base=True, **settings)  # quantized, no adapter
+            wrapped = lora.LoRALinear(modules[name], quantize_base=True, **settings)  # quantized, no adapter
             setattr(model.get_submodule(parent) if parent else model, child, wrapped)
     if keep:
         print(f"qlora: kept {len(keep)} linear layer(s) in full precision: "

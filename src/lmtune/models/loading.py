@@ -187,3 +187,11 @@ def save_model(model: Any, tokenizer: Any, folder: Path, extra_meta: dict[str, A
     tokenizer.save_pretrained(folder)
     meta = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), **(extra_meta or {})}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def param_counts(model: Any) -> tuple[int, int]:
+    """(total, trainable) parameters, counting tied weights once."""
+    seen = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in seen.values())
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return total, trainable

@@ -13,27 +13,32 @@ from typing import Any
 
 import torch
 
+from lmtune.config import KEYS, DPOConfig
 from lmtune.data.preference import IDENTICAL, build_pairs, collate_pairs, completion_logps
+from lmtune.distributed import pick_device
 from lmtune.errors import InputError
 from lmtune.objectives.dpo import REFERENCE_FREE, dpo_loss, orpo_loss, simpo_loss
 from lmtune.objectives.reference import Reference, disable_dropout
-from lmtune.train import LossFn, Task
+from lmtune.objectives.task import LossFn, RunContext, Task
 
 
-def check_config(cfg: dict[str, Any]) -> None:
+def check_config(dpo: DPOConfig) -> None:
     """Reject settings the loss cannot use, before any model loads."""
-    if cfg["dpo.loss"] == "robust" and not cfg["dpo.label_smoothing"] < 0.5:
+    if dpo.loss == "robust" and not dpo.label_smoothing < 0.5:
         raise InputError(f"dpo.loss=robust needs dpo.label_smoothing below 0.5 (the share of flipped labels); "
-                         f"got {cfg['dpo.label_smoothing']}")
-    if cfg["dpo.label_smoothing"] and cfg["dpo.loss"] in ("ipo", "hinge", "orpo"):
+                         f"got {dpo.label_smoothing}")
+    if dpo.label_smoothing and dpo.loss in ("ipo", "hinge", "orpo"):
         raise InputError(f"dpo.label_smoothing applies to dpo.loss=sigmoid (cDPO), robust or simpo, "
-                         f"not {cfg['dpo.loss']}")
-    if cfg["dpo.precompute_ref"] and cfg["dpo.loss"] in REFERENCE_FREE:
-        raise InputError(f"dpo.precompute_ref has no effect with dpo.loss={cfg['dpo.loss']}, which uses no "
+                         f"not {dpo.loss}")
+    if dpo.precompute_ref and dpo.loss in REFERENCE_FREE:
+        raise InputError(f"dpo.precompute_ref has no effect with dpo.loss={dpo.loss}, which uses no "
                          "reference model; leave it unset")
+    if dpo.simpo_gamma != KEYS["dpo.simpo_gamma"].default and dpo.loss != "simpo":
+        raise InputError(f"dpo.simpo_gamma={dpo.simpo_gamma} has no effect with dpo.loss={dpo.loss}: only "
+                         "dpo.loss=simpo reads it; remove it or set dpo.loss=simpo")
 
 
-def load_pairs(ctx: Any, key: str, add_eos: bool = True,
+def load_pairs(ctx: RunContext, key: str, add_eos: bool = True,
                margin: bool = False) -> tuple[list[dict[str, Any]] | None, dict[str, Any]]:
     """Pairs of the file under config ``key`` (``None`` if unset) and what building them dropped.
 
@@ -42,15 +47,15 @@ def load_pairs(ctx: Any, key: str, add_eos: bool = True,
     records = ctx.records(key)
     if records is None:
         return None, {}
-    pairs, stats = build_pairs(records, ctx.tokenizer, ctx.cfg["train.max_length"], add_eos=add_eos, margin=margin)
+    max_length, source = ctx.cfg.train.max_length, ctx.source(key)
+    pairs, stats = build_pairs(records, ctx.tokenizer, max_length, add_eos=add_eos, margin=margin)
     skipped = sum(stats.dropped.values())
     if skipped:
-        ctx.log.say(f"{ctx.cfg[key]}: skipped {skipped} of {len(records)} pairs ({', '.join(stats.dropped)})")
+        ctx.log.say(f"{source}: skipped {skipped} of {len(records)} pairs ({', '.join(stats.dropped)})")
     if stats.truncated:
-        ctx.log.say(f"{ctx.cfg[key]}: cut {stats.truncated} pairs' completions to train.max_length="
-                    f"{ctx.cfg['train.max_length']}")
+        ctx.log.say(f"{source}: cut {stats.truncated} pairs' completions to train.max_length={max_length}")
     if not pairs:
-        raise InputError(f"{ctx.cfg[key]}: no usable preference pairs"
+        raise InputError(f"{source}: no usable preference pairs"
                          f"{' (every pair had ' + IDENTICAL + ')' if stats.dropped else ''}")
     return pairs, stats.as_dict()
 
@@ -106,34 +111,32 @@ def reference_free_loss(loss_type: str, beta: float, gamma: float, smoothing: fl
     return loss
 
 
-def build_task(ctx: Any) -> Task:
+def build_task(ctx: RunContext) -> Task:
     """DPO task: pairs in, summed DPO loss over the batch's pairs out."""
-    from lmtune.run import pick_device
-
     cfg, tok = ctx.cfg, ctx.tokenizer
-    check_config(cfg)
+    check_config(cfg.dpo)
     train_pairs, stats = load_pairs(ctx, "data.train")
     eval_pairs, _ = load_pairs(ctx, "data.eval")
     model = ctx.load_causal_lm()
     disable_dropout(model)
     prepared = ctx.apply_method(model)
     policy, pad_id = prepared.model, tok.pad_token_id
-    precompute = cfg["dpo.precompute_ref"]
-    beta, loss_type, smoothing = cfg["dpo.beta"], cfg["dpo.loss"], cfg["dpo.label_smoothing"]
+    precompute = cfg.dpo.precompute_ref
+    beta, loss_type, smoothing = cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.label_smoothing
     if loss_type in REFERENCE_FREE:
-        loss = reference_free_loss(loss_type, beta, cfg["dpo.simpo_gamma"], smoothing)
+        loss = reference_free_loss(loss_type, beta, cfg.dpo.simpo_gamma, smoothing)
     else:
-        reference = Reference(policy, cfg["method"], keep_copy=not precompute)
+        reference = Reference(policy, ctx.method.adapter, keep_copy=not precompute)
         if precompute:
             device = pick_device()
             policy.to(device)
             for pairs in (train_pairs, eval_pairs or []):
-                precompute_reference(pairs, reference, pad_id, cfg["train.batch_size"], device)
+                precompute_reference(pairs, reference, pad_id, cfg.train.batch_size, device)
             ctx.log.say(f"precomputed reference log-probs for {len(train_pairs) + len(eval_pairs or [])} pairs")
         loss = reference_loss(reference, loss_type, beta, smoothing)
 
-    return Task(model=policy, train_examples=train_pairs, eval_examples=eval_pairs,
-                collate=lambda ps: collate_pairs(ps, pad_id), loss=loss, save=prepared.save,
+    return Task(model=policy, batches=ctx.batches(train_pairs, lambda ps: collate_pairs(ps, pad_id)),
+                eval_examples=eval_pairs, loss=loss, save=prepared.save,
                 summary={"data": stats, "dpo": {"beta": beta, "loss": loss_type, "precompute_ref": precompute,
                                                  "reference_model": loss_type not in REFERENCE_FREE},
                          **prepared.summary})

@@ -16,12 +16,14 @@ the reward functions as a keyword list.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import torch
 from torch import nn
 
+from lmtune.config import GRPOConfig, TrainConfig
 from lmtune.data.chat import end_of_turn_ids, has_chat_template
 from lmtune.data.examples import special_ids
 from lmtune.errors import InputError
@@ -37,28 +39,37 @@ from lmtune.objectives.rollouts import (
     sample_completions,
     split_micro_batches,
 )
-from lmtune.train import Task
+from lmtune.objectives.task import RunContext, Task
 
 
 class Generations(BufferedSource):
-    """Samples groups of completions, scores them and prepares GRPO micro-batches."""
+    """Samples groups of completions, scores them and prepares GRPO micro-batches: the loop's
+    batch source for ``objective=grpo``."""
 
     def __init__(self, policy: nn.Module, reference: Reference | None, fns: list[BatchReward],
                  reward_model: Any, weights: torch.Tensor, prompts: list[Prompt], tokenizer: Any,
-                 cfg: dict[str, Any]):
+                 grpo: GRPOConfig, batch_size: int, seed: int):
         super().__init__(policy)
         self.reference, self.fns, self.reward_model, self.weights = reference, fns, reward_model, weights
-        self.prompts, self.tokenizer, self.cfg = prompts, tokenizer, cfg
+        self.prompts, self.tokenizer, self.grpo, self.batch_size, self.seed = prompts, tokenizer, grpo, batch_size, seed
         self.stops = set(end_of_turn_ids(tokenizer)) if has_chat_template(tokenizer) else set()
         eos = special_ids(tokenizer)[1]
         if eos is not None:
             self.stops.add(eos)
 
+    def total_steps(self, train: TrainConfig, world: int) -> int:
+        """``train.epochs`` counts passes over the prompts: each generation batch gives
+        ``grpo.num_iterations`` passes of micro-batches over its completions."""
+        grpo = self.grpo
+        completions = grpo.generation_batch_size * grpo.num_generations
+        per_batch = grpo.num_iterations * math.ceil(completions / train.batch_size) / train.grad_accum
+        batches = train.epochs * len(self.prompts) / grpo.generation_batch_size
+        return max(1, math.ceil(batches * per_batch))
+
     def sample(self, prompt_ids: list[list[int]], temperature: float, seed: int) -> list[list[int]]:
-        cfg = self.cfg
-        top_k, top_p = cfg["grpo.top_k"], cfg["grpo.top_p"]
+        top_k, top_p = self.grpo.top_k, self.grpo.top_p
         return sample_completions(self.model, prompt_ids, self.tokenizer.pad_token_id,
-                                  cfg["grpo.max_completion_length"], temperature, seed, self.stops,
+                                  self.grpo.max_completion_length, temperature, seed, self.stops,
                                   top_k=top_k or None, top_p=top_p if top_p < 1 else None)
 
     def score(self, indices: list[int], completions: list[list[int]]) -> torch.Tensor:
@@ -77,15 +88,15 @@ class Generations(BufferedSource):
 
     @torch.no_grad()
     def refill(self) -> None:
-        cfg, seed, g = self.cfg, self.cfg["train.seed"], self.cfg["grpo.num_generations"]
-        picked = prompt_indices(self.count, cfg["grpo.generation_batch_size"], len(self.prompts), seed)
+        grpo, seed, g = self.grpo, self.seed, self.grpo.num_generations
+        picked = prompt_indices(self.count, grpo.generation_batch_size, len(self.prompts), seed)
         indices = [i for i in picked for _ in range(g)]  # (N = P·G) a group's completions are consecutive
         prompt_ids = [self.prompts[i].ids for i in indices]
-        temperature = cfg["grpo.temperature"]
+        temperature = grpo.temperature
         completions = self.sample(prompt_ids, temperature, seed * 1_000_003 + self.count)
         per_source = self.score(indices, completions)  # (N, K)
         rewards = per_source @ self.weights  # (N,)
-        advantages, tied = group_advantages(rewards, g, cfg["grpo.scale_rewards"])  # (N,), (P,)
+        advantages, tied = group_advantages(rewards, g, grpo.scale_rewards)  # (N,), (P,)
 
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in layout(prompt_ids, completions, self.tokenizer.pad_token_id).items()}
@@ -107,8 +118,8 @@ class Generations(BufferedSource):
             self.stats[f"rewards/{name}/mean"] = per_source[:, k].mean().item()
             self.stats[f"rewards/{name}/std"] = per_source[:, k].std().item()
         generator = torch.Generator().manual_seed(seed * 1_000_003 + self.count)
-        per_token = cfg["grpo.loss_type"] == "dapo"
-        for micro in split_micro_batches(rollout, cfg["grpo.num_iterations"], cfg["train.batch_size"], generator):
+        per_token = grpo.loss_type == "dapo"
+        for micro in split_micro_batches(rollout, grpo.num_iterations, self.batch_size, generator):
             tokens = int(micro["response_mask"].sum())
             # The loop divides the summed loss by the window's units: tokens for DAPO, sequences otherwise.
             micro["num_loss_tokens"] = tokens if per_token else int(micro["response_mask"].shape[0])
@@ -117,64 +128,56 @@ class Generations(BufferedSource):
         self.count += 1
 
 
-def check_config(cfg: dict[str, Any]) -> None:
+def check_config(grpo: GRPOConfig) -> None:
     """Reject GRPO settings that cannot work, before any model loads."""
-    if not cfg["grpo.reward_fns"] and not cfg["grpo.reward_model"]:
+    if not grpo.reward_fns and not grpo.reward_model:
         raise InputError("objective=grpo needs a reward: grpo.reward_fns=[module:function, ...] and/or "
                          "grpo.reward_model=<folder written by objective=reward>")
-    if cfg["grpo.num_generations"] < 2:
+    if grpo.num_generations < 2:
         raise InputError(f"grpo.num_generations must be at least 2: advantages compare a completion with the others "
-                         f"of its group; got {cfg['grpo.num_generations']}")
-    high = cfg["grpo.epsilon_high"]
-    if high is not None and high < cfg["grpo.epsilon"]:
-        raise InputError(f"grpo.epsilon_high={high} is below grpo.epsilon={cfg['grpo.epsilon']}; clip-higher "
+                         f"of its group; got {grpo.num_generations}")
+    high = grpo.epsilon_high
+    if high is not None and high < grpo.epsilon:
+        raise InputError(f"grpo.epsilon_high={high} is below grpo.epsilon={grpo.epsilon}; clip-higher "
                          "widens the upper bound (leave it unset to use grpo.epsilon)")
 
 
-def build_task(ctx: Any) -> Task:
+def build_task(ctx: RunContext) -> Task:
     """GRPO task: generation batches feed micro-batches; the loss is ``grpo_loss``."""
-    cfg = ctx.cfg
-    check_config(cfg)
+    cfg, grpo = ctx.cfg, ctx.cfg.grpo
+    check_config(grpo)
     prompts, eval_prompts = load_prompts(ctx, "data.train", "GRPO"), load_prompts(ctx, "data.eval", "GRPO")
     reward_model = None
-    if cfg["grpo.reward_model"]:
-        reward_model = model_scorer(cfg["grpo.reward_model"], ctx.tokenizer, cfg["trust_remote_code"])
-    fns, weights = load_reward_fns(cfg["grpo.reward_fns"], cfg["grpo.reward_weights"], int(reward_model is not None))
+    if grpo.reward_model:
+        reward_model = model_scorer(grpo.reward_model, ctx.tokenizer, cfg.trust_remote_code)
+    fns, weights = load_reward_fns(grpo.reward_fns, grpo.reward_weights, int(reward_model is not None))
     model = ctx.load_causal_lm()
     disable_dropout(model)
     prepared = ctx.apply_method(model)
     policy = prepared.model
     # Without the KL term nothing reads the reference: no frozen copy of a fully trained model.
-    reference = Reference(policy, cfg["method"]) if cfg["grpo.beta"] > 0 else None
-    source = Generations(policy, reference, fns, reward_model, weights, prompts, ctx.tokenizer, cfg)
-    completions = cfg["grpo.generation_batch_size"] * cfg["grpo.num_generations"]
-    if cfg["train.steps"] is None:  # train.epochs counts passes over the prompts
-        micro_per_pass = math.ceil(completions / cfg["train.batch_size"])
-        per_batch = cfg["grpo.num_iterations"] * micro_per_pass / cfg["train.grad_accum"]
-        batches = cfg["train.epochs"] * len(prompts) / cfg["grpo.generation_batch_size"]
-        cfg["train.steps"] = max(1, math.ceil(batches * per_batch))
-        ctx.log.say(f"grpo: {cfg['train.steps']} optimizer steps ({per_batch:g} per generation batch of "
-                    f"{completions} completions)")
-    settings = {k: cfg[f"grpo.{k}"] for k in ("epsilon", "epsilon_high", "beta", "loss_type", "max_completion_length",
-                                               "temperature")}
+    reference = Reference(policy, ctx.method.adapter) if grpo.beta > 0 else None
+    batch_size, seed = cfg.train.batch_size, cfg.train.seed
+    source = Generations(policy, reference, fns, reward_model, weights, prompts, ctx.tokenizer, grpo, batch_size,
+                         seed)
 
     def loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        logps, _ = response_logprobs(model, batch, settings["temperature"])  # (B, R)
+        logps, _ = response_logprobs(model, batch, grpo.temperature)  # (B, R)
         mean, metrics = grpo_loss(logps, batch["old_logps"], batch.get("ref_logps"), batch["advantages"],
-                                  batch["response_mask"], settings["epsilon"], settings["epsilon_high"],
-                                  settings["beta"], settings["loss_type"], settings["max_completion_length"])
+                                  batch["response_mask"], grpo.epsilon, grpo.epsilon_high, grpo.beta,
+                                  grpo.loss_type, grpo.max_completion_length)
         return mean * batch["num_loss_tokens"], {**source.stats, **metrics}
 
     evaluators = {}
     if eval_prompts:
         def eval_reward(model: Any) -> float:
             """Mean total reward of greedy completions to the held-out prompts."""
-            held_out = Generations(model, None, fns, reward_model, weights, eval_prompts, ctx.tokenizer, cfg)
+            held_out = Generations(model, None, fns, reward_model, weights, eval_prompts, ctx.tokenizer, grpo,
+                                   batch_size, seed)
             indices = list(range(len(eval_prompts)))
-            completions = held_out.sample([p.ids for p in eval_prompts], 0.0, cfg["train.seed"])
+            completions = held_out.sample([p.ids for p in eval_prompts], 0.0, seed)
             return (held_out.score(indices, completions) @ weights).mean().item()
         evaluators["eval_reward"] = eval_reward
 
-    return Task(model=policy, train_examples=prompts, collate=lambda examples: examples, loss=loss,
-                save=prepared.save, next_batch=source.next_batch, resumable=source, evaluators=evaluators,
-                summary={"grpo": {k[5:]: v for k, v in cfg.items() if k.startswith("grpo.")}, **prepared.summary})
+    return Task(model=policy, batches=source, loss=loss, save=prepared.save, evaluators=evaluators,
+                summary={"grpo": dataclasses.asdict(grpo), **prepared.summary})

@@ -20,7 +20,7 @@ from lmtune.data.readers import Record
 from lmtune.errors import InputError
 from lmtune.objectives.kto import kl_reference_point, kto_loss
 from lmtune.objectives.reference import Reference, disable_dropout
-from lmtune.train import Task
+from lmtune.objectives.task import RunContext, Task
 
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
@@ -82,26 +82,25 @@ def collate_unpaired(examples: list[dict[str, Any]], pad_id: int, max_length: in
     return batch
 
 
-def build_task(ctx: Any) -> Task:
+def build_task(ctx: RunContext) -> Task:
     """KTO task: labelled completions in, summed KTO loss over the batch's examples out."""
     cfg, tok = ctx.cfg, ctx.tokenizer
-    loaded = {}
+    loaded, max_length = {}, cfg.train.max_length
     for key in ("data.train", "data.eval"):
         records = ctx.records(key)
         if records is not None:
-            loaded[key], stats = build_examples(records, tok, cfg["train.max_length"])
+            loaded[key], stats = build_examples(records, tok, max_length)
             if stats.truncated:
-                ctx.log.say(f"{cfg[key]}: cut {stats.truncated} completions to train.max_length="
-                            f"{cfg['train.max_length']}")
+                ctx.log.say(f"{ctx.source(key)}: cut {stats.truncated} completions to train.max_length={max_length}")
     train = loaded["data.train"]
     desirable = sum(e["label"] for e in train)
     ctx.log.say(f"kto: {desirable} desirable and {len(train) - desirable} undesirable examples")
     model = ctx.load_causal_lm()
     disable_dropout(model)
     prepared = ctx.apply_method(model)
-    policy, pad_id, max_length = prepared.model, tok.pad_token_id, cfg["train.max_length"]
-    reference = Reference(policy, cfg["method"])
-    beta, wd, wu = cfg["kto.beta"], cfg["kto.desirable_weight"], cfg["kto.undesirable_weight"]
+    policy, pad_id = prepared.model, tok.pad_token_id
+    reference = Reference(policy, ctx.method.adapter)
+    beta, wd, wu = cfg.kto.beta, cfg.kto.desirable_weight, cfg.kto.undesirable_weight
 
     def loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         mismatched = {k[3:]: v for k, v in batch.items() if k.startswith("kl_")}
@@ -114,7 +113,7 @@ def build_task(ctx: Any) -> Task:
         mean, metrics = kto_loss(logps, ref_logps, batch["label"], kl, beta, wd, wu)
         return mean * batch["num_loss_tokens"], metrics
 
-    return Task(model=policy, train_examples=train, eval_examples=loaded.get("data.eval"),
-                collate=lambda es: collate_unpaired(es, pad_id, max_length), loss=loss, save=prepared.save,
+    return Task(model=policy, batches=ctx.batches(train, lambda es: collate_unpaired(es, pad_id, max_length)),
+                eval_examples=loaded.get("data.eval"), loss=loss, save=prepared.save,
                 summary={"data": {"examples": len(train), "desirable": desirable},
                          "kto": {"beta": beta, "desirable_weight": wd, "undesirable_weight": wu}, **prepared.summary})

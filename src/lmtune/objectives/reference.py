@@ -17,9 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmtune.errors import InputError
-
-ADAPTER_METHODS = ("lora", "qlora", "prompt_tuning")
+from lmtune.methods.adapters import disable_adapter
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -38,21 +36,16 @@ class Reference:
 
     Args:
         policy: the model being trained (after the method is applied).
-        method: the config's ``method``; adapter methods disable the adapter instead of copying.
+        adapter: the method trains an adapter: disable it instead of copying the model.
         keep_copy: for full/freeze, keep a frozen copy (False: only valid before training
             changes the policy, e.g. to precompute reference log-probs).
     """
 
-    def __init__(self, policy: nn.Module, method: str, keep_copy: bool = True):
+    def __init__(self, policy: nn.Module, adapter: bool, keep_copy: bool = True):
         self.policy = policy
         self.copy: nn.Module | None = None
         self._disable: Any = None
-        if method in ADAPTER_METHODS:
-            try:
-                from lmtune.methods.adapters import disable_adapter
-            except ImportError as e:
-                raise InputError(f"method={method} needs lmtune.methods.adapters.disable_adapter for the reference "
-                                 f"model, which this installation lacks ({e}); use method=full") from None
+        if adapter:
             self._disable = disable_adapter
         elif keep_copy:
             self.copy = copy.deepcopy(policy).eval().requires_grad_(False)

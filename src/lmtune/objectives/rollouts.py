@@ -1,6 +1,6 @@
 """What PPO and GRPO share around the loop: prompts, sampling from the policy, a resumable buffer.
 
-Both objectives are batch sources of their own (``Task.next_batch``): when the buffer of
+Both objectives are batch sources of their own (``Task.batches``, a ``Batches``): when the buffer of
 prepared micro-batches runs dry they sample a new batch of completions from the policy,
 score it and cut it into micro-batches. A checkpoint carries the unused micro-batches and the
 sampling counter, so a killed run resumes on exactly the micro-batches it would have seen.
@@ -18,8 +18,10 @@ from torch import nn
 from lmtune.data.batching import epoch_order
 from lmtune.data.chat import has_chat_template, render
 from lmtune.data.examples import encode, refuse_full_prompt, special_ids
+from lmtune.distributed import Dist
 from lmtune.errors import InputError
 from lmtune.generate import generate
+from lmtune.objectives.task import RunContext
 
 
 def sample_completions(policy: nn.Module, prompt_ids: list[list[int]], pad_id: int, max_new_tokens: int,
@@ -53,7 +55,8 @@ def split_micro_batches(rollout: dict[str, torch.Tensor], passes: int, batch_siz
 
 
 class BufferedSource:
-    """A batch source that refills a buffer of micro-batches; subclasses define ``refill``.
+    """A batch source that refills a buffer of micro-batches; subclasses define ``refill`` and
+    ``total_steps`` (the ``Batches`` protocol of ``lmtune.objectives.task``).
 
     ``count`` counts the refills made (it picks their prompts and sampling seed); ``stats``
     are the last refill's metrics, logged with every step trained on it.
@@ -68,7 +71,7 @@ class BufferedSource:
     def refill(self) -> None:
         raise NotImplementedError
 
-    def next_batch(self, step: int) -> dict[str, Any]:
+    def next(self, step: int, ddp: Dist | None) -> dict[str, Any]:
         if not self.buffer:
             self.refill()
         return self.buffer.pop(0)
@@ -99,7 +102,7 @@ class Prompt:
     columns: dict[str, Any]  # the record's other fields, for reward functions
 
 
-def load_prompts(ctx: Any, key: str, objective: str) -> list[Prompt] | None:
+def load_prompts(ctx: RunContext, key: str, objective: str) -> list[Prompt] | None:
     """The prompts of the file under config ``key`` (``None`` if unset) for PPO or GRPO.
 
     Raises:
@@ -109,7 +112,7 @@ def load_prompts(ctx: Any, key: str, objective: str) -> list[Prompt] | None:
     records = ctx.records(key)
     if records is None:
         return None
-    tok, max_length = ctx.tokenizer, ctx.cfg["train.max_length"]
+    tok, max_length = ctx.tokenizer, ctx.cfg.train.max_length
     bos = special_ids(tok)[0]
     prompts = []
     for rec in records:
@@ -131,7 +134,7 @@ def load_prompts(ctx: Any, key: str, objective: str) -> list[Prompt] | None:
         refuse_full_prompt(len(ids), max_length, rec.where)
         prompts.append(Prompt(value=value, ids=ids, columns=columns))
     if not prompts:
-        raise InputError(f"{ctx.cfg[key]}: no prompts")
+        raise InputError(f"{ctx.source(key)}: no prompts")
     names = set(prompts[0].columns)
     for rec, p in zip(records, prompts, strict=True):
         if set(p.columns) != names:  # reward functions get one list per column: every row needs each

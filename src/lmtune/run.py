@@ -202,8 +202,19 @@ def run_training(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokeni
         InputError: bad input, found before any model loads where it can be.
         Interrupted: SIGINT/SIGTERM; a checkpoint was saved first.
     """
+    from transformers import PreTrainedModel  # noqa: F401  (~150 MB every run holds: inside the baseline)
+
+    from lmtune.footprint import current_rss_bytes, predicted_peak_mb
+
+    baseline = current_rss_bytes()  # before the model loads: Python, torch, transformers, lmtune
     task, ctx = prepare(cfg, log, model, tokenizer, train_records, eval_records)
     cfg = ctx.cfg
+    if cfg.train.gradient_checkpointing:
+        from lmtune.recompute import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(task.model)
+    if ctx.model_folder is not None:  # a model passed in as an object has no config folder to inspect
+        task.summary["predicted_peak_mb"] = predicted_peak_mb(ctx.model_folder, cfg, baseline)
     ctx.log.say(f"model: {ctx.model_folder} | method: {cfg.method} | objective: {cfg.objective} | "
                 f"format: {cfg.data.format}")
     total, trainable = param_counts(task.model)

@@ -24,7 +24,7 @@ fuses q, k and v into one ``c_attn`` of width 3·d. LoRA treats the fused layer 
 parts of the update. That is exactly PEFT's layout for ``c_attn``, so adapters interchange.
 
 QLoRA is the constructor flag ``quantize_base=True``: W is stored in 4-bit NF4 (``lmtune.quant``)
-and dequantized on the fly; A and B stay in full precision.
+and dequantized a block of rows at a time inside the matmul; A and B stay in full precision.
 """
 
 from __future__ import annotations
@@ -94,8 +94,7 @@ class LoRALinear(nn.Module):
         if quantize_base:
             from lmtune.quant import quantize
 
-            q = quantize(self.dense_weight(), block_size, double_quant)  # (d_out, d_in) in 4 bits
-            self.weight_4bit = q if isinstance(q, nn.Module) else nn.Parameter(q, requires_grad=False)
+            self.weight_4bit = quantize(self.dense_weight(), block_size, double_quant)  # (d_out, d_in) in 4 bits
             base.weight = None  # the full-precision copy goes; only the 4-bit one is kept
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -120,12 +119,15 @@ class LoRALinear(nn.Module):
 
     def base_device(self) -> torch.device:
         if self.quantized:
-            q = self.weight_4bit
-            return q.device if isinstance(q, torch.Tensor) else q.codes.device
+            return self.weight_4bit.device
         return self.base_layer.weight.device
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantized:
+            if type(self.base_layer) is nn.Linear:  # no bf16 weight copy kept for backward under autocast
+                from lmtune.frozen_matmul import frozen_linear
+
+                return frozen_linear(x, self.base_layer.weight, self.base_layer.bias)
             return self.base_layer(x)
         from lmtune.quant import linear_4bit
 

@@ -1,8 +1,8 @@
 """QLoRA (Dettmers et al., 2023): LoRA adapters in full precision on a frozen 4-bit NF4 base.
 
-Every linear layer of the transformer blocks is stored in NF4 (``lmtune.quant``); embeddings,
-norms and the output head stay in full precision, as do linear layers whose size does not divide
-into whole quantization blocks (they are listed in the log and in ``summary.json``). The
+Every linear layer of the transformer blocks is stored in NF4 (``lmtune.quant``), whatever its
+size (the last block of weights and of scales is padded); embeddings, norms and the output head
+stay in full precision. The
 ``lora.*`` targets get adapters exactly as with ``method=lora``; the 4-bit weights never get a
 gradient, the inputs do (so earlier adapters learn).
 
@@ -24,7 +24,7 @@ from lmtune.config import LoraConfig, QuantConfig
 from lmtune.errors import InputError
 from lmtune.methods.prepared import Prepared
 from lmtune.methods.targets import base_modules, is_linear
-from lmtune.quant import nf4_nbytes, quantize_problem
+from lmtune.quant import nf4_nbytes
 
 
 def _head_ids(model: nn.Module) -> set[int]:
@@ -32,53 +32,44 @@ def _head_ids(model: nn.Module) -> set[int]:
     return {id(getattr(head, "base_layer", head))} if head is not None else set()
 
 
-def plan_quantization(model: nn.Module, block_size: int, double_quant: bool) -> tuple[dict[str, int], dict[str, str]]:
-    """Which linear layers go to NF4 (name -> weight count), and which stay in full precision (name -> why).
+def plan_quantization(model: nn.Module) -> dict[str, int]:
+    """Which linear layers go to NF4 (name -> weight count): every one but the output head.
 
-    The output head is never quantized (it is not listed): its errors would land directly on
-    the logits, and it is often tied to the input embeddings. Layers already in NF4 (from
-    :func:`load_quantized`) count as quantized.
+    Any size quantizes (``lmtune.quant`` pads the last blocks). The output head is never
+    quantized: its errors would land directly on the logits, and it is often tied to the input
+    embeddings. Layers already in NF4 (from :func:`load_quantized`) count as quantized.
     """
     from lmtune.methods.lora import lora_layers
 
     done = {name: layer.in_features * layer.out_features for name, layer in lora_layers(model).items()
             if layer.quantized}
     heads = _head_ids(model)
-    quantize, keep = {}, {}
+    quantize = {}
     for name, module in base_modules(model).items():
         if name in done:
             quantize[name] = done[name]
-            continue
-        if not is_linear(module) or id(module) in heads:
-            continue
-        numel = module.weight.numel()
-        problem = quantize_problem(numel, block_size, double_quant)
-        if problem:
-            keep[name] = problem
-        else:
-            quantize[name] = numel
-    return quantize, keep
+        elif is_linear(module) and id(module) not in heads:
+            quantize[name] = module.weight.numel()
+    return quantize
 
 
-def checked_plan(model: nn.Module, block: int, double: bool) -> tuple[dict[str, int], dict[str, str]]:
-    """:func:`plan_quantization`, refusing a model where nothing would be quantized.
+def checked_plan(model: nn.Module) -> dict[str, int]:
+    """:func:`plan_quantization`, refusing a model that has no linear layer besides its head.
 
     Raises:
-        InputError: no linear layer divides into NF4 blocks (or the model has none).
+        InputError: nothing to quantize.
     """
-    quantize, keep = plan_quantization(model, block, double)
+    quantize = plan_quantization(model)
     if not quantize:
-        reasons = "; ".join(f"{n}: {why}" for n, why in list(keep.items())[:4]) or "it has no linear layers"
-        raise InputError(f"method=qlora: no linear layer of {type(model).__name__} can be stored in NF4 with "
-                         f"quant.block_size={block}, quant.double_quant={str(double).lower()} ({reasons}). "
-                         "Try a smaller quant.block_size, quant.double_quant=false, or method=lora.")
-    return quantize, keep
+        raise InputError(f"method=qlora: {type(model).__name__} has no linear layer to store in NF4 (besides its "
+                         "output head, which stays in full precision); use method=lora.")
+    return quantize
 
 
 def weight_memory(model: nn.Module, quantized: dict[str, int], block_size: int, double_quant: bool) -> dict[str, Any]:
     """Weight bytes with the NF4 layers vs the same model in fp32 and bf16 (closed form)."""
     q_numel = sum(quantized.values())
-    q_bytes = sum(nf4_nbytes(n, block_size, double_quant) for n in quantized.values())
+    q_bytes = sum(nf4_nbytes(n, block_size, double_quant) for n in quantized.values())  # padding included
     from lmtune.methods.lora import lora_layers
 
     in_nf4 = sum(layer.in_features * layer.out_features for layer in lora_layers(model).values() if layer.quantized)
@@ -138,7 +129,7 @@ def load_quantized(folder: Path, quant: QuantConfig, trust_remote_code: bool = F
     with no_init_weights(), _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust, dtype=torch.float32)
     model.tie_weights()
-    quantize, _ = plan_quantization(model, **settings)
+    quantize = plan_quantization(model)
     owners = dict(model.named_modules())  # the original modules, also after they are wrapped
     expected = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()
                                                            if n in model.state_dict()}
@@ -192,7 +183,7 @@ def apply(model: Any, tokenizer: Any, base_folder: Path, lora_section: LoraConfi
     from lmtune.methods import lora
 
     block, double = quant.block_size, quant.double_quant
-    quantize, keep = checked_plan(model, block, double)
+    quantize = checked_plan(model)
     memory = weight_memory(model, quantize, block, double)
     settings = {"block_size": block, "double_quant": double}
     # Targets are quantized as they are wrapped (so no fp32 copy lingers); then the rest.
@@ -204,12 +195,9 @@ def apply(model: Any, tokenizer: Any, base_folder: Path, lora_section: LoraConfi
             parent, _, child = name.rpartition(".")
             wrapped = lora.LoRALinear(modules[name], quantize_base=True, **settings)  # quantized, no adapter
             setattr(model.get_submodule(parent) if parent else model, child, wrapped)
-    if keep:
-        print(f"qlora: kept {len(keep)} linear layer(s) in full precision: "
-              + "; ".join(f"{n} ({why})" for n, why in keep.items()), flush=True)
     prepared.summary.update({
         "quant_block_size": block, "quant_double_quant": double,
-        "quantized_layers": len(quantize), "unquantized_layers": sorted(keep),
+        "quantized_layers": len(quantize),
         "bytes_per_quantized_param": memory["bytes_per_quantized_param"],
         "weight_memory_mb": memory["weight_bytes"] / 2**20,
         "weight_memory_fp32_mb": memory["weight_bytes_fp32"] / 2**20,

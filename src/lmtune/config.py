@@ -77,7 +77,8 @@ class DataConfig:
     train: str | list[str] | None = key(None, "training data file (JSONL/JSON/CSV/Parquet/TXT); a list: multi-task")
     eval: str | None = key(None, "held-out file for eval_loss and early stopping")
     format: str = key("auto", "record format", choices=("auto", "text", "prompt_completion", "alpaca", "messages",
-                                                        "preference", "classification", "prompts"))
+                                                        "preference", "unpaired_preference", "classification",
+                                                        "prompts"))
     retain: str | None = key(None, "held-out pre-training text: its loss before/after = forgetting")
 
 
@@ -155,7 +156,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class DPOConfig:
     beta: float = key(0.1, "strength of the pull toward the reference", _positive)
-    loss: str = key("sigmoid", "DPO variant", choices=("sigmoid", "ipo", "hinge", "robust"))
+    loss: str = key("sigmoid", "DPO variant; orpo and simpo use no reference model",
+                    choices=("sigmoid", "ipo", "hinge", "robust", "orpo", "simpo"))
+    simpo_gamma: float = key(0.5, "SimPO's target reward margin gamma (dpo.loss=simpo only)", _non_negative)
     label_smoothing: float = key(0.0, "robust/cDPO: assumed share of flipped labels", _unit)
     precompute_ref: bool = key(False, "compute reference log-probs once before training")
 
@@ -175,6 +178,34 @@ class PPOConfig:
     max_new_tokens: int = key(16, "response length cap", _positive)
     temperature: float = key(1.0, "sampling temperature for rollouts", _positive)
     missing_eos_penalty: float = key(1.0, "subtracted from the score of responses without EOS", _non_negative)
+
+
+@dataclass(frozen=True)
+class KTOConfig:
+    beta: float = key(0.1, "scale of KTO's implicit reward", _positive)
+    desirable_weight: float = key(1.0, "weight of desirable (label true) examples' losses", _positive)
+    undesirable_weight: float = key(1.0, "weight of undesirable (label false) examples' losses", _positive)
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    reward_fns: str | list[str] | None = key(None, "Python reward functions, [module:function, ...]")
+    reward_weights: list[float] | None = key(None, "one weight per reward source (default: all 1)")
+    reward_model: str | None = key(None, "reward-model folder, scored after the functions")
+    num_generations: int = key(4, "completions sampled per prompt (a group)", _positive)
+    generation_batch_size: int = key(4, "prompts per generation batch", _positive)
+    max_completion_length: int = key(32, "completion length cap (and dr_grpo's normaliser)", _positive)
+    temperature: float = key(1.0, "sampling temperature", _positive)
+    top_p: float = key(1.0, "nucleus sampling mass (1: off)", _unit)
+    top_k: int = key(0, "sample among the k most likely tokens (0: off)", _non_negative)
+    num_iterations: int = key(1, "policy passes over each generation batch", _positive)
+    epsilon: float = key(0.2, "lower clip of the importance ratio", _positive)
+    epsilon_high: float | None = key(None, "upper clip (DAPO clip-higher; default: epsilon)", _positive)
+    beta: float = key(0.0, "KL weight to the reference (0: no reference is kept)", _non_negative)
+    loss_type: str = key("dapo", "normalisation: per sequence, per token, or constant",
+                         choices=("grpo", "dapo", "dr_grpo"))
+    scale_rewards: str = key("group", "divide advantages by the group's std, the batch's, or not",
+                             choices=("group", "batch", "none"))
 
 
 @dataclass(frozen=True)
@@ -204,7 +235,7 @@ class RunConfig:
     model: str | None = key(None, "local Hugging Face model folder (default: the shipped model)")
     method: str = key("full", "what trains", choices=("full", "freeze", "lora", "qlora", "prompt_tuning"))
     objective: str | None = key(None, "loss (default: from the data format)",
-                                choices=(None, "lm", "sft", "dpo", "reward", "ppo", "classify"))
+                                choices=(None, "lm", "sft", "dpo", "kto", "reward", "ppo", "grpo", "classify"))
     output_dir: str | None = key(None, "where the run writes (required)")
     trust_remote_code: bool = key(False, "run code shipped inside a model folder (off: never unless asked)")
     data: DataConfig = section(DataConfig)
@@ -215,6 +246,8 @@ class RunConfig:
     train: TrainConfig = section(TrainConfig)
     dpo: DPOConfig = section(DPOConfig)
     ppo: PPOConfig = section(PPOConfig)
+    kto: KTOConfig = section(KTOConfig)
+    grpo: GRPOConfig = section(GRPOConfig)
     reward: RewardConfig = section(RewardConfig)
     classify: ClassifyConfig = section(ClassifyConfig)
     regularize: RegularizeConfig = section(RegularizeConfig)

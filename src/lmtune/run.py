@@ -59,6 +59,8 @@ def detect_format(records: list[Record]) -> str:
         return "messages"
     if "instruction" in fields and "output" in fields:
         return "alpaca"
+    if {"prompt", "completion", "label"} <= fields:
+        return "unpaired_preference"
     if {"prompt", "completion"} <= fields:
         return "prompt_completion"
     if "label" in fields and ("text" in fields or "text_pair" in fields):
@@ -69,7 +71,7 @@ def detect_format(records: list[Record]) -> str:
         return "prompts"
     raise InputError(f"{records[0].where}: cannot tell the data format from the fields {sorted(fields)}; "
                      "expected text, prompt+completion, instruction+output, messages, prompt+chosen+rejected, "
-                     "or text+label — or set data.format")
+                     "prompt+completion+label, or text+label — or set data.format")
 
 
 def check_output_dir(output_dir: str | None, resume: bool) -> Path:

@@ -51,7 +51,7 @@ def refuse_encoder(folder: Path) -> None:
         kind = read_config(folder).get("model_type")
         raise InputError(
             f"{folder} is a {kind} encoder: encoders read text but don't generate it, so it cannot be used "
-            "where a causal language model is needed (objective=lm, sft, dpo, ppo, reward; generate; "
+            "where a causal language model is needed (objective=lm, sft, dpo, kto, ppo, grpo, reward; generate; "
             "perplexity). Fine-tune an encoder with objective=classify on text+label data.")
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmtune.data.batching import last_token_index
 from lmtune.data.examples import BuildStats
 from lmtune.data.readers import Record
 from lmtune.errors import InputError
@@ -52,8 +53,7 @@ def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) ->
     if how == "mean":
         return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, H)
     if how == "last":
-        positions = torch.arange(hidden.shape[1], device=hidden.device)  # (T,)
-        last = (attention_mask * positions).argmax(1)  # (B,) index of the last real token
+        last = last_token_index(attention_mask)  # (B,)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
     raise ValueError(f"unknown pooling {how!r}; use one of {', '.join(POOLS)}")
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmtune.data.batching import epoch_order
+from lmtune.data.batching import epoch_order, pad_rows
 from lmtune.data.examples import encode, special_ids
 from lmtune.errors import InputError
 from lmtune.generate import generate
@@ -115,9 +115,7 @@ def model_scorer(path: str, policy_tokenizer: Any, trust_remote_code: bool) -> S
         else:  # another tokenizer: re-encode the texts the way reward pairs are encoded
             rows = [([bos] if bos is not None else []) + encode(tok, p) + encode(tok, r)
                     for p, r in zip(prompts, responses, strict=True)]
-        width = max(map(len, rows))
-        ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])  # (B, T)
-        mask = (torch.arange(width) < torch.tensor([[len(r)] for r in rows])).long()  # (B, T)
+        ids, mask = pad_rows(rows, tok.pad_token_id)  # (B, T)
         return reward_scores(model, {"input_ids": ids, "attention_mask": mask}).cpu()
 
     return score
@@ -184,9 +182,7 @@ class Rollouts:
 
     def sample(self, prompt_ids: list[list[int]], temperature: float, seed: int) -> list[list[int]]:
         """Continue left-padded prompts with the policy; each response keeps its EOS if it stopped."""
-        width = max(map(len, prompt_ids))
-        ids = torch.tensor([[self.tokenizer.pad_token_id] * (width - len(p)) + p for p in prompt_ids])  # (B, P)
-        mask = (torch.arange(width) >= width - torch.tensor([[len(p)] for p in prompt_ids])).long()  # (B, P)
+        ids, mask = pad_rows(prompt_ids, self.tokenizer.pad_token_id, left=True)  # (B, P)
         return generate(self.model.policy, ids, max_new_tokens=self.cfg["ppo.max_new_tokens"], temperature=temperature,
                         seed=seed, stop_ids={self.eos} if self.eos is not None else (), attention_mask=mask)
 
@@ -245,15 +241,12 @@ def layout(prompt_ids: list[list[int]], responses: list[list[int]], pad_id: int)
         ``response_index`` (B, R): the position whose hidden state predicts response token j.
     """
     rows = [p + r for p, r in zip(prompt_ids, responses, strict=True)]
-    width, longest = max(map(len, rows)), max(1, max(map(len, responses)))
-    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])  # (B, T)
-    attention = (torch.arange(width) < torch.tensor([[len(r)] for r in rows])).long()  # (B, T)
-    response_ids = torch.tensor([r + [0] * (longest - len(r)) for r in responses])  # (B, R)
-    response_mask = (torch.arange(longest) < torch.tensor([[len(r)] for r in responses])).float()  # (B, R)
+    ids, attention = pad_rows(rows, pad_id)  # (B, T)
+    response_ids, response_mask = pad_rows(responses, 0, min_width=1)  # (B, R)
     starts = torch.tensor([[len(p) - 1] for p in prompt_ids])  # (B, 1): predicts the first response token
-    index = (starts + torch.arange(longest)).clamp(max=width - 1)  # (B, R)
+    index = (starts + torch.arange(response_ids.shape[1])).clamp(max=ids.shape[1] - 1)  # (B, R)
     return {"input_ids": ids, "attention_mask": attention, "response_ids": response_ids,
-            "response_mask": response_mask, "response_index": index}
+            "response_mask": response_mask.float(), "response_index": index}
 
 
 def load_prompts(ctx: Any, key: str) -> list[tuple[str, list[int]]] | None:

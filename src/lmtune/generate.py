@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmtune.data.examples import encode
 from lmtune.errors import InputError
 
 
@@ -320,7 +321,7 @@ def generate_text(
     """
     # Special tokens are added by hand: some tokenizers would append EOS, which
     # would tell the model the text is already finished.
-    ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+    ids = encode(tokenizer, prompt, "prompt", "--prompt")
     bos = getattr(tokenizer, "bos_token_id", None)
     if add_bos and bos is not None and (not ids or ids[0] != bos):
         ids.insert(0, bos)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmtune.data.examples import BuildStats, special_ids
-from lmtune.data.formats import DROP_EMPTY, encode_text, finish_example
+from lmtune.data.examples import BuildStats, encode, special_ids
+from lmtune.data.formats import DROP_EMPTY, finish_example
 from lmtune.errors import InputError
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -83,8 +83,11 @@ def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt
     """The chat template's text for ``messages``; a template error names the row.
 
     Raises:
-        InputError: the template raised or is not valid Jinja.
+        InputError: the tokenizer has no chat template, or the template raised or is not valid Jinja.
     """
+    if not has_chat_template(tokenizer):
+        raise InputError(f"{where}: the record is given as chat messages but the tokenizer has no chat template; "
+                         "give the texts as strings, or use a model whose tokenizer has one")
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja2 TemplateError, or whatever the template's raise_exception raises
@@ -138,8 +141,8 @@ def conversation_ids(tokenizer: Any, messages: list[dict[str, str]],
             raise InputError(f"{where}: the chat template renders earlier turns differently once turn {k} is added, "
                              "so the response cannot be separated from the prompt; use a template whose "
                              "renderings of a conversation's prefixes are prefixes of each other")
-        context = encode_text(tokenizer, prompt[len(done):], where, f"prompt before turn {k}")
-        reply = encode_text(tokenizer, full[len(prompt):], where, f"assistant turn {k}")
+        context = encode(tokenizer, prompt[len(done):], f"prompt before turn {k}", where)
+        reply = encode(tokenizer, full[len(prompt):], f"assistant turn {k}", where)
         marks = [i for i, t in enumerate(reply) if t in specials and i > 0]
         if marks:
             n_trained = marks[-1] + 1  # up to and including the end-of-turn token

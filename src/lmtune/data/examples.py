@@ -37,17 +37,27 @@ def special_ids(tokenizer: Any) -> tuple[int | None, int | None]:
     return bos, eos
 
 
-def encode(tokenizer: Any, text: str) -> list[int]:
+def encode(tokenizer: Any, text: str, what: str = "text", where: str | None = None) -> list[int]:
     """Token ids of ``text`` without any special tokens (framing is added explicitly).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        text: what to encode.
+        what: what the text is, for the error ("completion", "assistant turn 2").
+        where: the record's file and line, put first in the error (callers that learn it
+            later prefix it themselves).
 
     Raises:
         InputError: the tokenizer cannot encode the text (e.g. a word-level vocabulary without
-            an unknown-word token meets a new word); callers prefix the record's file and line.
+            an unknown-word token meets a new word), naming the words it cannot encode.
     """
+    if not text:
+        return []
     try:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     except Exception as e:  # tokenizers raises a bare Exception for words missing from a WordLevel vocabulary
-        raise InputError(_encode_problem(tokenizer, text, e)) from None
+        problem = f"the tokenizer cannot encode the {what}: {_encode_problem(tokenizer, text, e)}"
+        raise InputError(f"{where}: {problem}" if where else problem) from None
 
 
 def _encode_problem(tokenizer: Any, text: str, error: Exception) -> str:
@@ -60,8 +70,8 @@ def _encode_problem(tokenizer: Any, text: str, error: Exception) -> str:
         if len(bad) == 5:
             break
     if not bad:
-        return f"the tokenizer cannot encode this text ({error})"
-    return (f"words the tokenizer cannot encode (not in its vocabulary): {', '.join(repr(w) for w in bad)}; "
+        return str(error)
+    return (f"words not in its vocabulary: {', '.join(repr(w) for w in bad)}; "
             "the model knows only the words it was trained with")
 
 

@@ -19,6 +19,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from lmtune.data.batching import pad_batch
+from lmtune.data.chat import render
 from lmtune.data.examples import IGNORE, BuildStats, encode, special_ids
 from lmtune.data.readers import Record
 from lmtune.errors import InputError
@@ -32,11 +33,7 @@ def _is_messages(value: Any) -> bool:
 
 
 def _render(tokenizer: Any, messages: list[dict], where: str, generation_prompt: bool = False) -> list[int]:
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise InputError(f"{where}: the pair is given as chat messages but the tokenizer has no chat template; "
-                         "give prompt/chosen/rejected as strings, or use a model whose tokenizer has one")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    return encode(tokenizer, text)
+    return encode(tokenizer, render(tokenizer, messages, generation_prompt, where), "conversation", where)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmtune.data.examples import encode
 from lmtune.errors import InputError
 from lmtune.methods import Prepared
 
@@ -90,7 +91,7 @@ def initial_prompt(model: nn.Module, tokenizer: Any, n: int, init: str, seed: in
     if init == "vocab":
         return table[torch.randint(0, table.shape[0], (n,), generator=g)].clone()
     if init.startswith("text:"):
-        ids = tokenizer(init[5:].strip(), add_special_tokens=False)["input_ids"]
+        ids = encode(tokenizer, init[5:].strip(), "text", f"prompt_tuning.init={init!r}")
         if not ids:
             raise InputError(f"prompt_tuning.init={init!r}: the text has no tokens; {INIT_HELP}")
         ids = (ids * (n // len(ids) + 1))[:n]

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from lmtune.data.preference import IDENTICAL, build_pairs, collate_pairs, completion_logps
+from lmtune.data.preference import IDENTICAL, build_pairs, collate_pairs
 from lmtune.errors import InputError
 from lmtune.objectives.dpo import dpo_loss
+from lmtune.objectives.lm import completion_logps
 from lmtune.objectives.reference import Reference, disable_dropout
 from lmtune.train import Task
 

@@ -37,6 +37,21 @@ def output_head(model: Any) -> torch.nn.Module:
     return head
 
 
+def labelled_logprobs(model: Any, batch: dict[str, Any], chunk_rows: int = CHUNK_ROWS
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probability of each labelled next token, through ``head_logprobs``.
+
+    Returns:
+        ``(logps (M,), rows (M,), hidden (B, T, H))``: one entry per position whose next token
+        has a label, the batch row it belongs to, and the body's output.
+    """
+    hidden = final_hidden(model, batch)  # (B, T, H)
+    targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at t
+    keep = targets != IGNORE  # (B, T-1)
+    h, y = hidden[:, :-1][keep], targets[keep]  # (M, H), (M,) only rows that carry loss
+    return head_logprobs(output_head(model), h, y, chunk_rows), keep.nonzero()[:, 0], hidden
+
+
 def lm_loss(model: Any, batch: dict[str, Any], chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, dict[str, float]]:
     """Summed next-token cross-entropy over labelled positions.
 
@@ -50,14 +65,22 @@ def lm_loss(model: Any, batch: dict[str, Any], chunk_rows: int = CHUNK_ROWS) -> 
         ``(loss_sum, metrics)``; the loop divides by the number of loss tokens across its
         accumulation window so that 1×8 and 8×1 micro-batching give the same gradient.
     """
-    hidden = final_hidden(model, batch)  # (B, T, H)
-    targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at t
-    keep = targets != IGNORE
-    h = hidden[:, :-1][keep]  # (N, H) only rows that carry loss
-    y = targets[keep]  # (N,)
-    if h.shape[0] == 0:
+    logps, _, hidden = labelled_logprobs(model, batch, chunk_rows)  # (N,)
+    if logps.shape[0] == 0:
         return hidden.sum() * 0.0, {}
-    return -head_logprobs(output_head(model), h, y, chunk_rows).sum(), {}
+    return -logps.sum(), {}
+
+
+def completion_logps(model: Any, batch: dict[str, Any], chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """Summed log-probability of each row's labelled (completion) tokens, (N,) float32.
+
+    What DPO compares between policy and reference; the body runs once over all rows and the
+    head only on the positions that predict a completion token (a frozen head, as with LoRA,
+    gets its input gradient in the forward pass: ``head_logprobs``).
+    """
+    logps, rows, hidden = labelled_logprobs(model, batch, chunk_rows)  # (M,), (M,)
+    sums = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
+    return sums.index_add(0, rows, logps)
 
 
 def per_token_logprobs(model: Any, batch: dict[str, Any]) -> torch.Tensor:

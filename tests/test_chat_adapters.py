@@ -34,7 +34,7 @@ def train_on_chat(model_dir, tmp, method: str):
     cfg = load_config(overrides={"model": str(model_dir), "data.train": str(data), "output_dir": str(out),
                                  "method": method, "train.steps": 3, "train.batch_size": 4, "train.max_length": 24,
                                  "train.lr": 5e-2})
-    log = RunLog(out, cfg, quiet=True, tensorboard=False)
+    log = RunLog(out, quiet=True, tensorboard=False)
     task, ctx = prepare(cfg, log)
     summary = train(task, cfg, out, device=torch.device("cpu"), log=log)
     return model_dir, out, task.model.eval(), summary

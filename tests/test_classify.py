@@ -53,7 +53,7 @@ def _cfg(model, train_file, out, **extra):
 
 def _train(cfg):
     """Train and also return the in-memory task (whose model is the one that was saved)."""
-    task, ctx = prepare(cfg, RunLog(cfg["output_dir"], cfg, quiet=True, tensorboard=False))
+    task, ctx = prepare(cfg, RunLog(cfg["output_dir"], quiet=True, tensorboard=False))
     summary = train(task, cfg, ctx.output_dir, log=ctx.log)
     return task, summary
 

@@ -26,7 +26,7 @@ def config(model_dir: Path, out: Path, **overrides):
 
 
 def run(cfg) -> dict:
-    return run_training(cfg, RunLog(Path(cfg["output_dir"]), cfg, quiet=True, tensorboard=False))
+    return run_training(cfg, RunLog(Path(cfg["output_dir"]), quiet=True, tensorboard=False))
 
 
 def distance_from(model: torch.nn.Module, initial: dict[str, torch.Tensor]) -> float:
@@ -56,7 +56,7 @@ def test_l2_init_keeps_weights_closer_to_the_start_than_without(gpt2_dir, tmp_pa
         cfg = config(gpt2_dir, tmp_path / f"l2-{lam}", **{"data.train": str(data), "regularize.l2_init": lam,
                                                           "train.steps": 6})
         out = Path(cfg["output_dir"])
-        task, ctx = prepare(cfg, RunLog(out, cfg, quiet=True, tensorboard=False))
+        task, ctx = prepare(cfg, RunLog(out, quiet=True, tensorboard=False))
         initial = {n: p.detach().clone() for n, p in task.model.named_parameters()}
         train(task, cfg, out, log=ctx.log)
         distances[lam] = distance_from(task.model, initial)
@@ -101,7 +101,7 @@ def test_replay_data_reaches_the_training_batches(gpt2_dir, tmp_path):
     replay = write_lines(tmp_path / "pretrain.txt", RETAIN)
     cfg = config(gpt2_dir, tmp_path / "out", **{"data.train": str(data), "regularize.replay_data": str(replay),
                                                 "regularize.replay_ratio": 0.5})
-    task, _ = prepare(cfg, RunLog(tmp_path / "out", cfg, quiet=True, tensorboard=False))
+    task, _ = prepare(cfg, RunLog(tmp_path / "out", quiet=True, tensorboard=False))
     batch = task.batch_transform(task.train_examples[:4], 0)
     texts = [ex["input_ids"] for ex in batch]
     replay_ids = [ex["input_ids"] for ex in task.batch_transform.examples]

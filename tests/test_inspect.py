@@ -55,7 +55,7 @@ def test_inspect_counts_equal_summary_json(model_dir, corpus, tmp_path, method, 
     overrides = {"method": method, "lora.target_modules": "all-linear", **extra}
     cfg = load_config(overrides={"model": str(model_dir), "data.train": str(corpus), "output_dir": str(tmp_path / "r"),
                                  "train.steps": 1, "train.batch_size": 2, **overrides})
-    summary = run_training(cfg, RunLog(tmp_path / "r", cfg, quiet=True, tensorboard=False))
+    summary = run_training(cfg, RunLog(tmp_path / "r", quiet=True, tensorboard=False))
     row = run_inspect(str(model_dir), [f"{k}={json.dumps(v)}" for k, v in overrides.items()])["methods"][method]
     assert (row["total_params"], row["trainable_params"]) == (summary["total_params"], summary["trainable_params"])
 

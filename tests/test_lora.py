@@ -216,7 +216,7 @@ def _train(model_dir, corpus, out, **extra):
     cfg = load_config(overrides={"model": str(model_dir), "data.train": str(corpus), "output_dir": str(out),
                                  "method": "lora", "train.steps": 3, "train.batch_size": 4, "train.lr": 1e-2,
                                  **extra})
-    return run_training(cfg, RunLog(out, cfg, quiet=True, tensorboard=False))
+    return run_training(cfg, RunLog(out, quiet=True, tensorboard=False))
 
 
 def test_lora_run_trains_only_the_adapter_and_reports_counts(gpt2_dir, corpus, tmp_path):

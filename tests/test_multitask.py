@@ -36,7 +36,7 @@ def _cfg(model, train_file, out, **extra):
 
 
 def _train(cfg):
-    task, ctx = prepare(cfg, RunLog(cfg["output_dir"], cfg, quiet=True, tensorboard=False))
+    task, ctx = prepare(cfg, RunLog(cfg["output_dir"], quiet=True, tensorboard=False))
     return task, train(task, cfg, ctx.output_dir, log=ctx.log)
 
 

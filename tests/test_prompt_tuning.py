@@ -90,7 +90,7 @@ def test_training_changes_only_the_prompt(gpt2_dir, corpus, tmp_path):
     cfg = load_config(overrides={"model": str(gpt2_dir), "data.train": str(corpus), "output_dir": str(tmp_path / "r"),
                                  "method": "prompt_tuning", "prompt_tuning.num_virtual_tokens": 4,
                                  "train.steps": 3, "train.batch_size": 4, "train.lr": 0.1})
-    summary = run_training(cfg, RunLog(tmp_path / "r", cfg, quiet=True, tensorboard=False))
+    summary = run_training(cfg, RunLog(tmp_path / "r", quiet=True, tensorboard=False))
     assert summary["trainable_params"] == summary["adapter_params"] == 4 * 32
     saved = load_file(tmp_path / "r" / "adapter_model.safetensors")
     assert list(saved) == ["prompt_embeddings"] and saved["prompt_embeddings"].shape == (4, 32)

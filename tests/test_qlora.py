@@ -181,7 +181,7 @@ def test_qlora_run_saves_an_adapter_peft_loads_onto_the_fp_base(llama_dir, corpu
     cfg = load_config(overrides={"model": str(llama_dir), "data.train": str(corpus), "output_dir": str(out),
                                  "method": "qlora", "lora.target_modules": "all-linear", "train.steps": 3,
                                  "train.batch_size": 4, "train.lr": 1e-2})
-    summary = run_training(cfg, RunLog(out, cfg, quiet=True, tensorboard=False))
+    summary = run_training(cfg, RunLog(out, quiet=True, tensorboard=False))
     assert summary["bytes_per_quantized_param"] <= 0.52
     assert any(torch.count_nonzero(t) for k, t in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k)
     x = ids()

@@ -39,7 +39,7 @@ def write_jsonl(path, rows):
 def run(model_dir, data, out, quiet=True, **extra):
     cfg = load_config(overrides={"model": str(model_dir), "data.train": str(data), "output_dir": str(out),
                                  "train.steps": 2, "train.batch_size": 4, "train.max_length": 24, **extra})
-    return run_training(cfg, RunLog(out, cfg, quiet=quiet, tensorboard=False))
+    return run_training(cfg, RunLog(out, quiet=quiet, tensorboard=False))
 
 
 def test_truncated_and_dropped_examples_are_counted_in_log_and_summary(gpt2_dir, tmp_path, capsys):

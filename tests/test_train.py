@@ -22,7 +22,7 @@ def _cfg(model_dir, corpus, out, **extra):
 
 
 def _run(cfg):
-    return run_training(cfg, RunLog(cfg["output_dir"], cfg, quiet=True, tensorboard=False))
+    return run_training(cfg, RunLog(cfg["output_dir"], quiet=True, tensorboard=False))
 
 
 def _weights(out):
@@ -156,7 +156,7 @@ def test_summary_and_metrics_files(model_dir, corpus, eval_corpus, tmp_path):
 
 def test_tensorboard_events_written(gpt2_dir, corpus, tmp_path):
     cfg = _cfg(gpt2_dir, corpus, tmp_path / "tb", **{"train.steps": 2})
-    run_training(cfg, RunLog(cfg["output_dir"], cfg, quiet=True))
+    run_training(cfg, RunLog(cfg["output_dir"], quiet=True))
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 

@@ -115,7 +115,7 @@ def prepare(cfg: dict[str, Any], log: RunLog | None = None) -> tuple[Any, RunCon
     folder = resolve_model_dir(cfg["model"])
     tokenizer = load_tokenizer(folder, cfg["trust_remote_code"])
     check_tokenizer(folder, tokenizer)
-    ctx = RunContext(cfg, folder, tokenizer, out, log or RunLog(out, cfg))
+    ctx = RunContext(cfg, folder, tokenizer, out, log or RunLog(out))
     context = context_length(folder)
     if context is not None and cfg["train.max_length"] > context:
         # Positions past the model's context have no embedding; longer examples are truncated.

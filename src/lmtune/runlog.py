@@ -42,7 +42,7 @@ class RunLog:
     fails during setup leaves no file that could be taken for a result.
     """
 
-    def __init__(self, output_dir: Path, cfg: dict[str, Any] | None = None, quiet: bool = False,
+    def __init__(self, output_dir: Path, quiet: bool = False,
                  tensorboard: bool = True, console_every: int | None = None, active: bool = True):
         self.output_dir = Path(output_dir)
         self.active = active  # False on ranks other than 0: they write nothing

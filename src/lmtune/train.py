@@ -203,9 +203,9 @@ def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.devic
     ckpt_root = output_dir / "checkpoints"
     state = {"step": 0, "tokens": 0, "best_eval": None, "bad_evals": 0, "eval_loss": None, "last_loss": None}
     best_weights: dict[str, torch.Tensor] | None = None
-    log = log or RunLog(output_dir, cfg)
+    log = log or RunLog(output_dir)
     if not main:
-        log = RunLog(output_dir, cfg, quiet=True, tensorboard=False, active=False)
+        log = RunLog(output_dir, quiet=True, tensorboard=False, active=False)
     torch.manual_seed(seed)
 
     found = ckpt.latest_good(ckpt_root, warn=log.say) if cfg["train.resume"] else None

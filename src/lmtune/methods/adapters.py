@@ -98,11 +98,6 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(n for layer in lora_layers(model).values() for n in layer.lora_A))
 
 
-def has_adapter(model: nn.Module) -> bool:
-    """Whether ``model`` carries a LoRA adapter or is a prompt-tuning wrapper."""
-    return bool(adapter_names(model)) or hasattr(model, "prompt_embeddings")
-
-
 def set_active_adapter(model: nn.Module, adapter: str) -> None:
     """Make ``adapter`` the one that runs (layers without it run their base weights)."""
     if adapter not in adapter_names(model):

@@ -219,14 +219,6 @@ class LoRALinear(nn.Module):
             restored = restored * (norm / self.lora_magnitude_vector[name]).unsqueeze(1)
         w.copy_((restored - self.delta_weight(name).float()).to(w.dtype))
 
-    def remove_adapter(self, name: str) -> None:
-        self.unmerge(name)
-        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
-            table.pop(name, None)
-        self.specs.pop(name, None)
-        if self.active == name:
-            self.active = None
-
     def extra_repr(self) -> str:
         kind = "NF4" if self.quantized else ("Conv1D" if self.fan_in_fan_out else "Linear")
         return f"{kind} {self.in_features}→{self.out_features}, adapters={list(self.lora_A)}, active={self.active}"

@@ -93,7 +93,7 @@ def pretrain(corpus: str | Path, out: str | Path, overrides: list[str] | None = 
     out = check_output_dir(cfg)
     records = read_records(cfg["data.train"])
     tokenizer = build_word_tokenizer([r.fields["text"] for r in records])
-    log = RunLog(out, cfg, quiet=quiet, tensorboard=tensorboard)
+    log = RunLog(out, quiet=quiet, tensorboard=tensorboard)
     examples, stats = text_examples(records, tokenizer, cfg["train.max_length"])
     model = random_model(tokenizer, cfg["train.seed"])
     n_words = len(tokenizer) - 1

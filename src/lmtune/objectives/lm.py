@@ -81,17 +81,3 @@ def completion_logps(model: Any, batch: dict[str, Any], chunk_rows: int = CHUNK_
     logps, rows, hidden = labelled_logprobs(model, batch, chunk_rows)  # (M,), (M,)
     sums = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
     return sums.index_add(0, rows, logps)
-
-
-def per_token_logprobs(model: Any, batch: dict[str, Any]) -> torch.Tensor:
-    """Log-probability of each labelled next token, (B, T-1), zero where unlabelled.
-
-    Used by preference objectives (sums over completion tokens) and evaluation.
-    """
-    hidden = final_hidden(model, batch)  # (B, T, H)
-    logits = output_head(model)(hidden[:, :-1]).float()  # (B, T-1, V)
-    targets = batch["labels"][:, 1:]  # (B, T-1)
-    keep = targets != IGNORE
-    safe = targets.masked_fill(~keep, 0)
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return logp * keep

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmtune.errors import InputError
+from lmtune.methods.adapters import disable_adapter
 
 ADAPTER_METHODS = ("lora", "qlora", "prompt_tuning")
 
@@ -48,11 +48,6 @@ class Reference:
         self.copy: nn.Module | None = None
         self._disable: Any = None
         if method in ADAPTER_METHODS:
-            try:
-                from lmtune.methods.adapters import disable_adapter
-            except ImportError as e:
-                raise InputError(f"method={method} needs lmtune.methods.adapters.disable_adapter for the reference "
-                                 f"model, which this installation lacks ({e}); use method=full") from None
             self._disable = disable_adapter
         elif keep_copy:
             self.copy = copy.deepcopy(policy).eval().requires_grad_(False)

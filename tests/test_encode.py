@@ -1,8 +1,8 @@
 """Every path from text to token ids goes through data.examples.encode: unknown words are an InputError."""
 
 import pytest
-from conftest import build_model, word_tokenizer
 
+from conftest import build_model, word_tokenizer
 from lmtune.data.chat import render
 from lmtune.data.examples import encode
 from lmtune.errors import InputError

@@ -52,7 +52,7 @@ def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from lmtune.models.shipped import pretrain
+    from lmtune.pretrain import pretrain
 
     pretrain(args.corpus, args.out, args.overrides)
     return 0
@@ -70,7 +70,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model, tokenizer, folder = load_model_and_tokenizer(args.model)
     if args.adapter:
-        from lmtune.methods.adapters import adapter_tokenizer, load_adapter
+        from lmtune.methods.adapter_files import adapter_tokenizer
+        from lmtune.methods.adapters import load_adapter
 
         tokenizer = adapter_tokenizer(args.adapter, tokenizer)  # with the chat tokens training added, if any
         model = load_adapter(model, args.adapter, tokenizer=tokenizer)

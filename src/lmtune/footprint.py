@@ -17,6 +17,16 @@ from typing import Any
 
 from torch import nn
 
+from lmtune.config import load_config
+from lmtune.errors import InputError
+from lmtune.methods.adapters import inject
+from lmtune.methods.freeze import freeze_layers
+from lmtune.methods.lora_layer import LoRASpec
+from lmtune.methods.qlora import checked_plan, weight_memory
+from lmtune.methods.targets import resolve_targets
+from lmtune.models.loading import resolve_model_dir
+from lmtune.train import param_counts
+
 KB, MB, GB = 1024, 1024**2, 1024**3
 
 
@@ -38,16 +48,12 @@ def _meta_model(folder: Path, trust_remote_code: bool) -> nn.Module:
 
 
 def _counts(model: nn.Module) -> tuple[int, int]:
-    from lmtune.train import param_counts
 
     return param_counts(model)
 
 
 def method_row(model_fn: Any, method: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """Parameters and memory of one method on a fresh (meta) model from ``model_fn()``."""
-    from lmtune.methods.adapters import inject
-    from lmtune.methods.lora import LoRASpec
-    from lmtune.methods.targets import resolve_targets
 
     model = model_fn()
     row: dict[str, Any] = {}
@@ -55,14 +61,12 @@ def method_row(model_fn: Any, method: str, cfg: dict[str, Any]) -> dict[str, Any
     if method in ("full", "freeze"):
         model.requires_grad_(True)
         if method == "freeze":
-            from lmtune.methods.freeze import freeze_layers
 
             freeze_layers(model, cfg["freeze.layers"])
     elif method in ("lora", "qlora"):
         spec = LoRASpec.from_config(cfg)
         model.requires_grad_(False)
         if method == "qlora":
-            from lmtune.methods.qlora import checked_plan, weight_memory
 
             names, keep = checked_plan(model, cfg["quant.block_size"], cfg["quant.double_quant"])
             memory = weight_memory(model, names, cfg["quant.block_size"], cfg["quant.double_quant"])
@@ -103,7 +107,6 @@ def method_row(model_fn: Any, method: str, cfg: dict[str, Any]) -> dict[str, Any
 
 def inspect_model(model_fn: Any, cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Rows for full, (freeze,) lora, qlora and prompt_tuning under ``cfg``'s settings."""
-    from lmtune.errors import InputError
 
     methods = ["full"] + (["freeze"] if cfg["freeze.layers"] or cfg["method"] == "freeze" else [])
     methods += ["lora", "qlora", "prompt_tuning"]
@@ -152,9 +155,6 @@ def run_inspect(model: str | Path | None, overrides: list[str]) -> dict[str, Any
     Raises:
         InputError: bad model folder or config keys, or the configured method cannot apply.
     """
-    from lmtune.config import load_config
-    from lmtune.models.loading import resolve_model_dir
-
     cfg = load_config(overrides=overrides)
     folder = resolve_model_dir(model if model is not None else cfg["model"])
     trust = cfg["trust_remote_code"]

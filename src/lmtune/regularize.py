@@ -24,8 +24,10 @@ from typing import Any
 import torch
 
 from lmtune.data.batching import epoch_order
+from lmtune.data.examples import text_examples
 from lmtune.data.readers import read_records
 from lmtune.errors import InputError
+from lmtune.objectives.lm import perplexity
 
 # Objectives whose examples are {"input_ids", "labels"} dicts that plain text examples can join.
 REPLAY_OBJECTIVES = ("lm", "sft")
@@ -107,8 +109,6 @@ def retain_evaluator(examples: list[dict[str, list[int]]], pad_id: int,
     Whatever the objective, this is the language-model loss of the model's LM head, so
     before and after are comparable across methods.
     """
-    from lmtune.evaluate import perplexity
-
     def retain_loss(model: torch.nn.Module) -> float:
         return perplexity(model, examples, pad_id, batch_size)["loss"]
 
@@ -171,8 +171,6 @@ class Guards:
 
 
 def _text_file_examples(key: str, path: str, tokenizer: Any, max_length: int) -> list[dict[str, list[int]]]:
-    from lmtune.objectives.lm_task import text_examples
-
     try:
         records = read_records(path)
     except InputError as e:

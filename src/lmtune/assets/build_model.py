@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from lmtune.assets.corpora import data_path
-from lmtune.models.shipped import pretrain
+from lmtune.pretrain import pretrain
 
 
 def main() -> int:

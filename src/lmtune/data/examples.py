@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmtune.data.readers import Record
 from lmtune.errors import InputError
 
 IGNORE = -100
@@ -90,3 +91,22 @@ def text_example(tokenizer: Any, text: str, max_length: int, stats: BuildStats) 
     if bos is not None:
         labels[0] = IGNORE  # nothing precedes BOS, so nothing predicts it
     return {"input_ids": ids, "labels": labels}
+
+
+def text_examples(records: list[Record], tokenizer: Any, max_length: int,
+                  stats: BuildStats | None = None) -> tuple[list[dict[str, list[int]]], BuildStats]:
+    """Token examples from records with a string ``text`` field."""
+    stats = stats or BuildStats()
+    examples = []
+    for rec in records:
+        text = rec.fields.get("text")
+        if not isinstance(text, str):
+            raise InputError(f"{rec.where}: field 'text' must be a string, got "
+                             f"{'nothing' if text is None else type(text).__name__}")
+        try:
+            ex = text_example(tokenizer, text, max_length, stats)
+        except InputError as e:  # the tokenizer could not encode it: say which line
+            raise InputError(f"{rec.where}: {e}") from None
+        if ex is not None:
+            examples.append(ex)
+    return examples, stats

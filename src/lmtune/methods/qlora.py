@@ -22,7 +22,10 @@ from torch import nn
 
 from lmtune.errors import InputError
 from lmtune.methods import Prepared
+from lmtune.methods.lora import prepare
+from lmtune.methods.lora_layer import LoRALinear, lora_layers
 from lmtune.methods.targets import base_modules, is_linear
+from lmtune.models.loading import load_causal_lm
 from lmtune.quant import nf4_nbytes, quantize_problem
 
 
@@ -38,8 +41,6 @@ def plan_quantization(model: nn.Module, block_size: int, double_quant: bool) -> 
     the logits, and it is often tied to the input embeddings. Layers already in NF4 (from
     :func:`load_quantized`) count as quantized.
     """
-    from lmtune.methods.lora import lora_layers
-
     done = {name: layer.in_features * layer.out_features for name, layer in lora_layers(model).items()
             if layer.quantized}
     heads = _head_ids(model)
@@ -78,8 +79,6 @@ def weight_memory(model: nn.Module, quantized: dict[str, int], block_size: int, 
     """Weight bytes with the NF4 layers vs the same model in fp32 and bf16 (closed form)."""
     q_numel = sum(quantized.values())
     q_bytes = sum(nf4_nbytes(n, block_size, double_quant) for n in quantized.values())
-    from lmtune.methods.lora import lora_layers
-
     in_nf4 = sum(layer.in_features * layer.out_features for layer in lora_layers(model).values() if layer.quantized)
     seen = {id(p): p for n, p in model.named_parameters() if "weight_4bit" not in n}
     total = sum(p.numel() for p in seen.values()) + in_nf4
@@ -128,8 +127,6 @@ def load_quantized(folder: Path, cfg: dict[str, Any]) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from lmtune.methods.lora import LoRALinear
-    from lmtune.models.loading import load_causal_lm
 
     trust = cfg["trust_remote_code"]
     settings = {"block_size": cfg["quant.block_size"], "double_quant": cfg["quant.double_quant"]}
@@ -187,8 +184,6 @@ def _release_freed_memory() -> None:
 
 def apply(model: Any, tokenizer: Any, cfg: dict[str, Any], base_folder: Path) -> Prepared:
     """``method=qlora``: quantize the base's linear layers to NF4, then add a LoRA adapter."""
-    from lmtune.methods.lora import LoRALinear, prepare
-
     block, double = cfg["quant.block_size"], cfg["quant.double_quant"]
     quantize, keep = checked_plan(model, block, double)
     memory = weight_memory(model, quantize, block, double)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.errors import InputError
+from lmtune.models.encoders import is_encoder, refuse_encoder
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 META_FILE = "lmtune.json"
@@ -96,8 +97,6 @@ def load_causal_lm(folder: Path, trust_remote_code: bool = False, dtype: Any = N
     """
     import torch
     from transformers import AutoModelForCausalLM
-
-    from lmtune.models.encoders import refuse_encoder
 
     refuse_encoder(folder)
 
@@ -187,3 +186,19 @@ def save_model(model: Any, tokenizer: Any, folder: Path, extra_meta: dict[str, A
     tokenizer.save_pretrained(folder)
     meta = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), **(extra_meta or {})}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def random_twin(folder: Path, out: Path, seed: int = 0) -> Path:
+    """Save the same architecture and tokenizer as ``folder`` with freshly initialised weights.
+
+    The baseline that shows what pre-training contributes: fine-tune both on the same data
+    and steps, and the difference is the knowledge the pre-trained weights carried.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    torch.manual_seed(seed)
+    model = (AutoModel if is_encoder(folder) else AutoModelForCausalLM).from_config(config)
+    save_model(model, load_tokenizer(folder), Path(out), {"random_twin_of": str(folder)})
+    return Path(out)

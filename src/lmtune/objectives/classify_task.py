@@ -26,6 +26,8 @@ from lmtune.data.classification import (
 from lmtune.data.examples import BuildStats
 from lmtune.data.readers import Record, read_records
 from lmtune.errors import InputError
+from lmtune.models.encoders import is_encoder, load_for_classification
+from lmtune.models.heads import Classifier, add_head_to_adapter, pool_warning, save_heads
 from lmtune.train import Task
 
 METHODS = ("full", "freeze", "lora")
@@ -139,9 +141,6 @@ def accuracy_on(model: Any, examples: list[dict[str, Any]], pad_id: int, batch_s
 
 def build_task(ctx: Any) -> Task:
     """Classification task: check labels and pooling, build examples, then load the model."""
-    from lmtune.models.encoders import is_encoder, load_for_classification
-    from lmtune.models.heads import Classifier, add_head_to_adapter, pool_warning, save_heads
-
     cfg, tok = ctx.cfg, ctx.tokenizer
     if cfg["method"] not in METHODS:
         raise InputError(f"objective=classify trains with method {', '.join(METHODS)}; got method={cfg['method']}")

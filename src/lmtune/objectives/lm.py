@@ -4,7 +4,8 @@ The model body runs once; the output head and cross-entropy then run only on the
 next token has a label, in chunks, so that at most ``chunk`` rows of ``V`` logits exist at any
 moment (``head_logprobs``: a frozen head gets its input gradient in the forward pass instead of
 a checkpointed recompute). With a 32k vocabulary and a batch of 8×512 that is the difference
-between ~500 MB and ~16 MB.
+between ~500 MB and ~16 MB. ``perplexity`` is the same loss summed over a whole data set, which
+``lmtune eval`` and the retain-loss guard (``regularize``) both report.
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ from typing import Any
 
 import torch
 
+from lmtune.data.batching import pad_batch
 from lmtune.data.examples import IGNORE
+from lmtune.metrics import perplexity_from
 from lmtune.objectives.head_logprobs import CHUNK_ROWS, head_logprobs
+
+EVAL_BATCH = 16  # examples per forward when scoring perplexity
 
 
 def final_hidden(model: Any, batch: dict[str, Any]) -> torch.Tensor:
@@ -81,3 +86,26 @@ def completion_logps(model: Any, batch: dict[str, Any], chunk_rows: int = CHUNK_
     logps, rows, hidden = labelled_logprobs(model, batch, chunk_rows)  # (M,), (M,)
     sums = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
     return sums.index_add(0, rows, logps)
+
+
+@torch.no_grad()
+def perplexity(model: Any, examples: list[dict[str, list[int]]], pad_id: int,
+               batch_size: int = EVAL_BATCH) -> dict[str, float | int]:
+    """Token-weighted loss and perplexity: one sum over all scored tokens, one division.
+
+    Returns:
+        ``{"loss": mean nats per token, "perplexity": exp(loss), "tokens": scored tokens}``.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = pad_batch(examples[start:start + batch_size], pad_id)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        loss_sum, _ = lm_loss(model, batch)
+        total += float(loss_sum)
+        tokens += batch["num_loss_tokens"]
+    model.train(was_training)
+    return {"loss": total / max(tokens, 1), "perplexity": perplexity_from(total, tokens), "tokens": tokens}
+

@@ -32,6 +32,7 @@ from lmtune.models.loading import tokenizer_fingerprint
 from lmtune.objectives.lm import final_hidden, output_head
 from lmtune.objectives.ppo import gae, masked_whiten, per_token_rewards, policy_loss, value_loss
 from lmtune.objectives.reference import Reference, disable_dropout
+from lmtune.objectives.reward import load_reward_model, reward_scores
 from lmtune.train import Task
 
 Scorer = Callable[[list[str], list[str], list[list[int]], list[list[int]]], torch.Tensor]
@@ -101,7 +102,6 @@ def function_scorer(spec: str) -> Scorer:
 
 def model_scorer(path: str, policy_tokenizer: Any, trust_remote_code: bool) -> Scorer:
     """Scores from a reward-model folder, fed as it was trained: BOS + prompt + response, no EOS."""
-    from lmtune.objectives.reward import load_reward_model, reward_scores
 
     model, tok = load_reward_model(path, trust_remote_code)
     same_tokens = tokenizer_fingerprint(tok) == tokenizer_fingerprint(policy_tokenizer)

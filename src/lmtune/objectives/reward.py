@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from lmtune.data.batching import last_token_index
 from lmtune.errors import InputError
+from lmtune.models.loading import check_tokenizer, load_tokenizer, resolve_model_dir
 from lmtune.objectives.lm import final_hidden
 
 
@@ -95,7 +96,6 @@ def load_reward_model(path: str | Path, trust_remote_code: bool = False) -> tupl
     """
     from transformers import AutoModelForSequenceClassification
 
-    from lmtune.models.loading import check_tokenizer, load_tokenizer, resolve_model_dir
 
     folder = Path(path)
     if folder.is_dir() and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():

@@ -22,6 +22,7 @@ from lmtune.data.packing import ATTENTION_NAME, BLOCK_MASK, collate_packed, pack
 from lmtune.data.readers import Record
 from lmtune.errors import InputError
 from lmtune.methods import Prepared
+from lmtune.methods.adapter_files import save_new_token_rows
 from lmtune.objectives.lm import lm_loss
 from lmtune.train import Task, TrainingError, param_counts
 
@@ -156,8 +157,6 @@ def _save_new_rows_too(prepared: Prepared, added: list[str], rows: int, log: Any
 
     ``trainable_params`` counts what trains: the adapter and the new rows, not whole matrices.
     """
-    from lmtune.methods.adapters import save_new_token_rows
-
     model = prepared.model
     log.say("the adapter will also carry the input embedding and output head (PEFT modules_to_save) with the "
             "new chat tokens' rows, and the tokenizer with the chat template")

@@ -16,7 +16,7 @@ from common import LORA, OPTIM, SEED, StepClock, current_rss_mb, ordered, read_j
 from fixtures import data_file
 
 
-def _timed_log(out: Path, cfg: dict[str, Any], clock: StepClock, tokens_of: Any) -> Any:
+def _timed_log(out: Path, clock: StepClock, tokens_of: Any) -> Any:
     from lmtune.runlog import RunLog
 
     class TimedLog(RunLog):
@@ -30,7 +30,7 @@ def _timed_log(out: Path, cfg: dict[str, Any], clock: StepClock, tokens_of: Any)
             clock.tick(tokens_of(record), record["loss"])
             super().step(record, total)
 
-    return TimedLog(out, cfg, quiet=True)
+    return TimedLog(out, quiet=True)
 
 
 def lmtune_config(spec: dict[str, Any], data: Path, objective: str) -> Any:
@@ -102,18 +102,19 @@ def _checkpointed_head(head: Any, h: Any, y: Any, chunk_rows: int = 1024) -> Any
 def _run(spec: dict[str, Any], objective: str, data: Path, tokens_of: Any) -> dict[str, Any]:
     import torch
 
-    from lmtune.run import pick_device, prepare
+    from lmtune.distributed import pick_device
+    from lmtune.run import prepare
     from lmtune.train import train
 
     out = Path(spec["scratch"])
     cfg = lmtune_config(spec, data, objective)
     clock = StepClock()
-    log = _timed_log(out, cfg, clock, tokens_of)
+    log = _timed_log(out, clock, tokens_of)
     task, ctx = prepare(cfg, log)
     copied = load_lora_init(task.model, Path(spec["work"]) / f"lora-init-{spec['rung']}")
     torch.manual_seed(SEED)
     rss_start = current_rss_mb()
-    summary = train(task, cfg, ctx.output_dir, device=pick_device(), log=log)
+    summary = train(task, ctx.cfg.train, ctx.output_dir, device=pick_device(), log=log)
     return {"steps": clock.steps, "rss_at_start_mb": rss_start, "lora_tensors_loaded": copied,
             "lmtune_summary": {k: summary.get(k) for k in ("tokens_per_second", "first_step_seconds", "final_loss",
                                                               "trainable_params", "total_params")}}
@@ -173,9 +174,10 @@ def run_lmtune_full(spec: dict[str, Any]) -> dict[str, Any]:
 
     from lmtune.config import load_config
     from lmtune.data.batching import pad_batch
+    from lmtune.distributed import pick_device
     from lmtune.objectives.lm import lm_loss
-    from lmtune.run import pick_device
-    from lmtune.train import Task, train
+    from lmtune.objectives.task import ExampleBatches, Task
+    from lmtune.train import train
 
     work, out = Path(spec["work"]), Path(spec["scratch"])
     folder = work / f"model-{spec['rung']}"
@@ -189,8 +191,8 @@ def run_lmtune_full(spec: dict[str, Any]) -> dict[str, Any]:
                              "train.eps": OPTIM["eps"], "train.clip_grad_norm": OPTIM["clip"],
                              "train.precision": spec["precision"], "train.seed": SEED,
                              "train.compile": bool(spec.get("compile"))})
-    task = Task(model=model, train_examples=examples, collate=lambda exs: pad_batch(exs, pad_id), loss=lm_loss,
-                save=lambda path: None)
+    batches = ExampleBatches(examples, lambda exs: pad_batch(exs, pad_id), cfg.train.batch_size, cfg.train.seed)
+    task = Task(model=model, batches=batches, loss=lm_loss, save=lambda path: None)
     prev = {"tokens": 0}
 
     def tokens_of(record: dict[str, Any]) -> int:
@@ -198,8 +200,8 @@ def run_lmtune_full(spec: dict[str, Any]) -> dict[str, Any]:
         return n
 
     clock = StepClock()
-    log = _timed_log(out, cfg, clock, tokens_of)
+    log = _timed_log(out, clock, tokens_of)
     torch.manual_seed(SEED)
     rss_start = current_rss_mb()
-    train(task, cfg, out, device=pick_device(), log=log)
+    train(task, cfg.train, out, device=pick_device(), log=log)
     return {"steps": clock.steps, "rss_at_start_mb": rss_start}

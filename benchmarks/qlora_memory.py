@@ -99,7 +99,7 @@ def run_arm(arm: str, base: Path, out: Path, steps: int) -> dict:
 
     run_module.RunContext.load_causal_lm = load
     start = time.perf_counter()
-    summary = run_module.run_training(cfg, RunLog(out, quiet=True, tensorboard=False))
+    summary = run_module.run_training(cfg, log=RunLog(out, quiet=True, tensorboard=False)).summary
     step_s = summary["tokens_trained"] / summary["tokens_per_second"] / summary["steps"]
     return {"arm": arm, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "weights_rss_mb": loaded["weights_rss_mb"], "eval_loss": summary["eval_loss"],

@@ -47,7 +47,7 @@ def train(folder: Path, **keys: Any) -> dict[str, Any]:
     shutil.rmtree(folder, ignore_errors=True)
     cfg = load_config(overrides={"output_dir": str(folder), "train.batch_size": 16, "train.max_length": 64,
                                  "train.log_every": 1, "train.seed": 0, **keys})
-    summary = run_training(cfg, RunLog(folder, cfg, quiet=True, tensorboard=False))
+    summary = run_training(cfg, log=RunLog(folder, quiet=True, tensorboard=False)).summary
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     summary["first_loss"] = rows[0]["loss"]
     summary["evals"] = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]

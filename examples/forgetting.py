@@ -60,7 +60,7 @@ def run_arm(name: str, extra: dict[str, Any], out: Path, steps: int, eval_every:
         "data.eval": str(data_path("questions_eval.txt")), "data.retain": str(data_path("retain.txt")),
         "train.steps": steps, "train.batch_size": 16, "train.eval_every": eval_every, "train.log_every": 25,
         "train.max_length": 64, "train.seed": 0, **extra})
-    summary = run_training(cfg, RunLog(folder, cfg, quiet=True, tensorboard=False))
+    summary = run_training(cfg, log=RunLog(folder, quiet=True, tensorboard=False)).summary
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     summary["trajectory"] = [(r["step"], r["eval_loss"], r["retain_loss"]) for r in rows if "eval_loss" in r]
     return summary

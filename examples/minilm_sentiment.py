@@ -39,7 +39,7 @@ def run_arm(model: Path, method: str, lr: float, extra: dict, out: Path, steps: 
         "model": str(model), "method": method, "objective": "classify", "output_dir": str(out),
         "data.train": str(data_path("sentiment_train.jsonl")), "data.eval": str(data_path("sentiment_test.jsonl")),
         "train.steps": steps, "train.batch_size": 16, "train.lr": lr, "train.seed": 0, **extra})
-    return run_training(cfg, RunLog(out, cfg, quiet=True, tensorboard=False))
+    return run_training(cfg, log=RunLog(out, quiet=True, tensorboard=False)).summary
 
 
 def main() -> int:
@@ -57,7 +57,7 @@ def main() -> int:
     import transformers
 
     from lmtune.errors import InputError
-    from lmtune.models.encoders import random_twin
+    from lmtune.models.loading import random_twin
 
     torch.set_num_threads(min(4, torch.get_num_threads()))
     root = Path(args.out or tempfile.mkdtemp(prefix="minilm-"))

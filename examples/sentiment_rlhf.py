@@ -46,7 +46,7 @@ SAMPLES, NEW_TOKENS = 8, 8
 
 def train(out: Path, **keys: object) -> dict:
     cfg = load_config(overrides={"output_dir": str(out), **keys})
-    return run_training(cfg, RunLog(out, cfg, quiet=True))
+    return run_training(cfg, log=RunLog(out, quiet=True)).summary
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ def train_on_chat(model_dir, tmp, method: str):
                                  "train.lr": 5e-2})
     log = RunLog(out, quiet=True, tensorboard=False)
     task, ctx = prepare(cfg, log)
-    summary = train(task, cfg, out, device=torch.device("cpu"), log=log)
+    summary = train(task, ctx.cfg.train, out, device=torch.device("cpu"), log=log)
     return model_dir, out, task.model.eval(), summary
 
 

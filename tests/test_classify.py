@@ -53,13 +53,13 @@ def _cfg(model, train_file, out, **extra):
 
 def _train(cfg):
     """Train and also return the in-memory task (whose model is the one that was saved)."""
-    task, ctx = prepare(cfg, RunLog(cfg["output_dir"], quiet=True, tensorboard=False))
-    summary = train(task, cfg, ctx.output_dir, log=ctx.log)
+    task, ctx = prepare(cfg, RunLog(cfg.output_dir, quiet=True, tensorboard=False))
+    summary = train(task, ctx.cfg.train, ctx.output_dir, log=ctx.log)
     return task, summary
 
 
 def _batch(task, n=8):
-    return task.collate(task.train_examples[:n])
+    return task.batches.collate(task.batches.examples[:n])
 
 
 def test_pool_hidden_matches_hand_computation():
@@ -99,7 +99,7 @@ def test_predict_reloads_the_saved_model_with_the_same_probabilities(any_dir, da
     y_true, y_pred, probs, names = predict(tmp_path / "out", None, records)
     task.model.eval()
     with torch.no_grad():
-        expected = torch.softmax(task.model(task.collate(task.eval_examples)), -1)  # same records, same order
+        expected = torch.softmax(task.model(task.batches.collate(task.eval_examples)), -1)  # same records, same order
     torch.testing.assert_close(torch.tensor(probs), expected, rtol=1e-5, atol=1e-6)
     assert names == ["animal", "thing"]
     assert y_true == [0 if r.fields["label"] == "animal" else 1 for r in records]
@@ -256,7 +256,7 @@ def test_lora_adapter_with_its_head_loads_in_peft_with_the_same_logits(arch, ber
                                                             ["bos_token_id"])
     peft_model = PeftModel.from_pretrained(hf, tmp_path / "out").eval()
     clf_task, _ = prepare(_cfg(base, data[0], tmp_path / "tmp", **{"data.eval": str(data[1])}))
-    batch = clf_task.collate(clf_task.eval_examples)  # lmtune's tokenization; the model is PEFT's
+    batch = clf_task.batches.collate(clf_task.eval_examples)  # lmtune's tokenization; the model is PEFT's
     with torch.no_grad():
         theirs = peft_model(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")
                                if k in batch}).logits.softmax(-1)

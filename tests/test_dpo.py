@@ -179,7 +179,7 @@ def test_reference_copy_stays_frozen_while_the_policy_trains(gpt2_dir):
     from lmtune.objectives.reference import Reference
 
     policy = load_causal_lm(gpt2_dir)
-    ref = Reference(policy, "full")
+    ref = Reference(policy, adapter=False)
     with torch.no_grad():
         policy.transformer.wte.weight.add_(1.0)
     with ref.model() as m:
@@ -226,21 +226,21 @@ def test_adapter_reference_returns_base_log_probs_after_training(gpt2_dir):
     from lmtune.config import load_config
     from lmtune.data.preference import build_pairs, collate_pairs
     from lmtune.data.readers import Record
-    from lmtune.methods import apply_method
+    from lmtune.methods.registry import METHODS
     from lmtune.models.loading import load_causal_lm, load_tokenizer
     from lmtune.objectives.lm import completion_logps
     from lmtune.objectives.reference import Reference
 
     tok = load_tokenizer(gpt2_dir)
     base = load_causal_lm(gpt2_dir).eval()
-    policy = apply_method(load_causal_lm(gpt2_dir), tok, load_config(overrides={"method": "lora"}), gpt2_dir).model
+    policy = METHODS["lora"].prepare(load_causal_lm(gpt2_dir), tok, gpt2_dir, load_config(method="lora")).model
     with torch.no_grad():  # stand in for training: move every adapter weight
         for p in policy.parameters():
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
     pairs, _ = build_pairs([Record(p, "x") for p in PAIRS], tok, 64)
     batch = collate_pairs(pairs, tok.pad_token_id)
-    with torch.no_grad(), Reference(policy, "lora").model() as ref:
+    with torch.no_grad(), Reference(policy, adapter=True).model() as ref:
         ref_logps = completion_logps(ref, batch)
         base_logps = completion_logps(base, batch)
     with torch.no_grad():

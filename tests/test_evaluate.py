@@ -185,7 +185,7 @@ def _train(model_dir: Path, out: Path, **overrides) -> Path:
 
     cfg = load_config(overrides={"model": str(model_dir), "output_dir": str(out), "train.steps": 3,
                                  "train.batch_size": 4, **overrides})
-    run_training(cfg, RunLog(out, quiet=True, tensorboard=False))
+    run_training(cfg, log=RunLog(out, quiet=True, tensorboard=False))
     return out
 
 

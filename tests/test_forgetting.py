@@ -11,6 +11,7 @@ import torch
 from conftest import SENTENCES, write_lines
 from lmtune.cli import main
 from lmtune.config import load_config
+from lmtune.objectives.task import ExampleBatches
 from lmtune.regularize import Replay, l2_init
 from lmtune.run import prepare, run_training
 from lmtune.runlog import RunLog
@@ -26,7 +27,7 @@ def config(model_dir: Path, out: Path, **overrides):
 
 
 def run(cfg) -> dict:
-    return run_training(cfg, RunLog(Path(cfg["output_dir"]), quiet=True, tensorboard=False))
+    return run_training(cfg, log=RunLog(Path(cfg.output_dir), quiet=True, tensorboard=False)).summary
 
 
 def distance_from(model: torch.nn.Module, initial: dict[str, torch.Tensor]) -> float:
@@ -55,10 +56,10 @@ def test_l2_init_keeps_weights_closer_to_the_start_than_without(gpt2_dir, tmp_pa
     for lam in (0.0, 10.0):
         cfg = config(gpt2_dir, tmp_path / f"l2-{lam}", **{"data.train": str(data), "regularize.l2_init": lam,
                                                           "train.steps": 6})
-        out = Path(cfg["output_dir"])
+        out = Path(cfg.output_dir)
         task, ctx = prepare(cfg, RunLog(out, quiet=True, tensorboard=False))
         initial = {n: p.detach().clone() for n, p in task.model.named_parameters()}
-        train(task, cfg, out, log=ctx.log)
+        train(task, ctx.cfg.train, out, log=ctx.log)
         distances[lam] = distance_from(task.model, initial)
         assert (lam > 0) == bool(task.regularizers)
     assert distances[10.0] < 0.5 * distances[0.0]
@@ -66,11 +67,11 @@ def test_l2_init_keeps_weights_closer_to_the_start_than_without(gpt2_dir, tmp_pa
 
 def test_replay_examples_make_up_the_ratio_of_each_batch():
     replay = [{"input_ids": [0, i], "labels": [0, i], "replay": True} for i in range(5)]
-    mix = Replay(replay, ratio=0.25, batch_size=6, grad_accum=2, seed=0)
+    mix = Replay(ExampleBatches([], list, 6, 0), replay, ratio=0.25, grad_accum=2)
     shares = []
     for step in range(10):
         for _ in range(2):
-            batch = mix([{"input_ids": [1, 2], "labels": [1, 2]}] * 6, step)
+            batch = mix.mix([{"input_ids": [1, 2], "labels": [1, 2]}] * 6, step)
             shares.append(sum("replay" in e for e in batch) / len(batch))
             assert len(batch) - sum("replay" in e for e in batch) == 6  # every task example stays
     # 6 task examples at ratio 1/4 owe 2 replay examples per batch, exactly.
@@ -79,8 +80,8 @@ def test_replay_examples_make_up_the_ratio_of_each_batch():
 
 def test_replay_share_is_exact_in_the_long_run_when_not_whole_per_batch():
     replay = [{"input_ids": [0, i], "labels": [0, i], "replay": True} for i in range(7)]
-    mix = Replay(replay, ratio=0.1, batch_size=4, grad_accum=1, seed=3)
-    batches = [mix([{"input_ids": [1], "labels": [1]}] * 4, step) for step in range(90)]
+    mix = Replay(ExampleBatches([], list, 4, 3), replay, ratio=0.1, grad_accum=1)
+    batches = [mix.mix([{"input_ids": [1], "labels": [1]}] * 4, step) for step in range(90)]
     replayed = sum(sum("replay" in e for e in b) for b in batches)
     total = sum(len(b) for b in batches)
     assert replayed / total == pytest.approx(0.1, abs=0.005)
@@ -90,10 +91,10 @@ def test_replay_share_is_exact_in_the_long_run_when_not_whole_per_batch():
 
 def test_replay_is_a_function_of_the_step_so_resume_replays_the_same():
     replay = [{"input_ids": [0, i], "labels": [0, i]} for i in range(9)]
-    a = Replay(replay, ratio=0.5, batch_size=2, grad_accum=1, seed=0)
-    first = [a([], s) for s in range(6)]
-    b = Replay(replay, ratio=0.5, batch_size=2, grad_accum=1, seed=0)
-    assert [b([], s) for s in range(3, 6)] == first[3:]
+    a = Replay(ExampleBatches([], list, 2, 0), replay, ratio=0.5, grad_accum=1)
+    first = [a.mix([], s) for s in range(6)]
+    b = Replay(ExampleBatches([], list, 2, 0), replay, ratio=0.5, grad_accum=1)
+    assert [b.mix([], s) for s in range(3, 6)] == first[3:]
 
 
 def test_replay_data_reaches_the_training_batches(gpt2_dir, tmp_path):
@@ -102,11 +103,11 @@ def test_replay_data_reaches_the_training_batches(gpt2_dir, tmp_path):
     cfg = config(gpt2_dir, tmp_path / "out", **{"data.train": str(data), "regularize.replay_data": str(replay),
                                                 "regularize.replay_ratio": 0.5})
     task, _ = prepare(cfg, RunLog(tmp_path / "out", quiet=True, tensorboard=False))
-    batch = task.batch_transform(task.train_examples[:4], 0)
+    batch = task.batches.mix(task.batches.inner.examples[:4], 0)
     texts = [ex["input_ids"] for ex in batch]
-    replay_ids = [ex["input_ids"] for ex in task.batch_transform.examples]
+    replay_ids = [ex["input_ids"] for ex in task.batches.examples]
     assert len(batch) == 8 and sum(ids in replay_ids for ids in texts) == 4
-    assert task.collate(batch)["input_ids"].shape[0] == 8
+    assert task.batches.collate(batch)["input_ids"].shape[0] == 8
 
 
 def test_retain_loss_before_and_after_are_recorded(gpt2_dir, tmp_path):

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import SENTENCES, word_tokenizer
+from lmtune.config import load_config
 from lmtune.data.readers import Record, read_records
 from lmtune.errors import InputError
 
@@ -299,7 +300,8 @@ def _prompts_builder(recs: list[Record], tok: Any) -> list[dict]:
 
     from lmtune.objectives.ppo_task import load_prompts
 
-    ctx = SimpleNamespace(records=lambda key: recs, tokenizer=tok, cfg={"train.max_length": 32, "data.train": "x"})
+    ctx = SimpleNamespace(records=lambda key: recs, tokenizer=tok, cfg=load_config(train={"max_length": 32}),
+                          source=lambda key: "x")
     return [{"input_ids": ids, "labels": ids} for _, ids in load_prompts(ctx, "data.train")]
 
 

@@ -48,14 +48,15 @@ def test_qlora_row_reports_nf4_bytes_per_param_and_weight_memory():
     assert row["unquantized_layers"] == []
 
 
-@pytest.mark.parametrize("method, extra", [("lora", {"lora.r": 2, "lora.dora": True}),
+@pytest.mark.parametrize("method, extra", [("lora", {"lora.r": 2, "lora.dora": True,
+                                                    "lora.target_modules": "all-linear"}),
                                            ("prompt_tuning", {"prompt_tuning.num_virtual_tokens": 3}),
                                            ("full", {})])
 def test_inspect_counts_equal_summary_json(model_dir, corpus, tmp_path, method, extra):
-    overrides = {"method": method, "lora.target_modules": "all-linear", **extra}
+    overrides = {"method": method, **extra}
     cfg = load_config(overrides={"model": str(model_dir), "data.train": str(corpus), "output_dir": str(tmp_path / "r"),
                                  "train.steps": 1, "train.batch_size": 2, **overrides})
-    summary = run_training(cfg, RunLog(tmp_path / "r", quiet=True, tensorboard=False))
+    summary = run_training(cfg, log=RunLog(tmp_path / "r", quiet=True, tensorboard=False)).summary
     row = run_inspect(str(model_dir), [f"{k}={json.dumps(v)}" for k, v in overrides.items()])["methods"][method]
     assert (row["total_params"], row["trainable_params"]) == (summary["total_params"], summary["trainable_params"])
 

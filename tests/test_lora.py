@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,12 +127,12 @@ def test_lora_param_count_is_r_times_in_plus_out():
 
 
 def _applied(arch, **overrides):
-    from lmtune.methods.lora import apply
+    from lmtune.methods.registry import METHODS
 
     tok = word_tokenizer()
     model = build_model(arch, tok)
     cfg = load_config(overrides={"method": "lora", "lora.target_modules": "all-linear", "lora.r": 4, **overrides})
-    return apply(model, tok, cfg, "base")
+    return METHODS["lora"].prepare(model, tok, Path("base"), cfg)
 
 
 def test_only_adapter_params_get_gradients():
@@ -154,7 +155,7 @@ def test_adapter_init_follows_train_seed():
 
 def test_optimizer_sees_only_adapter_params():
     model = _applied("gpt2", **{"lora.dora": True}).model
-    optimizer = make_optimizer(model, load_config())
+    optimizer = make_optimizer(model, load_config().train)
     seen = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert seen == {id(p) for p in adapter_parameters(model)}
 
@@ -216,7 +217,7 @@ def _train(model_dir, corpus, out, **extra):
     cfg = load_config(overrides={"model": str(model_dir), "data.train": str(corpus), "output_dir": str(out),
                                  "method": "lora", "train.steps": 3, "train.batch_size": 4, "train.lr": 1e-2,
                                  **extra})
-    return run_training(cfg, RunLog(out, quiet=True, tensorboard=False))
+    return run_training(cfg, log=RunLog(out, quiet=True, tensorboard=False)).summary
 
 
 def test_lora_run_trains_only_the_adapter_and_reports_counts(gpt2_dir, corpus, tmp_path):

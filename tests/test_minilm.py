@@ -36,7 +36,7 @@ def _run(model, out, held_out, **extra):
     cfg = load_config(overrides={"model": str(model), "data.train": str(data_path("sentiment_train.jsonl")),
                                  "data.eval": str(held_out), "output_dir": str(out), "train.steps": STEPS,
                                  "train.batch_size": 16, "train.lr": 5e-5, **extra})
-    return run_training(cfg, RunLog(out, quiet=True, tensorboard=False))
+    return run_training(cfg, log=RunLog(out, quiet=True, tensorboard=False)).summary
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def lora_run(tmp_path_factory, held_out):
         "train.batch_size": 16, "train.lr": 1e-3})
     task, ctx = prepare(cfg, RunLog(out, quiet=True, tensorboard=False))
     start = {n: p.detach().clone() for n, p in task.model.named_parameters()}
-    train(task, cfg, out, log=ctx.log)
+    train(task, ctx.cfg.train, out, log=ctx.log)
     return out, task, start
 
 

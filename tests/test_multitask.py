@@ -36,8 +36,8 @@ def _cfg(model, train_file, out, **extra):
 
 
 def _train(cfg):
-    task, ctx = prepare(cfg, RunLog(cfg["output_dir"], quiet=True, tensorboard=False))
-    return task, train(task, cfg, ctx.output_dir, log=ctx.log)
+    task, ctx = prepare(cfg, RunLog(cfg.output_dir, quiet=True, tensorboard=False))
+    return task, train(task, ctx.cfg.train, ctx.output_dir, log=ctx.log)
 
 
 def test_each_task_gets_its_own_head_and_label_map(gpt2_dir, files, tmp_path):
@@ -66,15 +66,16 @@ def test_batches_mix_tasks_and_each_row_trains_only_its_own_head(gpt2_dir, files
     from lmtune.objectives.classify_task import classification_loss, classify_loss
 
     task, _ = prepare(_cfg(gpt2_dir, [str(files[0]), str(files[1])], tmp_path / "out"))
-    batch = task.collate(task.train_examples[20:28])  # straddles the two tasks
+    batch = task.batches.collate(task.batches.examples[20:28])  # straddles the two tasks
     assert set(batch["task"].tolist()) == {0, 1}
     model = task.model
     loss, _ = classify_loss(model, batch)
     # Oracle: each task's rows scored alone by its own head, summed.
-    expected = sum(classification_loss(model(task.collate([e for e in task.train_examples[20:28] if e["task"] == t]),
-                                             t), batch["labels"][batch["task"] == t])[0] for t in (0, 1))
+    rows = task.batches.examples[20:28]
+    expected = sum(classification_loss(model(task.batches.collate([e for e in rows if e["task"] == t]), t),
+                                       batch["labels"][batch["task"] == t])[0] for t in (0, 1))
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
-    only_topic = task.collate([e for e in task.train_examples if e["task"] == 0][:4])
+    only_topic = task.batches.collate([e for e in task.batches.examples if e["task"] == 0][:4])
     model.zero_grad(set_to_none=True)
     classify_loss(model, only_topic)[0].backward()
     assert model.heads[0].weight.grad is not None and model.heads[0].weight.grad.abs().sum() > 0
@@ -91,7 +92,7 @@ def test_predict_uses_the_named_task_and_the_first_task_loads_in_transformers(gp
     _, _, probs, names = predict(tmp_path / "out", None, verb)
     assert names == ["jump", "run", "see"] and len(probs[0]) == 3
     # The first task's head is the model's own `score` layer, so transformers runs task 'topic'.
-    batch = task.collate([e for e in task.train_examples if e["task"] == 0][:6])
+    batch = task.batches.collate([e for e in task.batches.examples if e["task"] == 0][:6])
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
     task.model.eval()
     with torch.no_grad():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -12,7 +14,8 @@ from lmtune.cli import main
 from lmtune.config import load_config
 from lmtune.errors import InputError
 from lmtune.methods.adapters import disable_adapter, load_adapter
-from lmtune.methods.prompt_tuning import PromptTuned, apply, save_prompt_adapter
+from lmtune.methods.prompt_tuning import PromptTuned, save_prompt_adapter
+from lmtune.methods.registry import METHODS
 
 TOL = 1e-5
 
@@ -21,7 +24,7 @@ def _prompted(arch, n=3, init="random", seed=0):
     tok = word_tokenizer()
     cfg = load_config(overrides={"method": "prompt_tuning", "prompt_tuning.num_virtual_tokens": n,
                                  "prompt_tuning.init": init, "train.seed": seed})
-    return apply(build_model(arch, tok), tok, cfg, "base").model, tok
+    return METHODS["prompt_tuning"].prepare(build_model(arch, tok), tok, Path("base"), cfg).model, tok
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -90,7 +93,7 @@ def test_training_changes_only_the_prompt(gpt2_dir, corpus, tmp_path):
     cfg = load_config(overrides={"model": str(gpt2_dir), "data.train": str(corpus), "output_dir": str(tmp_path / "r"),
                                  "method": "prompt_tuning", "prompt_tuning.num_virtual_tokens": 4,
                                  "train.steps": 3, "train.batch_size": 4, "train.lr": 0.1})
-    summary = run_training(cfg, RunLog(tmp_path / "r", quiet=True, tensorboard=False))
+    summary = run_training(cfg, log=RunLog(tmp_path / "r", quiet=True, tensorboard=False)).summary
     assert summary["trainable_params"] == summary["adapter_params"] == 4 * 32
     saved = load_file(tmp_path / "r" / "adapter_model.safetensors")
     assert list(saved) == ["prompt_embeddings"] and saved["prompt_embeddings"].shape == (4, 32)

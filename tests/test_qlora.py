@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -42,11 +44,11 @@ def llama_dir(tmp_path_factory):
 
 
 def _qlora(**overrides):
-    from lmtune.methods.qlora import apply
+    from lmtune.methods.registry import METHODS
 
     model, tok = _llama()
     cfg = load_config(overrides={"method": "qlora", "lora.target_modules": "all-linear", **overrides})
-    return apply(model, tok, cfg, "base"), tok
+    return METHODS["qlora"].prepare(model, tok, Path("base"), cfg), tok
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -154,7 +156,8 @@ def _state(model):
 def test_training_changes_only_adapter_parameters(tmp_path):
     from lmtune.data.batching import pad_batch
     from lmtune.objectives.lm import lm_loss
-    from lmtune.train import Task, train
+    from lmtune.objectives.task import ExampleBatches, Task
+    from lmtune.train import train
 
     prepared, tok = _qlora()
     before = _state(prepared.model)
@@ -162,9 +165,9 @@ def test_training_changes_only_adapter_parameters(tmp_path):
     examples = [{"input_ids": row, "labels": row} for row in ids(8, 6).tolist()]
     cfg = load_config(overrides={"method": "qlora", "objective": "lm", "train.steps": 3, "train.batch_size": 4,
                                  "train.lr": 1e-2})
-    task = Task(model=prepared.model, train_examples=examples, collate=lambda e: pad_batch(e, 0), loss=lm_loss,
-                save=prepared.save)
-    train(task, cfg, tmp_path, log=None)
+    batches = ExampleBatches(examples, lambda e: pad_batch(e, 0), cfg.train.batch_size, cfg.train.seed)
+    task = Task(model=prepared.model, batches=batches, loss=lm_loss, save=prepared.save)
+    train(task, cfg.train, tmp_path, log=None)
     after = _state(prepared.model)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(not torch.equal(p, lora_before[n]) for n, p in prepared.model.named_parameters() if ".lora_" in n)
@@ -181,7 +184,7 @@ def test_qlora_run_saves_an_adapter_peft_loads_onto_the_fp_base(llama_dir, corpu
     cfg = load_config(overrides={"model": str(llama_dir), "data.train": str(corpus), "output_dir": str(out),
                                  "method": "qlora", "lora.target_modules": "all-linear", "train.steps": 3,
                                  "train.batch_size": 4, "train.lr": 1e-2})
-    summary = run_training(cfg, RunLog(out, quiet=True, tensorboard=False))
+    summary = run_training(cfg, log=RunLog(out, quiet=True, tensorboard=False)).summary
     assert summary["bytes_per_quantized_param"] <= 0.52
     assert any(torch.count_nonzero(t) for k, t in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k)
     x = ids()
@@ -219,16 +222,18 @@ def test_qlora_layer_runs_forward_and_backward_on_gpu():
 
 
 def test_streamed_loading_equals_loading_then_quantizing(llama_dir):
-    from lmtune.methods.qlora import apply, load_quantized
+    from lmtune.methods.qlora import load_quantized
+    from lmtune.methods.registry import METHODS
     from lmtune.models.loading import load_causal_lm
 
     cfg = load_config(overrides={"method": "qlora", "lora.target_modules": "all-linear"})
-    streamed = load_quantized(llama_dir, cfg)
+    apply = METHODS["qlora"].prepare
+    streamed = load_quantized(llama_dir, cfg.quant)
     quantized = [layer for layer in lora_layers(streamed).values() if layer.quantized]
     assert len(quantized) == 10 and all(layer.base_layer.weight is None for layer in quantized)
     tok = word_tokenizer()
-    a = apply(streamed, tok, cfg, llama_dir).model
-    b = apply(load_causal_lm(llama_dir), tok, cfg, llama_dir).model
+    a = apply(streamed, tok, llama_dir, cfg).model
+    b = apply(load_causal_lm(llama_dir), tok, llama_dir, cfg).model
     x = ids()
     torch.testing.assert_close(logits(a, x), logits(b, x), atol=0, rtol=0)
 

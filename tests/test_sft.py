@@ -15,9 +15,9 @@ from lmtune.data.examples import BuildStats
 from lmtune.data.formats import DROP_CUT, DROP_EMPTY, prompt_completion_ids
 from lmtune.errors import InputError
 from lmtune.objectives.sft_task import sft_collate, train_new_token_rows
+from lmtune.objectives.task import TrainingError
 from lmtune.run import run_training
 from lmtune.runlog import RunLog
-from lmtune.train import TrainingError
 
 TURN = [{"role": "user", "content": "can the cat run ?"}, {"role": "assistant", "content": "the cat can run ."}]
 LONG_PROMPT = "the dog can jump . " * 5 + "can the cat run ?"
@@ -39,7 +39,7 @@ def write_jsonl(path, rows):
 def run(model_dir, data, out, quiet=True, **extra):
     cfg = load_config(overrides={"model": str(model_dir), "data.train": str(data), "output_dir": str(out),
                                  "train.steps": 2, "train.batch_size": 4, "train.max_length": 24, **extra})
-    return run_training(cfg, RunLog(out, quiet=quiet, tensorboard=False))
+    return run_training(cfg, log=RunLog(out, quiet=quiet, tensorboard=False)).summary
 
 
 def test_truncated_and_dropped_examples_are_counted_in_log_and_summary(gpt2_dir, tmp_path, capsys):

@@ -22,7 +22,7 @@ def _cfg(model_dir, corpus, out, **extra):
 
 
 def _run(cfg):
-    return run_training(cfg, RunLog(cfg["output_dir"], quiet=True, tensorboard=False))
+    return run_training(cfg, log=RunLog(cfg.output_dir, quiet=True, tensorboard=False)).summary
 
 
 def _weights(out):
@@ -37,7 +37,7 @@ def test_accumulation_1x8_equals_8x1(model_dir, corpus, tmp_path):
 
     cfg = _cfg(model_dir, corpus, tmp_path / "a")
     task, _ = prepare(cfg)
-    examples = task.train_examples[:8]
+    examples = task.batches.examples[:8]
     assert len({len(e["input_ids"]) for e in examples}) > 1, "lengths must differ for the test to mean anything"
 
     def grads(micro):
@@ -45,8 +45,8 @@ def test_accumulation_1x8_equals_8x1(model_dir, corpus, tmp_path):
         loss, units, _ = accumulate_gradients(task, micro, "fp32", torch.device("cpu"))  # LM: tokens are units
         return loss, units, {n: p.grad.clone() for n, p in task.model.named_parameters() if p.grad is not None}
 
-    loss_a, units_a, ga = grads([task.collate(examples)])
-    loss_b, units_b, gb = grads([task.collate([e]) for e in examples])
+    loss_a, units_a, ga = grads([task.batches.collate(examples)])
+    loss_b, units_b, gb = grads([task.batches.collate([e]) for e in examples])
     assert units_a == units_b
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     assert ga.keys() == gb.keys() and ga
@@ -156,7 +156,7 @@ def test_summary_and_metrics_files(model_dir, corpus, eval_corpus, tmp_path):
 
 def test_tensorboard_events_written(gpt2_dir, corpus, tmp_path):
     cfg = _cfg(gpt2_dir, corpus, tmp_path / "tb", **{"train.steps": 2})
-    run_training(cfg, RunLog(cfg["output_dir"], quiet=True))
+    run_training(cfg, log=RunLog(cfg.output_dir, quiet=True))
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
@@ -178,12 +178,12 @@ def test_schedules_warm_up_then_decay():
     from lmtune.train import lr_at
 
     cfg = load_config(overrides={"train.lr": 1.0, "train.warmup_steps": 4, "train.schedule": "cosine"})
-    assert [lr_at(s, cfg, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert lr_at(4, cfg, 14) == pytest.approx(1.0)
-    assert lr_at(9, cfg, 14) == pytest.approx(0.5)  # half-way through the cosine
-    cfg["train.schedule"] = "linear"
-    assert lr_at(9, cfg, 14) == pytest.approx(0.5)
-    assert math.isclose(lr_at(13, cfg, 14), 0.1, rel_tol=1e-9)
+    assert [lr_at(s, cfg.train, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4, cfg.train, 14) == pytest.approx(1.0)
+    assert lr_at(9, cfg.train, 14) == pytest.approx(0.5)  # half-way through the cosine
+    linear = cfg.replace({"train.schedule": "linear"}).train
+    assert lr_at(9, linear, 14) == pytest.approx(0.5)
+    assert math.isclose(lr_at(13, linear, 14), 0.1, rel_tol=1e-9)
 
 
 def test_no_decay_on_biases_and_norms(gpt2_dir):
@@ -191,7 +191,7 @@ def test_no_decay_on_biases_and_norms(gpt2_dir):
     from lmtune.train import make_optimizer
 
     model = load_causal_lm(gpt2_dir)
-    opt = make_optimizer(model, load_config(overrides={"train.weight_decay": 0.1}))
+    opt = make_optimizer(model, load_config(overrides={"train.weight_decay": 0.1}).train)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])

@@ -13,3 +13,7 @@ for _name, _value in {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"
     _os.environ.setdefault(_name, _value)
 for _logger in ("torchao", "torch.utils._pytree"):
     _logging.getLogger(_logger).setLevel(_logging.ERROR)
+
+# lmtune.compile(...) compiles a link graph into a model; the package is callable and imports
+# nothing heavy until called (see lmtune/compile/__init__.py).
+from lmtune import compile as compile  # noqa: E402,A004

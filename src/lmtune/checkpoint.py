@@ -269,7 +269,7 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
         meta = json.loads((folder / FILES[1]).read_bytes())
         weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         optim = _join_optimizer(tensors, meta["optimizer"])
-        if not isinstance(meta["step"], int) or not {"state", "stream"} <= set(meta["loop"]):
+        if not isinstance(meta["step"], int) or not {"state", "batches"} <= set(meta["loop"]):
             raise ValueError("state.json lacks the step or the loop state")
         meta["rng_tensors"] = {k: v for k, v in tensors.items() if k.startswith("rng.")}
         meta["task_tensors"] = {k[len("task."):]: v for k, v in tensors.items() if k.startswith("task.")}

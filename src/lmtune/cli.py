@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from lmtune.errors import InputError
+from lmtune.errors import InputError, Interrupted
 
 EXAMPLES = """examples:
   lmtune demo
@@ -123,6 +123,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from lmtune.compile.commands import compile_model
+
+    given = {"rank": args.rank} if args.rank is not None else {}  # else the library's default
+    compile_model(args.graph, out=args.out, from_corpus=args.from_corpus, vocab=args.vocab, **given,
+                  **_compile_keys(args.overrides))
+    return 0
+
+
+def _compile_keys(items: list[str]) -> dict[str, Any]:
+    """``smoothing=0.1 n_layer=4 ...`` for ``lmtune compile``, typed; unknown keys named."""
+    types = {"smoothing": float, "seed": int, "n_layer": int, "n_head": int, "n_positions": int, "n_embd": int}
+    keys: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or key not in types:
+            raise InputError(f"'{item}': lmtune compile takes key=value with key one of {', '.join(types)}")
+        try:
+            keys[key] = types[key](value)
+        except ValueError:
+            raise InputError(f"'{item}': {key} must be {'a number' if types[key] is float else 'an integer'}") from None
+    return keys
+
+
+def cmd_extract_links(args: argparse.Namespace) -> int:
+    from lmtune.compile.commands import extract_to_files
+
+    extract_to_files(args.model, args.out, top=args.top, min_prob=args.min_prob, graph=args.graph, data=args.data,
+                     merge_into=args.merge_into)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmtune", description="Fine-tune language models.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -187,6 +219,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("compile", help="weights compiled from a link graph (rank-K SVD), no training",
+                       description="Compile a graph of weighted links between tokens (or a corpus's bigrams) into a "
+                                   "GPT-2 folder whose logits are the best rank-K approximation of the graph's "
+                                   "centred next-token log-probabilities. Keys: smoothing (0.05), seed (0), "
+                                   "n_layer (2), n_head (4), n_positions (64), n_embd (rank+2 rounded up).")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--graph", help="link file: TSV or JSONL of source, target, weight")
+    source.add_argument("--from-corpus", help="text file whose bigram counts are the links")
+    p.add_argument("--out", required=True, help="new model folder")
+    p.add_argument("--rank", type=int, help="singular components kept (default: 48)")
+    p.add_argument("--vocab", help="model folder whose tokenizer to use (default: words of the graph)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("extract-links", help="a model's strongest next-token links that the graph lacks")
+    p.add_argument("--model", required=True, help="model folder (compiled, fine-tuned, ...)")
+    p.add_argument("--out", help="where the new links go (TSV or JSONL; weight = the model's probability)")
+    p.add_argument("--top", type=int, default=100, help="at most this many links (default: 100)")
+    p.add_argument("--min-prob", type=float, default=0.05, help="probability threshold (default: 0.05)")
+    p.add_argument("--graph", help="the input graph (default: MODEL/links.tsv of a compiled model)")
+    p.add_argument("--data", help="text to average the associations over (default: one probe per token)")
+    p.add_argument("--merge-into", help="link file to add the new links to (rewritten atomically)")
+    p.set_defaults(func=cmd_extract_links)
     return parser
 
 
@@ -207,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"lmtune: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # a checkpoint was saved; the message says how to continue
+        print(f"lmtune: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("lmtune: interrupted", file=sys.stderr)
         return 130

@@ -45,7 +45,7 @@ def _arm(name: str, out: Path, model: Path | None, steps: int, lr: float, extra:
         "train.steps": steps, "train.lr": lr, "train.batch_size": 16, "train.betas": [0.85, 0.99],
         "train.log_every": 5, "train.eval_every": steps, "train.max_length": 64, **extra})
     print(f"\n== {name} ==")
-    summary = run_training(cfg, RunLog(out / name, console_every=max(1, steps // 4)))
+    summary = run_training(cfg, log=RunLog(out / name, console_every=max(1, steps // 4))).summary
     summary["first_loss"] = _curve(out / name)[1][0]
     return summary
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from lmtune.config import DistributedConfig
 from lmtune.errors import InputError
 
 
@@ -56,12 +56,17 @@ class Dist:
         dist.barrier()
 
 
-def from_env(cfg: dict[str, Any]) -> Dist | None:
+def pick_device() -> torch.device:
+    """The device of a single-process run: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def from_env(settings: DistributedConfig) -> Dist | None:
     """Join the process group when started by torchrun (``WORLD_SIZE`` > 1), else ``None``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return None
-    if cfg["train.distributed.strategy"] != "ddp":
+    if settings.strategy != "ddp":
         raise InputError("train.distributed.strategy=fsdp is not supported yet; use ddp (the default), which "
                          "keeps a full copy of the model on every rank")
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -70,7 +75,7 @@ def from_env(cfg: dict[str, Any]) -> Dist | None:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    backend = cfg["train.distributed.backend"] or ("nccl" if device.type == "cuda" else "gloo")
+    backend = settings.backend or ("nccl" if device.type == "cuda" else "gloo")
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     return Dist(rank=rank, world=world, device=device)

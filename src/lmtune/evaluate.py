@@ -24,6 +24,7 @@ from lmtune.data.chat import has_chat_template
 from lmtune.data.examples import BuildStats, encode, special_ids, text_example
 from lmtune.data.formats import parse_records, prompt_completion_ids, separator
 from lmtune.data.readers import Record, read_records
+from lmtune.distributed import pick_device
 from lmtune.errors import InputError
 from lmtune.generate import generate
 from lmtune.methods.adapter_files import adapter_tokenizer
@@ -33,7 +34,7 @@ from lmtune.models.heads import predict
 from lmtune.models.loading import context_length, load_model_and_tokenizer, resolve_model_dir
 from lmtune.objectives.lm import EVAL_BATCH, perplexity
 from lmtune.objectives.sft_task import sft_examples
-from lmtune.run import detect_format, pick_device
+from lmtune.run import detect_format
 
 SFT_FORMATS = ("prompt_completion", "alpaca")
 SHOT_SEPARATOR = "\n"  # between solved examples; whitespace, so word-level tokenizers drop it

@@ -24,8 +24,7 @@ from lmtune.methods.freeze import freeze_layers
 from lmtune.methods.lora_layer import LoRASpec
 from lmtune.methods.qlora import checked_plan, weight_memory
 from lmtune.methods.targets import resolve_targets
-from lmtune.models.loading import resolve_model_dir
-from lmtune.train import param_counts
+from lmtune.models.loading import param_counts, resolve_model_dir
 
 KB, MB, GB = 1024, 1024**2, 1024**3
 
@@ -62,25 +61,25 @@ def method_row(model_fn: Any, method: str, cfg: dict[str, Any]) -> dict[str, Any
         model.requires_grad_(True)
         if method == "freeze":
 
-            freeze_layers(model, cfg["freeze.layers"])
+            freeze_layers(model, cfg.freeze.layers)
     elif method in ("lora", "qlora"):
-        spec = LoRASpec.from_config(cfg)
+        spec = LoRASpec.from_config(cfg.lora)
         model.requires_grad_(False)
         if method == "qlora":
 
-            names, keep = checked_plan(model, cfg["quant.block_size"], cfg["quant.double_quant"])
-            memory = weight_memory(model, names, cfg["quant.block_size"], cfg["quant.double_quant"])
+            names, keep = checked_plan(model, cfg.quant.block_size, cfg.quant.double_quant)
+            memory = weight_memory(model, names, cfg.quant.block_size, cfg.quant.double_quant)
             quantized_bytes, quantized_numel = memory["quantized_bytes"], memory["quantized_params"]
             row.update(unquantized_layers=sorted(keep), bytes_per_quantized_param=memory["bytes_per_quantized_param"],
                        base_weight_bytes=memory["weight_bytes"], weight_bytes_fp32=memory["weight_bytes_fp32"],
                        weight_bytes_bf16=memory["weight_bytes_bf16"])
-        targets = resolve_targets(model, cfg["lora.target_modules"], dora=spec.dora)
+        targets = resolve_targets(model, cfg.lora.target_modules, dora=spec.dora)
         inject(model, targets, spec)
         row.update(lora_target_modules=len(targets))
     elif method == "prompt_tuning":
         hidden = model.get_input_embeddings().weight.shape[1]
         total, _ = _counts(model)
-        n = cfg["prompt_tuning.num_virtual_tokens"]
+        n = cfg.prompt_tuning.num_virtual_tokens
         row.update(total_params=total + n * hidden, trainable_params=n * hidden)
     if "total_params" not in row:
         total, trainable = _counts(model)
@@ -108,14 +107,14 @@ def method_row(model_fn: Any, method: str, cfg: dict[str, Any]) -> dict[str, Any
 def inspect_model(model_fn: Any, cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Rows for full, (freeze,) lora, qlora and prompt_tuning under ``cfg``'s settings."""
 
-    methods = ["full"] + (["freeze"] if cfg["freeze.layers"] or cfg["method"] == "freeze" else [])
+    methods = ["full"] + (["freeze"] if cfg.freeze.layers or cfg.method == "freeze" else [])
     methods += ["lora", "qlora", "prompt_tuning"]
     rows = {}
     for method in methods:
         try:
             rows[method] = method_row(model_fn, method, cfg)
         except InputError as e:
-            if method == cfg["method"]:
+            if method == cfg.method:
                 raise
             rows[method] = {"error": str(e)}  # e.g. nothing quantizable: shown, not fatal for other rows
     return rows
@@ -126,7 +125,7 @@ def render(folder: Path, model_name: str, cfg: dict[str, Any], rows: dict[str, d
     lines = [f"model: {folder} ({model_name})",
              "training memory = weights + gradients (fp32) + AdamW state (2 × fp32); activations not included", ""]
     for method, row in rows.items():
-        mark = "   <- this config" if method == cfg["method"] else ""
+        mark = "   <- this config" if method == cfg.method else ""
         lines.append(f"{method}{mark}")
         if "error" in row:
             lines += [f"  not possible: {row['error']}", ""]
@@ -156,9 +155,9 @@ def run_inspect(model: str | Path | None, overrides: list[str]) -> dict[str, Any
         InputError: bad model folder or config keys, or the configured method cannot apply.
     """
     cfg = load_config(overrides=overrides)
-    folder = resolve_model_dir(model if model is not None else cfg["model"])
-    trust = cfg["trust_remote_code"]
+    folder = resolve_model_dir(model if model is not None else cfg.model)
+    trust = cfg.trust_remote_code
     probe = _meta_model(folder, trust)
     rows = inspect_model(lambda: _meta_model(folder, trust), cfg)
-    return {"model": str(folder), "architecture": type(probe).__name__, "method": cfg["method"],
+    return {"model": str(folder), "architecture": type(probe).__name__, "method": cfg.method,
             "methods": rows, "text": render(folder, type(probe).__name__, cfg, rows)}

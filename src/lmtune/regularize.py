@@ -23,11 +23,14 @@ from typing import Any
 
 import torch
 
+from lmtune.config import RunConfig, TrainConfig
 from lmtune.data.batching import epoch_order
 from lmtune.data.examples import text_examples
 from lmtune.data.readers import read_records
+from lmtune.distributed import Dist
 from lmtune.errors import InputError
 from lmtune.objectives.lm import perplexity
+from lmtune.objectives.task import ExampleBatches, RunContext, Task
 
 # Objectives whose examples are {"input_ids", "labels"} dicts that plain text examples can join.
 REPLAY_OBJECTIVES = ("lm", "sft")
@@ -66,7 +69,7 @@ def l2_init(model: torch.nn.Module, lam: float) -> Callable[[torch.nn.Module], t
 
 @dataclass
 class Replay:
-    """``Task.batch_transform`` that adds replay examples so they are ``ratio`` of each batch.
+    """A batch source wrapped so that replay examples make up ``ratio`` of each micro-batch.
 
     A batch of B task examples gets about B·ratio/(1 − ratio) replay examples, so every task
     example is still seen each epoch. Fractions carry over between micro-batches (error
@@ -74,20 +77,20 @@ class Replay:
     Which replay examples come is fixed by the step alone, so a resumed run replays the same.
     """
 
+    inner: ExampleBatches
     examples: list[dict[str, list[int]]]
     ratio: float
-    batch_size: int
     grad_accum: int
-    seed: int
     _step: int = -1
     _micro: int = 0
 
     def count(self, index: int) -> int:
         """Replay examples owed after ``index`` task micro-batches (cumulative)."""
-        per_batch = self.batch_size * self.ratio / (1.0 - self.ratio)
+        per_batch = self.inner.batch_size * self.ratio / (1.0 - self.ratio)
         return math.floor(per_batch * index + 1e-9)
 
-    def __call__(self, batch: list[Any], step: int) -> list[Any]:
+    def mix(self, batch: list[Any], step: int) -> list[Any]:
+        """The task examples of micro-batch ``batch`` plus the replay examples owed by now."""
         if step != self._step:
             self._step, self._micro = step, 0
         index = step * self.grad_accum + self._micro  # global micro-batch number
@@ -95,11 +98,28 @@ class Replay:
         start, stop = self.count(index), self.count(index + 1)
         return list(batch) + [self._replay_at(k) for k in range(start, stop)]
 
+    def next(self, step: int, ddp: Dist | None) -> dict[str, Any] | None:
+        examples = self.inner.next_examples(step, ddp)
+        return self.inner.collate(self.mix(examples, step)) if examples else None
+
+    def total_steps(self, train: TrainConfig, world: int) -> int:
+        return self.inner.total_steps(train, world)
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return self.inner.state_dict()  # which replay examples come is fixed by the step alone
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.inner.load_state_dict(tensors, meta)
+
+    @property
+    def collate(self) -> Any:
+        return self.inner.collate
+
     def _replay_at(self, k: int) -> dict[str, list[int]]:
         """The k-th replay example of an endless sequence of shuffled passes."""
         n = len(self.examples)
         epoch, offset = divmod(k, n)
-        return self.examples[epoch_order(n, self.seed + 7919, epoch)[offset]]
+        return self.examples[epoch_order(n, self.inner.seed + 7919, epoch)[offset]]
 
 
 def retain_evaluator(examples: list[dict[str, list[int]]], pad_id: int,
@@ -125,7 +145,7 @@ class Guards:
     retain: list[dict[str, list[int]]] | None = None
 
     @classmethod
-    def from_context(cls, ctx: Any) -> Guards:
+    def from_context(cls, ctx: RunContext) -> Guards:
         """Read and tokenize ``data.retain`` and ``regularize.replay_data`` and check the keys.
 
         Raises:
@@ -133,39 +153,34 @@ class Guards:
                 reverse), or replay with an objective whose examples are not token sequences.
         """
         cfg = ctx.cfg
-        guards = cls(l2=float(cfg["regularize.l2_init"]), replay_ratio=float(cfg["regularize.replay_ratio"]))
-        if cfg["data.retain"] is not None:
-            guards.retain = _text_file_examples("data.retain", cfg["data.retain"], ctx.tokenizer,
-                                                cfg["train.max_length"])
-        replay_file = cfg["regularize.replay_data"]
+        guards = cls(l2=float(cfg.regularize.l2_init), replay_ratio=float(cfg.regularize.replay_ratio))
+        if cfg.data.retain is not None:
+            guards.retain = _text_file_examples("data.retain", cfg.data.retain, ctx.tokenizer, cfg.train.max_length)
+        replay_file = cfg.regularize.replay_data
         if (replay_file is None) != (guards.replay_ratio == 0.0):
             raise InputError("regularize.replay_data and regularize.replay_ratio go together: set both "
                              "(e.g. regularize.replay_data=pretrain.txt regularize.replay_ratio=0.25) or neither")
         if replay_file is not None:
-            if cfg["objective"] not in REPLAY_OBJECTIVES:
+            if cfg.objective not in REPLAY_OBJECTIVES:
                 raise InputError(f"regularize.replay_data mixes text into {'/'.join(REPLAY_OBJECTIVES)} batches; "
-                                 f"objective {cfg['objective']} does not take text examples")
-            if cfg["train.packing"]:
+                                 f"objective {cfg.objective} does not take text examples")
+            if cfg.train.packing:
                 raise InputError("regularize.replay_data adds whole examples to each batch, which packed rows "
                                  "(train.packing=true) cannot take; turn packing off to use replay")
             guards.replay = _text_file_examples("regularize.replay_data", replay_file, ctx.tokenizer,
-                                                cfg["train.max_length"])
+                                                cfg.train.max_length)
         return guards
 
-    def attach(self, task: Any, cfg: dict[str, Any], pad_id: int) -> None:
+    def attach(self, task: Task, cfg: RunConfig, pad_id: int) -> None:
         """Add the configured regularizer, batch transform and retain evaluator to ``task``."""
         if self.l2 > 0:
             task.regularizers.append(l2_init(task.model, self.l2))
-        if self.replay is not None:
-            if task.batch_transform is not None:
-                raise InputError(f"regularize.replay_data cannot combine with objective {cfg['objective']}, "
-                                 "which already transforms its batches")
-            task.batch_transform = Replay(self.replay, self.replay_ratio, cfg["train.batch_size"],
-                                          cfg["train.grad_accum"], cfg["train.seed"])
+        if self.replay is not None:  # objectives lm and sft only (checked above): their batches are examples
+            task.batches = Replay(task.batches, self.replay, self.replay_ratio, cfg.train.grad_accum)
             task.summary["replay_examples"] = len(self.replay)
         if self.retain is not None:
             if getattr(task.model, "get_output_embeddings", lambda: None)() is None:
-                raise InputError(f"data.retain measures the language-model loss, but objective {cfg['objective']} "
+                raise InputError(f"data.retain measures the language-model loss, but objective {cfg.objective} "
                                  "trains a model without an LM head")
             task.evaluators["retain_loss"] = retain_evaluator(self.retain, pad_id)
 

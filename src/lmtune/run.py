@@ -1,75 +1,47 @@
 """From a validated config to a finished run: check inputs, build the task, call ``train()``.
 
 Everything that can be checked without a model is checked first (config, output folder,
-data files), so a mistake is reported in a second, not after a model has loaded.
+data, which keys apply), so a mistake is reported in a second, not after a model has loaded.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from lmtune.config import KEYS, RunConfig
 from lmtune.data.readers import Record, read_records
+from lmtune.distributed import pick_device
 from lmtune.errors import InputError
-from lmtune.methods import Prepared, apply_method
+from lmtune.methods.registry import METHODS, Method
 from lmtune.models.encoders import refuse_encoder
 from lmtune.models.loading import (
     check_tokenizer,
     context_length,
-    load_causal_lm,
     load_tokenizer,
+    param_counts,
     resolve_model_dir,
 )
+from lmtune.objectives.registry import DEFAULT_OBJECTIVE, OBJECTIVES, Objective
+from lmtune.objectives.task import RunContext, Task
 from lmtune.regularize import Guards
 from lmtune.runlog import RunLog
+from lmtune.train import train
 
-# objective -> module with ``build_task(ctx) -> Task``; imported only when used.
-OBJECTIVES = {
-    "lm": "lmtune.objectives.lm_task",
-    "sft": "lmtune.objectives.sft_task",
-    "dpo": "lmtune.objectives.dpo_task",
-    "reward": "lmtune.objectives.reward_task",
-    "ppo": "lmtune.objectives.ppo_task",
-    "classify": "lmtune.objectives.classify_task",
-}
-
-# data format -> the objective it implies when ``objective`` is unset.
-DEFAULT_OBJECTIVE = {
-    "text": "lm", "prompt_completion": "sft", "alpaca": "sft", "messages": "sft",
-    "preference": "dpo", "classification": "classify", "prompts": "ppo",
-}
+IN_MEMORY = Path("in-memory model")  # what a run records as its base when the API was handed a model object
 
 
 @dataclass
-class RunContext:
-    """What an objective needs to build its task: config, tokenizer, records, model loading."""
+class RunResult:
+    """What a finished run gives back to Python: the trained model, its tokenizer, the summary, the folder."""
 
-    cfg: dict[str, Any]
-    model_folder: Path
+    model: torch.nn.Module
     tokenizer: Any
+    summary: dict[str, Any]
     output_dir: Path
-    log: RunLog
-    _records: dict[str, list[Record]] = field(default_factory=dict)
-
-    def records(self, key: str) -> list[Record] | None:
-        """The records of the data file named by config key ``key`` (``None`` if unset)."""
-        if self.cfg.get(key) is None:
-            return None
-        if key not in self._records:
-            self._records[key] = read_records(self.cfg[key])
-        return self._records[key]
-
-    def load_causal_lm(self) -> Any:
-        if self.cfg["method"] == "qlora":  # stream weights into 4 bits: never the whole fp32 model in memory
-            from lmtune.methods.qlora import load_quantized
-
-            return load_quantized(self.model_folder, self.cfg)
-        return load_causal_lm(self.model_folder, self.cfg["trust_remote_code"])
-
-    def apply_method(self, model: Any) -> Prepared:
-        return apply_method(model, self.tokenizer, self.cfg, self.model_folder)
 
 
 def detect_format(records: list[Record]) -> str:
@@ -94,72 +66,151 @@ def detect_format(records: list[Record]) -> str:
                      "or text+label — or set data.format")
 
 
-def check_output_dir(cfg: dict[str, Any]) -> Path:
+def check_output_dir(output_dir: str | None, resume: bool) -> Path:
     """The output folder, refusing to write over a finished or checkpointed run unless resuming."""
-    if not cfg["output_dir"]:
+    if not output_dir:
         raise InputError("output_dir is required: where the run writes its model, metrics and summary")
-    out = Path(cfg["output_dir"])
+    out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"output_dir {out} is a file")
-    if not cfg["train.resume"] and ((out / "summary.json").exists() or (out / "checkpoints").exists()):
+    if not resume and ((out / "summary.json").exists() or (out / "checkpoints").exists()):
         raise InputError(f"output_dir {out} already holds a run; choose a new output_dir, delete it, "
                          "or continue it with train.resume=true")
     return out
 
 
-def prepare(cfg: dict[str, Any], log: RunLog | None = None) -> tuple[Any, RunContext]:
-    """Check everything, then build the task (which loads the model)."""
-    out = check_output_dir(cfg)
-    if cfg["data.train"] is None:
-        raise InputError("data.train is required: the training data file")
-    folder = resolve_model_dir(cfg["model"])
-    tokenizer = load_tokenizer(folder, cfg["trust_remote_code"])
-    check_tokenizer(folder, tokenizer)
-    ctx = RunContext(cfg, folder, tokenizer, out, log or RunLog(out))
-    context = context_length(folder)
-    if context is not None and cfg["train.max_length"] > context:
-        # Positions past the model's context have no embedding; longer examples are truncated.
-        ctx.log.say(f"train.max_length={cfg['train.max_length']} exceeds the model's context of {context} "
-                    f"tokens; using {context}")
-        cfg["train.max_length"] = context
-    train_key = "data.train"
-    if isinstance(cfg["data.train"], list):  # several files (multi-task): the objective reads them
-        fmt = cfg["data.format"] if cfg["data.format"] != "auto" else "classification"
+def check_keys_apply(cfg: RunConfig, method: Method, objective: Objective) -> None:
+    """Refuse a key that would be accepted and then do nothing (or cannot be honoured) in this run.
+
+    A section or key that a registry entry declares it ``reads`` applies only when that
+    method/objective is chosen; ``refuses`` lists what an entry cannot honour.
+
+    Raises:
+        InputError: naming the key, who reads it, and what to change.
+    """
+    readers: dict[str, list[str]] = {}
+    for kind, entries in (("method", METHODS), ("objective", OBJECTIVES)):
+        for entry in entries.values():
+            for name in entry.reads:
+                readers.setdefault(name, []).append(f"{kind}={entry.name}")
+    chosen = set(method.reads) | set(objective.reads)
+    for name, value in cfg.flat().items():
+        if value == KEYS[name].default or (isinstance(value, tuple) and list(value) == list(KEYS[name].default)):
+            continue
+        owner = next((o for o in (name, name.rsplit(".", 1)[0]) if o in readers), None)
+        if owner is not None and owner not in chosen:
+            raise InputError(f"{name}={value!r} has no effect with method={method.name} objective={objective.name}: "
+                             f"only {' or '.join(readers[owner])} reads it; remove it or change method/objective")
+        for entry, kind in ((method, "method"), (objective, "objective")):
+            if name in entry.refuses:
+                raise InputError(f"{name} does not work with {kind}={entry.name}: {entry.refuses[name]}; "
+                                 "remove it")
+    train, data = cfg.train, cfg.data
+    if train.steps is not None and train.epochs != KEYS["train.epochs"].default:
+        raise InputError(f"train.steps={train.steps} and train.epochs={train.epochs} both set the run's length; "
+                         "set one of them")
+    if train.patience and data.eval is None:
+        raise InputError(f"train.patience={train.patience} stops on the eval loss, which needs data.eval "
+                         "(a held-out file); set data.eval or remove train.patience")
+    if train.eval_every and data.eval is None and data.retain is None:
+        raise InputError(f"train.eval_every={train.eval_every} evaluates data.eval (and data.retain), and neither "
+                         "is set; set one or remove train.eval_every")
+
+
+def resolve(cfg: RunConfig, records: list[Record] | None) -> tuple[RunConfig, Method, Objective]:
+    """Fill in the data format and objective from the data; check the method/objective pair and the keys."""
+    if isinstance(cfg.data.train, list):  # several files (multi-task classification): the objective reads them
+        fmt = cfg.data.format if cfg.data.format != "auto" else "classification"
     else:
-        records = ctx.records(train_key)
-        fmt = cfg["data.format"] if cfg["data.format"] != "auto" else detect_format(records)
-    cfg["data.format"] = fmt
-    if cfg["objective"] is None:
-        cfg["objective"] = DEFAULT_OBJECTIVE[fmt]
-    if cfg["objective"] != "classify":  # lm, sft, dpo, ppo and reward all load a causal LM
+        fmt = cfg.data.format if cfg.data.format != "auto" else detect_format(records)
+    objective_name = cfg.objective or DEFAULT_OBJECTIVE.get(fmt)
+    if objective_name is None:
+        raise InputError(f"data.format={fmt} does not imply an objective; set objective "
+                         f"({', '.join(OBJECTIVES)})")
+    cfg = cfg.replace({"data.format": fmt, "objective": objective_name})
+    method, objective = METHODS[cfg.method], OBJECTIVES[objective_name]
+    if isinstance(cfg.data.train, list) and objective.name != "classify":
+        raise InputError(f"data.train lists {len(cfg.data.train)} files, which only objective=classify (one task per "
+                         f"file) takes; objective={objective.name} trains on one file")
+    if objective.methods is not None and method.name not in objective.methods:
+        allowed = " or ".join(f"method={m}" for m in objective.methods)
+        raise InputError(f"objective={objective.name} trains with {allowed}; got method={method.name}")
+    check_keys_apply(cfg, method, objective)
+    return cfg, method, objective
+
+
+def prepare(cfg: RunConfig, log: RunLog | None = None, model: torch.nn.Module | None = None, tokenizer: Any = None,
+            train_records: list[Record] | None = None,
+            eval_records: list[Record] | None = None) -> tuple[Task, RunContext]:
+    """Check everything, then build the task (which loads the model).
+
+    ``model``/``tokenizer`` and ``train_records``/``eval_records`` are the Python API's in-memory
+    model and data, used instead of the ``model`` and ``data.*`` files.
+    """
+    out = check_output_dir(cfg.output_dir, cfg.train.resume)
+    if cfg.data.train is None and train_records is None:
+        raise InputError("data.train is required: the training data file")
+    if model is not None:
+        if tokenizer is None:
+            raise InputError("an in-memory model needs its tokenizer: pass tokenizer=")
+        if cfg.model is not None:
+            raise InputError("give the model either as an object or as config key 'model', not both")
+        folder = IN_MEMORY
+        context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    else:
+        folder = resolve_model_dir(cfg.model)
+        tokenizer = load_tokenizer(folder, cfg.trust_remote_code)
+        check_tokenizer(folder, tokenizer)
+        context = context_length(folder)
+    given = {"data.train": train_records, "data.eval": eval_records}
+    preset = {k: v for k, v in given.items() if v is not None}
+    records = preset.get("data.train")
+    if records is None and not isinstance(cfg.data.train, list):
+        records = read_records(cfg.data.train)
+        preset["data.train"] = records
+    cfg, method, objective = resolve(cfg, records)
+    if model is not None and not objective.generative:
+        raise InputError(f"objective={objective.name} loads its model from a folder (it adds a head); "
+                         "pass model= as a folder path")
+    log = log or RunLog(out)
+    if context is not None and cfg.train.max_length > context:
+        # Positions past the model's context have no embedding; longer examples are truncated.
+        log.say(f"train.max_length={cfg.train.max_length} exceeds the model's context of {context} tokens; "
+                f"using {context}")
+        cfg = cfg.replace({"train.max_length": context})
+    if objective.generative and model is None:
         refuse_encoder(folder)
+    ctx = RunContext(cfg, method, folder, tokenizer, out, log, base_model=model, _records=preset)
     guards = Guards.from_context(ctx)  # data.retain, replay, L2: read and checked before the model loads
-    module = importlib.import_module(OBJECTIVES[cfg["objective"]])
-    task = module.build_task(ctx)
+    task = objective.build(ctx)
     guards.attach(task, cfg, tokenizer.pad_token_id)
+    task.summary = {"method": method.name, "objective": objective.name, **task.summary}
     return task, ctx
 
 
-def run_training(cfg: dict[str, Any], log: RunLog | None = None) -> dict[str, Any]:
-    """Run ``lmtune train`` for a validated config and return the summary."""
-    from lmtune.train import param_counts, train
+def run_training(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokenizer: Any = None,
+                 train_records: list[Record] | None = None, eval_records: list[Record] | None = None,
+                 log: RunLog | None = None) -> RunResult:
+    """Run ``lmtune train`` for a validated config.
 
-    task, ctx = prepare(cfg, log)
-    ctx.log.say(f"model: {ctx.model_folder} | method: {cfg['method']} | objective: {cfg['objective']} | "
-                f"format: {cfg['data.format']}")
+    Returns:
+        The trained model (adapter attached where there is one), tokenizer, summary and output folder.
+
+    Raises:
+        InputError: bad input, found before any model loads where it can be.
+        Interrupted: SIGINT/SIGTERM; a checkpoint was saved first.
+    """
+    task, ctx = prepare(cfg, log, model, tokenizer, train_records, eval_records)
+    cfg = ctx.cfg
+    ctx.log.say(f"model: {ctx.model_folder} | method: {cfg.method} | objective: {cfg.objective} | "
+                f"format: {cfg.data.format}")
     total, trainable = param_counts(task.model)
     ctx.log.say(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
     try:
-        summary = train(task, cfg, ctx.output_dir, device=pick_device(), log=ctx.log)
+        summary = train(task, cfg.train, ctx.output_dir, device=pick_device(), log=ctx.log)
     except OSError as e:  # disk full, permissions: say so, not a traceback; checkpoints are written atomically
         raise InputError(f"training stopped: a write in {ctx.output_dir} failed: {e}. Checkpoints already "
                          "written are intact; free space (or fix permissions) and continue with "
                          "train.resume=true") from None
     ctx.log.say(f"saved to {ctx.output_dir}")
-    return summary
-
-
-def pick_device() -> Any:
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return RunResult(model=task.model, tokenizer=ctx.tokenizer, summary=summary, output_dir=ctx.output_dir)

@@ -1,19 +1,19 @@
-"""The one training loop: pre-training, fine-tuning, LoRA, SFT, DPO, reward modelling.
+"""The one training loop: pre-training, fine-tuning, LoRA, SFT, DPO, reward modelling, PPO.
 
-``train(task, cfg)`` reads top to bottom: batch -> loss -> backward -> (accumulate) -> clip ->
-step -> log / eval / save. What differs between methods and objectives lives in the
-``Task`` (which parameters train, how examples batch, what the loss is, what gets saved).
+``train(task, settings, output_dir)`` reads top to bottom: batch -> loss -> backward ->
+(accumulate) -> clip -> step -> log / eval / save. What differs between methods and objectives
+lives in the ``Task`` (which parameters train, where batches come from, what the loss is, what
+gets saved); ``settings`` is the run's ``train`` section.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
-import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,41 +21,24 @@ import torch
 
 from lmtune import checkpoint as ckpt
 from lmtune import distributed
-from lmtune.data.batching import epoch_order
-from lmtune.errors import InputError
+from lmtune.config import TrainConfig
+from lmtune.errors import Interrupted
+from lmtune.models.loading import param_counts
+from lmtune.objectives.task import Task, TrainingError
 from lmtune.runlog import RunLog, peak_rss_mb
-
-LossFn = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]
-
-
-class TrainingError(InputError):
-    """Training cannot go on (non-finite loss, nothing to train); exit code 2 with the reason."""
 
 
 @dataclass
-class Task:
-    """What one run trains: the model, its data, its loss, and how to save the result.
+class TrainState:
+    """Everything about the loop's progress that a checkpoint saves and a resume restores."""
 
-    ``loss`` returns the *sum* of the loss over the batch's loss units (tokens for LM
-    objectives, pairs for DPO) and the batch names that count as ``num_loss_tokens``. Where a
-    unit is not a token, the batch also says how many tokens it trained on (``num_tokens``:
-    completion tokens of a pair, real tokens of a classified text) for ``tokens_trained``.
-    """
-
-    model: torch.nn.Module
-    train_examples: list[Any]
-    collate: Callable[[list[Any]], dict[str, Any]]
-    loss: LossFn
-    save: Callable[[Path], None]
-    eval_examples: list[Any] | None = None
-    regularizers: list[Callable[[torch.nn.Module], torch.Tensor]] = field(default_factory=list)
-    evaluators: dict[str, Callable[[torch.nn.Module], float]] = field(default_factory=dict)
-    batch_transform: Callable[[list[Any], int], list[Any]] | None = None  # e.g. replay mixing
-    next_batch: Callable[[int], dict[str, Any]] | None = None  # PPO: micro-batches from its own rollouts
-    summary: dict[str, Any] = field(default_factory=dict)  # method/objective facts for summary.json
-    # State of the task's own that a checkpoint must carry to resume exactly (PPO's rollout
-    # buffer): an object with ``state_dict() -> (tensors, json_meta)`` and ``load_state_dict``.
-    resumable: Any = None
+    step: int = 0
+    tokens: int = 0
+    last_loss: float | None = None
+    eval_loss: float | None = None
+    best_eval: float | None = None  # early stopping: the best eval loss so far, and how many since
+    bad_evals: int = 0
+    before: dict[str, float] = dataclasses.field(default_factory=dict)  # evaluators before training
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -63,68 +46,27 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def param_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(total, trainable) parameters, counting tied weights once."""
-    seen: dict[int, torch.nn.Parameter] = {id(p): p for p in model.parameters()}
-    total = sum(p.numel() for p in seen.values())
-    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
-    return total, trainable
-
-
-def make_optimizer(model: torch.nn.Module, cfg: dict[str, Any]) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, settings: TrainConfig) -> torch.optim.AdamW:
     """AdamW over trainable parameters; matrices decay, biases and norm weights do not."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("nothing to train: every parameter is frozen (check method and freeze.layers)")
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg["train.weight_decay"]},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg["train.lr"], betas=tuple(cfg["train.betas"]), eps=cfg["train.eps"])
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps)
 
 
-def lr_at(step: int, cfg: dict[str, Any], total: int) -> float:
+def lr_at(step: int, settings: TrainConfig, total: int) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
-    peak, warm = cfg["train.lr"], cfg["train.warmup_steps"]
+    peak, warm = settings.lr, settings.warmup_steps
     if step < warm:
         return peak * (step + 1) / warm
     progress = (step - warm) / max(1, total - warm)
-    if cfg["train.schedule"] == "linear":
+    if settings.schedule == "linear":
         return peak * (1.0 - progress)
-    if cfg["train.schedule"] == "cosine":
+    if settings.schedule == "cosine":
         return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
     return peak
-
-
-def total_steps(cfg: dict[str, Any], n_examples: int) -> int:
-    """``train.steps`` or, when unset, the steps that make ``train.epochs`` passes."""
-    if cfg["train.steps"] is not None:
-        return cfg["train.steps"]
-    per_epoch = math.ceil(n_examples / cfg["train.batch_size"])
-    return max(1, math.ceil(cfg["train.epochs"] * per_epoch / cfg["train.grad_accum"]))
-
-
-class BatchStream:
-    """Deterministic micro-batches: epoch ``e`` visits examples in ``epoch_order(n, seed, e)``.
-
-    Its position (epoch, batch) is all a checkpoint needs to continue the same order.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int = 0, index: int = 0):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.epoch, self.index = epoch, index
-        self._order = epoch_order(n, seed, epoch)
-
-    def next(self) -> list[int]:
-        if self.index * self.batch_size >= self.n:
-            self.epoch, self.index = self.epoch + 1, 0
-            self._order = epoch_order(self.n, self.seed, self.epoch)
-        start = self.index * self.batch_size
-        self.index += 1
-        return self._order[start:start + self.batch_size]
-
-    def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -139,15 +81,14 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate_loss(task: Task, examples: list[Any], cfg: dict[str, Any], device: torch.device) -> float:
-    """Mean loss per loss unit over ``examples`` (token-weighted for LM objectives)."""
+def evaluate_loss(task: Task, settings: TrainConfig, device: torch.device) -> float:
+    """Mean loss per loss unit over the task's eval examples (token-weighted for LM objectives)."""
     was_training = task.model.training
     task.model.eval()
-    total, units = 0.0, 0
-    bs = cfg["train.batch_size"]
-    with autocast(cfg["train.precision"], device):
+    total, units, bs, examples = 0.0, 0, settings.batch_size, task.eval_examples
+    with autocast(settings.precision, device):
         for start in range(0, len(examples), bs):
-            batch = to_device(task.collate(examples[start:start + bs]), device)
+            batch = to_device(task.batches.collate(examples[start:start + bs]), device)
             loss_sum, _ = task.loss(task.model, batch)
             total += float(loss_sum)
             units += batch["num_loss_tokens"]
@@ -156,7 +97,7 @@ def evaluate_loss(task: Task, examples: list[Any], cfg: dict[str, Any], device: 
 
 
 class _StopSignal:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits."""
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and stops."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -178,9 +119,9 @@ class _StopSignal:
             signal.signal(sig, old)
 
 
-def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.device | None = None,
+def train(task: Task, settings: TrainConfig, output_dir: Path, device: torch.device | None = None,
           log: RunLog | None = None) -> dict[str, Any]:
-    """Train ``task`` per ``cfg`` and write metrics, checkpoints, final artifacts and summary.json.
+    """Train ``task`` under the ``train`` config section; write metrics, checkpoints, results, summary.json.
 
     Returns:
         The summary dict (also written to ``output_dir/summary.json``).
@@ -188,133 +129,104 @@ def train(task: Task, cfg: dict[str, Any], output_dir: Path, device: torch.devic
     Raises:
         TrainingError: non-finite loss (the step is named; the last good checkpoint stays)
             or nothing trainable.
+        Interrupted: SIGINT/SIGTERM arrived; a checkpoint of the finished step was saved.
     """
-    ddp = distributed.from_env(cfg)
+    ddp = distributed.from_env(settings.distributed)
     device = ddp.device if ddp else (device or torch.device("cpu"))
     main = ddp is None or ddp.main  # only rank 0 logs and writes files
-    model = task.model.to(device)
-    model.train()
-    steps = total_steps(cfg, len(task.train_examples))
-    accum, seed = cfg["train.grad_accum"], cfg["train.seed"]
-    task.model = model
-    optimizer = make_optimizer(model, cfg)
-    global_batch = cfg["train.batch_size"] * (ddp.world if ddp else 1)
-    stream = BatchStream(len(task.train_examples), global_batch, seed)
-    ckpt_root = output_dir / "checkpoints"
-    state = {"step": 0, "tokens": 0, "best_eval": None, "bad_evals": 0, "eval_loss": None, "last_loss": None}
-    best_weights: dict[str, torch.Tensor] | None = None
     log = log or RunLog(output_dir)
     if not main:
         log = RunLog(output_dir, quiet=True, tensorboard=False, active=False)
-    torch.manual_seed(seed)
+    model = task.model = task.model.to(device).train()
+    steps = settings.steps or task.batches.total_steps(settings, ddp.world if ddp else 1)
+    optimizer = make_optimizer(model, settings)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG stays
+        torch.manual_seed(settings.seed)
+        state, best = _start(task, settings, optimizer, output_dir, log)
+        if settings.compile:
+            # The loss calls the body (base_model) and the head apart: compile the body, where the time goes.
+            getattr(model, "base_model", model).compile()
+        clock = _Clock(state.tokens)
+        with _StopSignal() as stop, log.progress(steps, state.step) as bar:
+            while state.step < steps:
+                clock.start()
+                record = _optimizer_step(task, settings, optimizer, state, steps, device, ddp, output_dir)
+                clock.stop(state.tokens)
+                stop_early = False
+                if _due(state.step, settings.eval_every, steps):
+                    stop_early, best = _evaluate(task, settings, device, state, record, best,
+                                                 output_dir if main else None)
+                if state.step % settings.log_every == 0 or state.step in (1, steps) or "eval_loss" in record:
+                    log.step(record, steps)
+                bar.update(1)
+                if main and ((settings.save_every and state.step % settings.save_every == 0) or stop.received):
+                    _save_checkpoint(task, settings, optimizer, state, output_dir)
+                if stop.received:
+                    log.say(f"received signal {stop.received}: checkpoint saved at step {state.step}; "
+                            "continue with train.resume=true")
+                    raise Interrupted(stop.received)
+                if stop_early:
+                    log.say(f"early stopping at step {state.step}: eval loss has not improved for "
+                            f"{settings.patience} evaluations")
+                    break
+        return _finish(task, state, best, clock, output_dir, log, main, ddp)
 
-    found = ckpt.latest_good(ckpt_root, warn=log.say) if cfg["train.resume"] else None
+
+def _start(task: Task, settings: TrainConfig, optimizer: torch.optim.Optimizer, output_dir: Path,
+           log: RunLog) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
+    """A fresh state, or the newest good checkpoint's when resuming; evaluators measured before training."""
+    ckpt_root = output_dir / "checkpoints"
+    state, best = TrainState(), None
+    found = ckpt.latest_good(ckpt_root, warn=log.say) if settings.resume else None
     if found is None:
         log.truncate_after(0)  # starting at step 0: drop records an earlier killed or failed attempt left
-    if cfg["train.resume"] and found is None:
-        log.say(f"no usable checkpoint in {ckpt_root}; starting from step 0")
-    if found is not None:
+        if settings.resume:
+            log.say(f"no usable checkpoint in {ckpt_root}; starting from step 0")
+    else:
         weights, optim_state, meta = ckpt.load_checkpoint(found)
-        ckpt.check_fits(found, trainable_state(model), weights, optimizer, optim_state)
-        _load_trainable(model, weights, found)
+        ckpt.check_fits(found, trainable_state(task.model), weights, optimizer, optim_state)
+        _load_trainable(task.model, weights, found)
         optimizer.load_state_dict(optim_state)
-        state.update(meta["loop"]["state"])
-        stream = BatchStream(len(task.train_examples), global_batch, seed, **meta["loop"]["stream"])
-        if task.resumable is not None:
-            task.resumable.load_state_dict(meta["task_tensors"], meta["loop"].get("task", {}))
+        state = TrainState(**meta["loop"]["state"])
+        task.batches.load_state_dict(meta["task_tensors"], meta["loop"]["batches"])
         ckpt.set_rng_state(meta["rng_tensors"], meta["rng"])
-        if state["best_eval"] is not None and (output_dir / "best.safetensors").exists():
+        if state.best_eval is not None and (output_dir / "best.safetensors").exists():
             from safetensors.torch import load_file
-            best_weights = load_file(output_dir / "best.safetensors")
-        log.truncate_after(state["step"])
-        log.say(f"resumed from {found} at step {state['step']}")
 
+            best = load_file(output_dir / "best.safetensors")
+        log.truncate_after(state.step)
+        log.say(f"resumed from {found} at step {state.step}")
     for name, fn in task.evaluators.items():
-        if f"{name}_before" not in state:
-            state[f"{name}_before"] = fn(model)
+        state.before.setdefault(name, fn(task.model))
+    return state, best
 
-    if cfg["train.compile"]:
-        # The loss calls the body (base_model) and the head separately: compile the body,
-        # where the time goes. Compilation happens during the first step, reported apart.
-        body = getattr(model, "base_model", model)
-        body.compile()
-    start_time, start_tokens, step_time = time.perf_counter(), state["tokens"], 0.0
-    first_step_seconds = None
-    stop = _StopSignal()
-    with stop, log.progress(steps, state["step"]) as bar:
-        while state["step"] < steps:
-            t0 = time.perf_counter()
-            step = state["step"]
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg, steps)
-            micro = [_next_batch(task, stream, step, ddp) for _ in range(accum)]
-            loss, tokens, metrics = accumulate_gradients(task, micro, cfg["train.precision"], device, step, ddp)
-            if ddp:
-                ddp.sync_gradients([p for p in model.parameters() if p.requires_grad])
-            if not math.isfinite(loss):
-                optimizer.zero_grad(set_to_none=True)
-                good = ckpt.latest_good(ckpt_root)
-                raise TrainingError(
-                    f"the loss became {loss} at step {step + 1}; training stopped before that step changed "
-                    f"any weight. {'The last good checkpoint is ' + str(good) if good else 'No checkpoint was saved'}. "
-                    "Try a lower train.lr, train.precision=fp32, or train.clip_grad_norm=1.0.")
-            if cfg["train.clip_grad_norm"]:
-                metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], cfg["train.clip_grad_norm"]))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] = step = step + 1
-            state["tokens"] += tokens
-            state["last_loss"] = loss
-            if first_step_seconds is None:
-                # The first step carries compilation and allocator warm-up; keep it out of tokens/s.
-                first_step_seconds = time.perf_counter() - t0
-                start_tokens = state["tokens"] if steps > 1 else start_tokens
-            else:
-                step_time += time.perf_counter() - t0
 
-            record = {"step": step, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "tokens": state["tokens"],
-                      **metrics}
-            stop_early = False
-            if _due(step, cfg["train.eval_every"], steps):
-                stop_early, best_weights = _evaluate(task, cfg, device, state, record, best_weights, model,
-                                                     output_dir if main else None)
-            if step % cfg["train.log_every"] == 0 or step in (1, steps) or "eval_loss" in record:
-                log.step(record, steps)
-            bar.update(1)
-            if main and ((cfg["train.save_every"] and step % cfg["train.save_every"] == 0) or stop.received):
-                task_tensors, task_meta = task.resumable.state_dict() if task.resumable is not None else ({}, {})
-                ckpt.save_checkpoint(ckpt_root, step, trainable_state(model), optimizer,
-                                     {"state": state, "stream": stream.position(), "task": task_meta},
-                                     cfg["train.keep_checkpoints"], task_tensors)
-            if stop.received:
-                log.say(f"received signal {stop.received}: checkpoint saved at step {step}; "
-                        "continue with train.resume=true")
-                sys.exit(128 + stop.received)
-            if stop_early:
-                log.say(f"early stopping at step {step}: eval loss has not improved for "
-                        f"{cfg['train.patience']} evaluations")
-                break
-
-    if best_weights is not None:
-        _load_trainable(model, best_weights, output_dir / "best.safetensors")
-        log.say(f"restored the best weights (eval loss {state['best_eval']:.4f})")
-    elapsed = time.perf_counter() - start_time
-    if main:
-        task.save(output_dir)
-    summary = _summary(task, cfg, state, model, tokens_this_run=state["tokens"] - start_tokens,
-                       elapsed=elapsed, step_time=step_time or (first_step_seconds or 0.0))
-    summary["first_step_seconds"] = first_step_seconds
-    for name, fn in task.evaluators.items():
-        summary[f"{name}_before"] = state[f"{name}_before"]
-        summary[f"{name}_after"] = fn(model)
-        summary[f"{name}_change"] = summary[f"{name}_after"] - summary[f"{name}_before"]
-    log.finish(summary)
-    if main:
-        (output_dir / "best.safetensors").unlink(missing_ok=True)
+def _optimizer_step(task: Task, settings: TrainConfig, optimizer: torch.optim.Optimizer, state: TrainState,
+                    steps: int, device: torch.device, ddp: distributed.Dist | None,
+                    output_dir: Path) -> dict[str, Any]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics record."""
+    step = state.step
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, settings, steps)
+    micro = [task.batches.next(step, ddp) for _ in range(settings.grad_accum)]
+    loss, tokens, metrics = accumulate_gradients(task, micro, settings.precision, device, step, ddp)
+    params = [p for p in task.model.parameters() if p.requires_grad]
     if ddp:
-        ddp.barrier()  # no rank leaves while rank 0 is still writing the result
-    return summary
+        ddp.sync_gradients(params)
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        good = ckpt.latest_good(output_dir / "checkpoints")
+        raise TrainingError(
+            f"the loss became {loss} at step {step + 1}; training stopped before that step changed any weight. "
+            f"{'The last good checkpoint is ' + str(good) if good else 'No checkpoint was saved'}. "
+            "Try a lower train.lr, train.precision=fp32, or train.clip_grad_norm=1.0.")
+    if settings.clip_grad_norm:
+        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, settings.clip_grad_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.step, state.tokens, state.last_loss = step + 1, state.tokens + tokens, loss
+    return {"step": state.step, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "tokens": state.tokens,
+            **metrics}
 
 
 def accumulate_gradients(task: Task, micro: list[dict[str, Any] | None], precision: str, device: torch.device,
@@ -355,66 +267,102 @@ def accumulate_gradients(task: Task, micro: list[dict[str, Any] | None], precisi
     return loss_total / units, tokens, metrics
 
 
-def _next_batch(task: Task, stream: BatchStream, step: int,
-                ddp: distributed.Dist | None = None) -> dict[str, Any] | None:
-    if task.next_batch is not None:  # the batch depends on the policy (rollouts), not on the data order
-        return task.next_batch(step)
-    indices = distributed.shard(stream.next(), ddp)
-    if not indices:
-        return None
-    examples = [task.train_examples[i] for i in indices]
-    if task.batch_transform is not None:
-        examples = task.batch_transform(examples, step)
-    return task.collate(examples)
-
-
 def _due(step: int, every: int, total: int) -> bool:
     return (every > 0 and step % every == 0) or step == total
 
 
-def _evaluate(task: Task, cfg: dict[str, Any], device: torch.device, state: dict[str, Any], record: dict[str, Any],
-              best_weights: dict[str, torch.Tensor] | None, model: torch.nn.Module,
+def _evaluate(task: Task, settings: TrainConfig, device: torch.device, state: TrainState, record: dict[str, Any],
+              best: dict[str, torch.Tensor] | None,
               output_dir: Path | None) -> tuple[bool, dict[str, torch.Tensor] | None]:
-    """Eval loss and evaluators; track the best weights for early stopping."""
+    """Eval loss and evaluators into ``record``; keep the best weights for early stopping.
+
+    Returns:
+        (stop now, the best weights so far).
+    """
     for name, fn in task.evaluators.items():
-        record[name] = fn(model)
+        record[name] = fn(task.model)
     if not task.eval_examples:
-        return False, best_weights
-    eval_loss = evaluate_loss(task, task.eval_examples, cfg, device)
-    record["eval_loss"] = state["eval_loss"] = eval_loss
-    if cfg["train.patience"] <= 0:
-        return False, best_weights
-    if state["best_eval"] is None or eval_loss < state["best_eval"]:
-        state["best_eval"], state["bad_evals"] = eval_loss, 0
-        best_weights = {k: v.detach().cpu().clone() for k, v in trainable_state(model).items()}
+        return False, best
+    record["eval_loss"] = state.eval_loss = evaluate_loss(task, settings, device)
+    if settings.patience <= 0:
+        return False, best
+    if state.best_eval is None or state.eval_loss < state.best_eval:
+        state.best_eval, state.bad_evals = state.eval_loss, 0
+        best = {k: v.detach().cpu().clone() for k, v in trainable_state(task.model).items()}
         if output_dir is not None:  # kept on disk too, so a resumed run can still restore them
-            ckpt.save_tensors_atomic(output_dir / "best.safetensors", best_weights)
-        return False, best_weights
-    state["bad_evals"] += 1
-    return state["bad_evals"] >= cfg["train.patience"], best_weights
+            ckpt.save_tensors_atomic(output_dir / "best.safetensors", best)
+        return False, best
+    state.bad_evals += 1
+    return state.bad_evals >= settings.patience, best
+
+
+def _save_checkpoint(task: Task, settings: TrainConfig, optimizer: torch.optim.Optimizer, state: TrainState,
+                     output_dir: Path) -> None:
+    tensors, meta = task.batches.state_dict()
+    ckpt.save_checkpoint(output_dir / "checkpoints", state.step, trainable_state(task.model), optimizer,
+                         {"state": dataclasses.asdict(state), "batches": meta}, settings.keep_checkpoints, tensors)
+
+
+class _Clock:
+    """Wall time of the run and of its steps; the first step (compilation, warm-up) is kept apart."""
+
+    def __init__(self, tokens_at_start: int):
+        self.begun = time.perf_counter()
+        self.first_step: float | None = None
+        self.steps_time, self.tokens_from, self._t0 = 0.0, tokens_at_start, 0.0
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop(self, tokens: int) -> None:
+        took = time.perf_counter() - self._t0
+        if self.first_step is None:
+            self.first_step, self._first_tokens = took, tokens
+        else:
+            self.steps_time += took
+            self.tokens_from = self._first_tokens
+
+    def tokens_per_second(self, tokens: int) -> float | None:
+        seconds = self.steps_time or self.first_step or 0.0
+        return (tokens - self.tokens_from) / seconds if seconds > 0 else None
+
+
+def _finish(task: Task, state: TrainState, best: dict[str, torch.Tensor] | None, clock: _Clock, output_dir: Path,
+            log: RunLog, main: bool, ddp: distributed.Dist | None) -> dict[str, Any]:
+    """Restore the best weights (early stopping), save the result, write summary.json."""
+    model = task.model
+    eval_loss = state.eval_loss
+    if best is not None:
+        _load_trainable(model, best, output_dir / "best.safetensors")
+        eval_loss = state.best_eval  # the loss of the weights that are saved, not of the last eval
+        log.say(f"restored the best weights (eval loss {state.best_eval:.4f})")
+    if main:
+        task.save(output_dir)
+    total, trainable = param_counts(model)
+    summary = {
+        "total_params": total, "trainable_params": trainable, "trainable_ratio": trainable / max(total, 1),
+        "steps": state.step, "tokens_trained": state.tokens, "final_loss": state.last_loss, "eval_loss": eval_loss,
+        "tokens_per_second": clock.tokens_per_second(state.tokens), "peak_rss_mb": peak_rss_mb(),
+        "wall_seconds": time.perf_counter() - clock.begun, **task.summary, "first_step_seconds": clock.first_step,
+    }
+    for name, fn in task.evaluators.items():
+        summary[f"{name}_before"] = state.before[name]
+        summary[f"{name}_after"] = fn(model)
+        summary[f"{name}_change"] = summary[f"{name}_after"] - summary[f"{name}_before"]
+    log.finish(summary)
+    if main:
+        (output_dir / "best.safetensors").unlink(missing_ok=True)
+    if ddp:
+        ddp.barrier()  # no rank leaves while rank 0 is still writing the result
+    return summary
 
 
 def _load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
     params = dict(model.named_parameters())
     for name, value in weights.items():
         if name not in params or params[name].shape != value.shape:
-            raise InputError(f"{source}: tensor '{name}' {tuple(value.shape)} does not fit this model "
-                             f"({tuple(params[name].shape) if name in params else 'no such parameter'}); "
-                             "the checkpoint belongs to another model or method")
+            raise TrainingError(f"{source}: tensor '{name}' {tuple(value.shape)} does not fit this model "
+                                f"({tuple(params[name].shape) if name in params else 'no such parameter'}); "
+                                "the checkpoint belongs to another model or method")
         with torch.no_grad():
             params[name].copy_(value)
-
-
-def _summary(task: Task, cfg: dict[str, Any], state: dict[str, Any], model: torch.nn.Module, tokens_this_run: int,
-             elapsed: float, step_time: float) -> dict[str, Any]:
-    total, trainable = param_counts(model)
-    return {
-        "method": cfg["method"], "objective": cfg["objective"],
-        "total_params": total, "trainable_params": trainable,
-        "trainable_ratio": trainable / max(total, 1),
-        "steps": state["step"], "tokens_trained": state["tokens"],
-        "final_loss": state["last_loss"], "eval_loss": state["eval_loss"],
-        "tokens_per_second": tokens_this_run / step_time if step_time > 0 else None,
-        "peak_rss_mb": peak_rss_mb(), "wall_seconds": elapsed,
-        **task.summary,
-    }

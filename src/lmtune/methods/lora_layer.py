@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lmtune.config import LoraConfig
 from lmtune.errors import InputError
 from lmtune.quant import dequantize, linear_4bit, quantize
 
@@ -61,9 +62,10 @@ class LoRASpec:
         return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> LoRASpec:
-        return cls(r=cfg["lora.r"], alpha=float(cfg["lora.alpha"]), dropout=float(cfg["lora.dropout"]),
-                   rslora=cfg["lora.rslora"], dora=cfg["lora.dora"], init=cfg["lora.init"])
+    def from_config(cls, section: LoraConfig) -> LoRASpec:
+        """The spec of a ``lora`` config section."""
+        return cls(r=section.r, alpha=float(section.alpha), dropout=float(section.dropout),
+                   rslora=section.rslora, dora=section.dora, init=section.init)
 
 
 class LoRALinear(nn.Module):

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmtune.config import PromptTuningConfig
 from lmtune.data.examples import encode
 from lmtune.errors import InputError
-from lmtune.methods import Prepared
 from lmtune.methods.adapter_files import base_fingerprint, check_base, pop_saved_modules, write_adapter_folder
+from lmtune.methods.prepared import Prepared
 
 INIT_HELP = "prompt_tuning.init must be random, vocab, or text:<words>"
 
@@ -149,15 +150,15 @@ def load_prompt_adapter(model: nn.Module, folder: Path, config: dict[str, Any], 
     return wrapped
 
 
-def apply(model: Any, tokenizer: Any, cfg: dict[str, Any], base_folder: Path) -> Prepared:
-    """``method=prompt_tuning``: freeze the model and prepend a trainable soft prompt."""
-    init = cfg["prompt_tuning.init"]
-    n = cfg["prompt_tuning.num_virtual_tokens"]
+def apply(model: Any, tokenizer: Any, base_folder: Path, section: PromptTuningConfig, seed: int) -> Prepared:
+    """``method=prompt_tuning``: freeze the model and prepend a trainable soft prompt (``section``: its keys)."""
+    init = section.init
+    n = section.num_virtual_tokens
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if limit is not None and n >= limit:
         raise InputError(f"prompt_tuning.num_virtual_tokens={n} leaves no room for input: the model reads at "
                          f"most {limit} positions")
-    wrapped = PromptTuned(model, initial_prompt(model, tokenizer, n, init, cfg["train.seed"]))
+    wrapped = PromptTuned(model, initial_prompt(model, tokenizer, n, init, seed))
 
     def save(out: Path) -> None:
         save_prompt_adapter(wrapped, out, tokenizer, init, base_folder, {"method": "prompt_tuning"})

@@ -20,10 +20,11 @@ from typing import Any
 
 from torch import nn
 
+from lmtune.config import LoraConfig, QuantConfig
 from lmtune.errors import InputError
-from lmtune.methods import Prepared
-from lmtune.methods.lora import prepare
+from lmtune.methods import lora
 from lmtune.methods.lora_layer import LoRALinear, lora_layers
+from lmtune.methods.prepared import Prepared
 from lmtune.methods.targets import base_modules, is_linear
 from lmtune.models.loading import load_causal_lm
 from lmtune.quant import nf4_nbytes, quantize_problem
@@ -109,7 +110,7 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
-def load_quantized(folder: Path, cfg: dict[str, Any]) -> nn.Module:
+def load_quantized(folder: Path, quant: QuantConfig, trust_remote_code: bool = False) -> nn.Module:
     """Load a causal LM with its linear layers streamed straight into NF4.
 
     Loading the fp32 model first and quantizing it afterwards would make the peak memory of a
@@ -128,8 +129,8 @@ def load_quantized(folder: Path, cfg: dict[str, Any]) -> nn.Module:
     from transformers.initialization import no_init_weights
 
 
-    trust = cfg["trust_remote_code"]
-    settings = {"block_size": cfg["quant.block_size"], "double_quant": cfg["quant.double_quant"]}
+    trust = trust_remote_code
+    settings = {"block_size": quant.block_size, "double_quant": quant.double_quant}
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust)
     with no_init_weights(), _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust, dtype=torch.float32)
@@ -182,14 +183,16 @@ def _release_freed_memory() -> None:
         pass
 
 
-def apply(model: Any, tokenizer: Any, cfg: dict[str, Any], base_folder: Path) -> Prepared:
+def apply(model: Any, tokenizer: Any, base_folder: Path, lora_section: LoraConfig, quant: QuantConfig,
+          seed: int) -> Prepared:
     """``method=qlora``: quantize the base's linear layers to NF4, then add a LoRA adapter."""
-    block, double = cfg["quant.block_size"], cfg["quant.double_quant"]
+    block, double = quant.block_size, quant.double_quant
     quantize, keep = checked_plan(model, block, double)
     memory = weight_memory(model, quantize, block, double)
     settings = {"block_size": block, "double_quant": double}
     # Targets are quantized as they are wrapped (so no fp32 copy lingers); then the rest.
-    prepared = prepare(model, tokenizer, cfg, base_folder, quantize=settings, quantize_only=set(quantize))
+    prepared = lora.apply(model, tokenizer, base_folder, lora_section, seed, "qlora", quantize=settings,
+                          quantize_only=set(quantize))
     modules = dict(model.named_modules())
     for name in quantize:
         if not isinstance(modules[name], LoRALinear):

@@ -202,3 +202,11 @@ def random_twin(folder: Path, out: Path, seed: int = 0) -> Path:
     model = (AutoModel if is_encoder(folder) else AutoModelForCausalLM).from_config(config)
     save_model(model, load_tokenizer(folder), Path(out), {"random_twin_of": str(folder)})
     return Path(out)
+
+
+def param_counts(model: Any) -> tuple[int, int]:
+    """(total, trainable) parameters, counting tied weights once."""
+    seen = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in seen.values())
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return total, trainable

@@ -60,5 +60,3 @@ def random_model(tokenizer: Any, seed: int, **arch: int) -> Any:
 
     torch.manual_seed(seed)
     return GPT2LMHeadModel(small_gpt_config(len(tokenizer), tokenizer.bos_token_id, **arch))
-
-

@@ -28,9 +28,7 @@ from lmtune.data.readers import Record, read_records
 from lmtune.errors import InputError
 from lmtune.models.encoders import is_encoder, load_for_classification
 from lmtune.models.heads import Classifier, add_head_to_adapter, pool_warning, save_heads
-from lmtune.train import Task
-
-METHODS = ("full", "freeze", "lora")
+from lmtune.objectives.task import RunContext, Task
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,9 +81,9 @@ def group_by_task(records: list[Record], source: str) -> dict[str, list[Record]]
     return groups
 
 
-def train_tasks(ctx: Any) -> dict[str, tuple[str, list[Record]]]:
+def train_tasks(ctx: RunContext) -> dict[str, tuple[str, list[Record]]]:
     """Task name -> (source, training records), from a list of files or one file."""
-    files, names = ctx.cfg["data.train"], ctx.cfg["classify.tasks"]
+    files, names = ctx.cfg.data.train, ctx.cfg.classify.tasks
     if isinstance(files, list):
         if not files or not all(isinstance(f, str) for f in files):
             raise InputError(f"data.train must be a file or a non-empty list of files, got {files!r}")
@@ -95,10 +93,10 @@ def train_tasks(ctx: Any) -> dict[str, tuple[str, list[Record]]]:
         if len(set(names)) != len(names):
             raise InputError(f"task names must differ, got {names}; name them with classify.tasks=[a, b, ...]")
         return {n: (f, read_records(f)) for n, f in zip(names, files)}
-    records = ctx.records("data.train")
+    records, files = ctx.records("data.train"), ctx.source("data.train")
     groups = group_by_task(records, files)
     if groups is None:
-        name = str(names[0]) if names and len(names) == 1 else Path(files).stem
+        name = str(names[0]) if names and len(names) == 1 else (Path(files).stem if ctx.cfg.data.train else "task")
         return {name: (files, records)}
     if names and set(map(str, names)) != set(groups):
         raise InputError(f"classify.tasks={names} but {files} holds the tasks {sorted(groups)}")
@@ -106,20 +104,21 @@ def train_tasks(ctx: Any) -> dict[str, tuple[str, list[Record]]]:
     return {n: (f"{files} (task '{n}')", groups[n]) for n in order}
 
 
-def eval_tasks(ctx: Any, tasks: list[str]) -> dict[str, list[Record]]:
+def eval_tasks(ctx: RunContext, tasks: list[str]) -> dict[str, list[Record]]:
     """Task name -> eval records; a multi-task eval file names each record's task."""
     records = ctx.records("data.eval")
     if records is None:
         return {}
-    groups = group_by_task(records, ctx.cfg["data.eval"]) if len(tasks) > 1 else None
+    source = ctx.source("data.eval")
+    groups = group_by_task(records, source) if len(tasks) > 1 else None
     if groups is None:
         if len(tasks) > 1:
-            raise InputError(f"{ctx.cfg['data.eval']}: with several tasks ({', '.join(tasks)}) each eval record "
+            raise InputError(f"{source}: with several tasks ({', '.join(tasks)}) each eval record "
                              f"needs a '{TASK_FIELD}' field naming its task")
         return {tasks[0]: records}
     unknown = sorted(set(groups) - set(tasks))
     if unknown:
-        raise InputError(f"{ctx.cfg['data.eval']}: tasks {unknown} were not trained; the tasks are {', '.join(tasks)}")
+        raise InputError(f"{source}: tasks {unknown} were not trained; the tasks are {', '.join(tasks)}")
     return groups
 
 
@@ -139,11 +138,9 @@ def accuracy_on(model: Any, examples: list[dict[str, Any]], pad_id: int, batch_s
     return correct / len(examples)
 
 
-def build_task(ctx: Any) -> Task:
+def build_task(ctx: RunContext) -> Task:
     """Classification task: check labels and pooling, build examples, then load the model."""
     cfg, tok = ctx.cfg, ctx.tokenizer
-    if cfg["method"] not in METHODS:
-        raise InputError(f"objective=classify trains with method {', '.join(METHODS)}; got method={cfg['method']}")
     sources = train_tasks(ctx)
     multi = len(sources) > 1
     tasks = {}
@@ -152,38 +149,38 @@ def build_task(ctx: Any) -> Task:
         check_classes(tasks[name], source, name if multi else None)
     evals = eval_tasks(ctx, list(tasks))
     for name, records in evals.items():
-        check_known(records, tasks[name], cfg["data.eval"], name if multi else None)
+        check_known(records, tasks[name], ctx.source("data.eval"), name if multi else None)
 
     encoder = is_encoder(ctx.model_folder)
-    pool = cfg["classify.pool"] or ("cls" if encoder else "last")
+    pool = cfg.classify.pool or ("cls" if encoder else "last")
     warning = pool_warning(pool, encoder, tok)
     if warning:
         ctx.log.say(f"warning: {warning}")
     stats, eval_stats = BuildStats(), BuildStats()
-    max_len = cfg["train.max_length"]
+    max_len = cfg.train.max_length
     train_ex, eval_ex = [], []
     for t, (name, (_, records)) in enumerate(sources.items()):
         train_ex += build_examples(records, tok, max_len, encoder, tasks[name], t, stats)
         eval_ex += build_examples(evals.get(name, []), tok, max_len, encoder, tasks[name], t, eval_stats)
     if not train_ex:
-        raise InputError(f"{cfg['data.train']}: no usable examples")
+        raise InputError(f"{ctx.source('data.train')}: no usable examples")
     if stats.truncated:
         ctx.log.say(f"truncated {stats.truncated} of {stats.examples} examples to train.max_length={max_len} tokens")
 
     first = next(iter(tasks.values()))
     # New heads (and LoRA's A matrices) draw from the global RNG: seed it so that a run's
     # starting point depends on train.seed alone, not on what ran before in the process.
-    torch.manual_seed(cfg["train.seed"])
-    hf = load_for_classification(ctx.model_folder, len(first), tok.pad_token_id, cfg["trust_remote_code"],
+    torch.manual_seed(cfg.train.seed)
+    hf = load_for_classification(ctx.model_folder, len(first), tok.pad_token_id, cfg.trust_remote_code,
                                  labels=first)
     clf = Classifier(hf, tasks, pool, encoder)
     prepared = ctx.apply_method(hf)
     clf.train_heads()
-    pad_id, bs = tok.pad_token_id, cfg["train.batch_size"]
+    pad_id, bs = tok.pad_token_id, cfg.train.batch_size
 
     def save(out: Path) -> None:
         prepared.save(out)
-        if cfg["method"] == "lora":
+        if ctx.method.adapter:  # the head trains in full: the adapter folder carries it (modules_to_save)
             add_head_to_adapter(clf, out)
         save_heads(clf, out, {"max_length": max_len})
 
@@ -196,7 +193,7 @@ def build_task(ctx: Any) -> Task:
     counts = {name: {"labels": names, "train_examples": sum(e["task"] == t for e in train_ex),
                      "eval_examples": sum(e["task"] == t for e in eval_ex)}
               for t, (name, names) in enumerate(tasks.items())}
-    return Task(model=clf, train_examples=train_ex, eval_examples=eval_ex or None,
-                collate=lambda exs: collate(exs, pad_id), loss=classify_loss, save=save, evaluators=evaluators,
+    return Task(model=clf, batches=ctx.batches(train_ex, lambda exs: collate(exs, pad_id)),
+                eval_examples=eval_ex or None, loss=classify_loss, save=save, evaluators=evaluators,
                 summary={"data": stats.as_dict(), "classify": {"pool": pool, "tasks": counts},
                          **prepared.summary})

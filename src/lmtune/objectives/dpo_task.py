@@ -12,24 +12,26 @@ from typing import Any
 
 import torch
 
+from lmtune.config import DPOConfig
 from lmtune.data.preference import IDENTICAL, build_pairs, collate_pairs
+from lmtune.distributed import pick_device
 from lmtune.errors import InputError
 from lmtune.objectives.dpo import dpo_loss
 from lmtune.objectives.lm import completion_logps
 from lmtune.objectives.reference import Reference, disable_dropout
-from lmtune.train import Task
+from lmtune.objectives.task import RunContext, Task
 
 
-def check_config(cfg: dict[str, Any]) -> None:
+def check_config(dpo: DPOConfig) -> None:
     """Reject settings the loss cannot use, before any model loads."""
-    if cfg["dpo.loss"] == "robust" and not cfg["dpo.label_smoothing"] < 0.5:
+    if dpo.loss == "robust" and not dpo.label_smoothing < 0.5:
         raise InputError(f"dpo.loss=robust needs dpo.label_smoothing below 0.5 (the share of flipped labels); "
-                         f"got {cfg['dpo.label_smoothing']}")
-    if cfg["dpo.label_smoothing"] and cfg["dpo.loss"] in ("ipo", "hinge"):
-        raise InputError(f"dpo.label_smoothing applies to dpo.loss=sigmoid (cDPO) or robust, not {cfg['dpo.loss']}")
+                         f"got {dpo.label_smoothing}")
+    if dpo.label_smoothing and dpo.loss in ("ipo", "hinge"):
+        raise InputError(f"dpo.label_smoothing applies to dpo.loss=sigmoid (cDPO) or robust, not {dpo.loss}")
 
 
-def load_pairs(ctx: Any, key: str, add_eos: bool = True,
+def load_pairs(ctx: RunContext, key: str, add_eos: bool = True,
                margin: bool = False) -> tuple[list[dict[str, Any]] | None, dict[str, Any]]:
     """Pairs of the file under config ``key`` (``None`` if unset) and what building them dropped.
 
@@ -38,15 +40,15 @@ def load_pairs(ctx: Any, key: str, add_eos: bool = True,
     records = ctx.records(key)
     if records is None:
         return None, {}
-    pairs, stats = build_pairs(records, ctx.tokenizer, ctx.cfg["train.max_length"], add_eos=add_eos, margin=margin)
+    max_length, source = ctx.cfg.train.max_length, ctx.source(key)
+    pairs, stats = build_pairs(records, ctx.tokenizer, max_length, add_eos=add_eos, margin=margin)
     skipped = sum(stats.dropped.values())
     if skipped:
-        ctx.log.say(f"{ctx.cfg[key]}: skipped {skipped} of {len(records)} pairs ({', '.join(stats.dropped)})")
+        ctx.log.say(f"{source}: skipped {skipped} of {len(records)} pairs ({', '.join(stats.dropped)})")
     if stats.truncated:
-        ctx.log.say(f"{ctx.cfg[key]}: cut {stats.truncated} pairs' completions to train.max_length="
-                    f"{ctx.cfg['train.max_length']}")
+        ctx.log.say(f"{source}: cut {stats.truncated} pairs' completions to train.max_length={max_length}")
     if not pairs:
-        raise InputError(f"{ctx.cfg[key]}: no usable preference pairs"
+        raise InputError(f"{source}: no usable preference pairs"
                          f"{' (every pair had ' + IDENTICAL + ')' if stats.dropped else ''}")
     return pairs, stats.as_dict()
 
@@ -64,27 +66,25 @@ def precompute_reference(pairs: list[dict[str, Any]], reference: Reference, pad_
                 pair["ref_chosen"], pair["ref_rejected"] = c, r
 
 
-def build_task(ctx: Any) -> Task:
+def build_task(ctx: RunContext) -> Task:
     """DPO task: pairs in, summed DPO loss over the batch's pairs out."""
-    from lmtune.run import pick_device
-
     cfg, tok = ctx.cfg, ctx.tokenizer
-    check_config(cfg)
+    check_config(cfg.dpo)
     train_pairs, stats = load_pairs(ctx, "data.train")
     eval_pairs, _ = load_pairs(ctx, "data.eval")
     model = ctx.load_causal_lm()
     disable_dropout(model)
     prepared = ctx.apply_method(model)
     policy, pad_id = prepared.model, tok.pad_token_id
-    precompute = cfg["dpo.precompute_ref"]
-    reference = Reference(policy, cfg["method"], keep_copy=not precompute)
+    precompute = cfg.dpo.precompute_ref
+    reference = Reference(policy, ctx.method.adapter, keep_copy=not precompute)
     if precompute:
         device = pick_device()
         policy.to(device)
         for pairs in (train_pairs, eval_pairs or []):
-            precompute_reference(pairs, reference, pad_id, cfg["train.batch_size"], device)
+            precompute_reference(pairs, reference, pad_id, cfg.train.batch_size, device)
         ctx.log.say(f"precomputed reference log-probs for {len(train_pairs) + len(eval_pairs or [])} pairs")
-    beta, loss_type, smoothing = cfg["dpo.beta"], cfg["dpo.loss"], cfg["dpo.label_smoothing"]
+    beta, loss_type, smoothing = cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.label_smoothing
 
     def loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         pairs = batch["num_loss_tokens"]
@@ -99,8 +99,8 @@ def build_task(ctx: Any) -> Task:
                                  chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:])
         return mean * pairs, metrics  # the loop divides by the window's pair count
 
-    return Task(model=policy, train_examples=train_pairs, eval_examples=eval_pairs,
-                collate=lambda ps: collate_pairs(ps, pad_id), loss=loss, save=prepared.save,
+    return Task(model=policy, batches=ctx.batches(train_pairs, lambda ps: collate_pairs(ps, pad_id)),
+                eval_examples=eval_pairs, loss=loss, save=prepared.save,
                 summary={"data": stats, "dpo": {"beta": beta, "loss": loss_type,
                                                                         "precompute_ref": precompute},
                          **prepared.summary})

@@ -1,6 +1,6 @@
 """Objective ``ppo``: RLHF with PPO — rollouts from the policy, a KL leash, the same optimizer step.
 
-Around the one training loop this adds a rollout phase (``Task.next_batch``): when the buffer
+Around the one training loop this adds a rollout phase (the task's batch source): when the buffer
 of prepared micro-batches is empty, ``ppo.rollout_batch_size`` prompts are continued by the
 policy (sampled at ``ppo.temperature``), scored by a reward model folder or a Python function,
 penalised per token by ``kl_coef · (log π − log π_ref)``, and turned into GAE advantages. The
@@ -15,6 +15,7 @@ takes two arguments, else ``f(response)``, and must return a finite number.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import math
@@ -24,8 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmtune.config import PPOConfig, TrainConfig
 from lmtune.data.batching import epoch_order, pad_rows
 from lmtune.data.examples import encode, special_ids
+from lmtune.distributed import Dist
 from lmtune.errors import InputError
 from lmtune.generate import generate
 from lmtune.models.loading import tokenizer_fingerprint
@@ -33,7 +36,7 @@ from lmtune.objectives.lm import final_hidden, output_head
 from lmtune.objectives.ppo import gae, masked_whiten, per_token_rewards, policy_loss, value_loss
 from lmtune.objectives.reference import Reference, disable_dropout
 from lmtune.objectives.reward import load_reward_model, reward_scores
-from lmtune.train import Task
+from lmtune.objectives.task import RunContext, Task
 
 Scorer = Callable[[list[str], list[str], list[list[int]], list[list[int]]], torch.Tensor]
 
@@ -142,21 +145,27 @@ def response_logprobs(model: nn.Module, batch: dict[str, Any], temperature: floa
 
 
 class Rollouts:
-    """Samples, scores and prepares PPO micro-batches; ``next_batch`` is the loop's batch source."""
+    """Samples, scores and prepares PPO micro-batches: the loop's batch source for ``objective=ppo``."""
 
     def __init__(self, model: PolicyWithValue, reference: Reference, scorer: Scorer,
-                 prompts: list[tuple[str, list[int]]], tokenizer: Any, cfg: dict[str, Any]):
+                 prompts: list[tuple[str, list[int]]], tokenizer: Any, ppo: PPOConfig, batch_size: int, seed: int):
         self.model, self.reference, self.scorer, self.prompts = model, reference, scorer, prompts
-        self.tokenizer, self.cfg = tokenizer, cfg
+        self.tokenizer, self.ppo, self.batch_size, self.seed = tokenizer, ppo, batch_size, seed
         self.eos = special_ids(tokenizer)[1]
         self.buffer: list[dict[str, Any]] = []
         self.stats: dict[str, float] = {}
         self.count = 0  # rollouts made, which also picks their prompts and sampling seed
 
-    def next_batch(self, step: int) -> dict[str, Any]:
+    def next(self, step: int, ddp: Dist | None) -> dict[str, Any]:
         if not self.buffer:
             self._rollout()
         return self.buffer.pop(0)
+
+    def total_steps(self, train: TrainConfig, world: int) -> int:
+        """``train.epochs`` counts passes over the prompts: each rollout gives ppo.epochs passes of micro-batches."""
+        size = self.ppo.rollout_batch_size
+        per_rollout = self.ppo.epochs * math.ceil(size / train.batch_size) / train.grad_accum
+        return max(1, math.ceil(train.epochs * len(self.prompts) / size * per_rollout))
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The unused part of the current rollout, for checkpoints: a resumed run trains on the
@@ -176,14 +185,14 @@ class Rollouts:
 
     def _prompt_indices(self) -> list[int]:
         """The next ``rollout_batch_size`` prompts, walking seeded permutations epoch by epoch."""
-        size, n, seed = self.cfg["ppo.rollout_batch_size"], len(self.prompts), self.cfg["train.seed"]
+        size, n, seed = self.ppo.rollout_batch_size, len(self.prompts), self.seed
         start = self.count * size
         return [epoch_order(n, seed, i // n)[i % n] for i in range(start, start + size)]
 
     def sample(self, prompt_ids: list[list[int]], temperature: float, seed: int) -> list[list[int]]:
         """Continue left-padded prompts with the policy; each response keeps its EOS if it stopped."""
         ids, mask = pad_rows(prompt_ids, self.tokenizer.pad_token_id, left=True)  # (B, P)
-        return generate(self.model.policy, ids, max_new_tokens=self.cfg["ppo.max_new_tokens"], temperature=temperature,
+        return generate(self.model.policy, ids, max_new_tokens=self.ppo.max_new_tokens, temperature=temperature,
                         seed=seed, stop_ids={self.eos} if self.eos is not None else (), attention_mask=mask)
 
     def score(self, indices: list[int], responses: list[list[int]]) -> torch.Tensor:
@@ -195,37 +204,37 @@ class Rollouts:
 
     @torch.no_grad()
     def _rollout(self) -> None:
-        cfg, seed = self.cfg, self.cfg["train.seed"]
+        ppo, seed = self.ppo, self.seed
         indices = self._prompt_indices()
         prompt_ids = [self.prompts[i][1] for i in indices]
-        responses = self.sample(prompt_ids, cfg["ppo.temperature"], seed * 1_000_003 + self.count)
+        responses = self.sample(prompt_ids, ppo.temperature, seed * 1_000_003 + self.count)
         has_eos = torch.tensor([bool(r) and r[-1] == self.eos for r in responses])  # (B,)
         raw = self.score(indices, responses)  # (B,)
-        scores = raw - cfg["ppo.missing_eos_penalty"] * (~has_eos).float()  # (B,)
+        scores = raw - ppo.missing_eos_penalty * (~has_eos).float()  # (B,)
 
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in layout(prompt_ids, responses, self.tokenizer.pad_token_id).items()}
-        temperature = cfg["ppo.temperature"]
+        temperature = ppo.temperature
         logp, hidden = response_logprobs(self.model.policy, batch, temperature)  # (B, R), (B, R, H)
         values = self.model.value_head(hidden).squeeze(-1)  # (B, R)
         with self.reference.model(device) as ref:
             ref_logp, _ = response_logprobs(ref, batch, temperature)  # (B, R)
         mask = batch["response_mask"]
-        rewards, kl = per_token_rewards(scores.to(device), logp, ref_logp, mask, cfg["ppo.kl_coef"])
-        advantages, returns = gae(rewards, values * mask, mask, cfg["ppo.gamma"], cfg["ppo.lam"])
+        rewards, kl = per_token_rewards(scores.to(device), logp, ref_logp, mask, ppo.kl_coef)
+        advantages, returns = gae(rewards, values * mask, mask, ppo.gamma, ppo.lam)
         advantages = masked_whiten(advantages, mask)
 
         kl_per_seq = kl.sum(1)  # (B,)
         self.stats = {"score": raw.mean().item(), "kl": kl_per_seq.mean().item(),
-                      "non_score_reward": (-cfg["ppo.kl_coef"] * kl_per_seq).mean().item(),
-                      "total_reward": (scores.to(device) - cfg["ppo.kl_coef"] * kl_per_seq).mean().item(),
+                      "non_score_reward": (-ppo.kl_coef * kl_per_seq).mean().item(),
+                      "total_reward": (scores.to(device) - ppo.kl_coef * kl_per_seq).mean().item(),
                       "response_length": mask.sum(1).float().mean().item(),
                       "eos_fraction": has_eos.float().mean().item()}
         rollout = {**batch, "old_logprobs": logp, "old_values": values * mask, "advantages": advantages,
                    "returns": returns}
         g = torch.Generator().manual_seed(seed * 1_000_003 + self.count)
-        for _ in range(cfg["ppo.epochs"]):
-            for rows in torch.randperm(len(indices), generator=g).split(cfg["train.batch_size"]):
+        for _ in range(ppo.epochs):
+            for rows in torch.randperm(len(indices), generator=g).split(self.batch_size):
                 rows = rows.to(device)
                 micro = {k: v[rows] for k, v in rollout.items()}
                 micro["num_loss_tokens"] = int(micro["response_mask"].sum())
@@ -249,13 +258,13 @@ def layout(prompt_ids: list[list[int]], responses: list[list[int]], pad_id: int)
             "response_mask": response_mask.float(), "response_index": index}
 
 
-def load_prompts(ctx: Any, key: str) -> list[tuple[str, list[int]]] | None:
+def load_prompts(ctx: RunContext, key: str) -> list[tuple[str, list[int]]] | None:
     """(text, BOS + ids) of each prompt in the file under ``key`` (``prompt`` or ``text`` field)."""
     records = ctx.records(key)
     if records is None:
         return None
     bos = special_ids(ctx.tokenizer)[0]
-    max_length, prompts = ctx.cfg["train.max_length"], []
+    max_length, prompts = ctx.cfg.train.max_length, []
     for rec in records:
         text = rec.fields.get("prompt", rec.fields.get("text"))
         if not isinstance(text, str) or not text.strip():
@@ -270,33 +279,29 @@ def load_prompts(ctx: Any, key: str) -> list[tuple[str, list[int]]] | None:
                              f"{max_length} and leaves no room for a response; shorten it or raise train.max_length")
         prompts.append((text, ids))
     if not prompts:
-        raise InputError(f"{ctx.cfg[key]}: no prompts")
+        raise InputError(f"{ctx.source(key)}: no prompts")
     return prompts
 
 
-def build_task(ctx: Any) -> Task:
+def build_task(ctx: RunContext) -> Task:
     """PPO task: rollouts feed micro-batches; the loss is clipped policy + value loss per token."""
-    cfg = ctx.cfg
-    if bool(cfg["ppo.reward_model"]) == bool(cfg["ppo.reward_fn"]):
+    cfg, ppo = ctx.cfg, ctx.cfg.ppo
+    if bool(ppo.reward_model) == bool(ppo.reward_fn):
         raise InputError("objective=ppo needs exactly one reward source: ppo.reward_model=<folder written by "
                          "objective=reward> or ppo.reward_fn=<module:function>")
     prompts, eval_prompts = load_prompts(ctx, "data.train"), load_prompts(ctx, "data.eval")
-    if cfg["ppo.reward_fn"]:
-        scorer = function_scorer(cfg["ppo.reward_fn"])
+    if ppo.reward_fn:
+        scorer = function_scorer(ppo.reward_fn)
     else:
-        scorer = model_scorer(cfg["ppo.reward_model"], ctx.tokenizer, cfg["trust_remote_code"])
+        scorer = model_scorer(ppo.reward_model, ctx.tokenizer, cfg.trust_remote_code)
     model = ctx.load_causal_lm()
     disable_dropout(model)
     prepared = ctx.apply_method(model)
     wrapper = PolicyWithValue(prepared.model)
-    rollouts = Rollouts(wrapper, Reference(prepared.model, cfg["method"]), scorer, prompts, ctx.tokenizer, cfg)
-    if cfg["train.steps"] is None:  # train.epochs counts passes over the prompts
-        size = cfg["ppo.rollout_batch_size"]
-        per_rollout = cfg["ppo.epochs"] * math.ceil(size / cfg["train.batch_size"]) / cfg["train.grad_accum"]
-        cfg["train.steps"] = max(1, math.ceil(cfg["train.epochs"] * len(prompts) / size * per_rollout))
-        ctx.log.say(f"ppo: {cfg['train.steps']} optimizer steps ({per_rollout:g} per rollout of {size} prompts)")
-    clip, clip_v, vf_coef, temperature = (cfg["ppo.clip_range"], cfg["ppo.clip_range_value"], cfg["ppo.vf_coef"],
-                                          cfg["ppo.temperature"])
+    batch_size, seed = cfg.train.batch_size, cfg.train.seed
+    rollouts = Rollouts(wrapper, Reference(prepared.model, ctx.method.adapter), scorer, prompts, ctx.tokenizer,
+                        ppo, batch_size, seed)
+    clip, clip_v, vf_coef, temperature = ppo.clip_range, ppo.clip_range_value, ppo.vf_coef, ppo.temperature
 
     def loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         logp, hidden = response_logprobs(model.policy, batch, temperature)  # (B, R), (B, R, H)
@@ -311,12 +316,11 @@ def build_task(ctx: Any) -> Task:
     if eval_prompts:
         def eval_score(model: Any) -> float:
             """Mean score of greedy responses to the held-out prompts (no EOS penalty)."""
-            held_out = Rollouts(model, rollouts.reference, scorer, eval_prompts, ctx.tokenizer, cfg)
+            held_out = Rollouts(model, rollouts.reference, scorer, eval_prompts, ctx.tokenizer, ppo, batch_size, seed)
             indices = list(range(len(eval_prompts)))
-            responses = held_out.sample([p[1] for p in eval_prompts], 0.0, cfg["train.seed"])
+            responses = held_out.sample([p[1] for p in eval_prompts], 0.0, seed)
             return held_out.score(indices, responses).mean().item()
         evaluators["eval_score"] = eval_score
 
-    return Task(model=wrapper, train_examples=prompts, collate=lambda examples: examples, loss=loss,
-                save=prepared.save, next_batch=rollouts.next_batch, resumable=rollouts, evaluators=evaluators,
-                summary={"ppo": {k[4:]: v for k, v in cfg.items() if k.startswith("ppo.")}, **prepared.summary})
+    return Task(model=wrapper, batches=rollouts, loss=loss, save=prepared.save, evaluators=evaluators,
+                summary={"ppo": dataclasses.asdict(ppo), **prepared.summary})

@@ -19,8 +19,6 @@ from torch import nn
 
 from lmtune.methods.adapters import disable_adapter
 
-ADAPTER_METHODS = ("lora", "qlora", "prompt_tuning")
-
 
 def disable_dropout(model: nn.Module) -> None:
     """Set every dropout to 0, as TRL's preference trainers do by default.
@@ -38,16 +36,16 @@ class Reference:
 
     Args:
         policy: the model being trained (after the method is applied).
-        method: the config's ``method``; adapter methods disable the adapter instead of copying.
+        adapter: the method trains an adapter: disable it instead of copying the model.
         keep_copy: for full/freeze, keep a frozen copy (False: only valid before training
             changes the policy, e.g. to precompute reference log-probs).
     """
 
-    def __init__(self, policy: nn.Module, method: str, keep_copy: bool = True):
+    def __init__(self, policy: nn.Module, adapter: bool, keep_copy: bool = True):
         self.policy = policy
         self.copy: nn.Module | None = None
         self._disable: Any = None
-        if method in ADAPTER_METHODS:
+        if adapter:
             self._disable = disable_adapter
         elif keep_copy:
             self.copy = copy.deepcopy(policy).eval().requires_grad_(False)

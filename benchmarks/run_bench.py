@@ -48,6 +48,8 @@ OPTIONAL_ARMS: dict[str, dict[str, Any]] = {
     "trl-defaults": {"kind": "trl_sft", "precision": "bf16", "packing": False, "grad_ckpt": True},
     "lmtune-dpo-precompute": {"kind": "lmtune_dpo", "precision": "fp32", "precompute_ref": True},
     "trl-dpo-precompute": {"kind": "trl_dpo", "precision": "fp32", "precompute_ref": True},
+    "lmtune-dpo-bf16": {"kind": "lmtune_dpo", "precision": "bf16"},
+    "trl-dpo-bf16": {"kind": "trl_dpo", "precision": "bf16"},
 }
 DPO_ARMS: dict[str, dict[str, Any]] = {
     "lmtune-dpo": {"kind": "lmtune_dpo", "precision": "fp32"},

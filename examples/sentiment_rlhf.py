@@ -69,22 +69,32 @@ def evaluate(model_dir: Path | None, ref, tok, prompts: list[str], seed: int = 0
     return sum(scores) / len(scores), sum(kls) / len(kls)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/sentiment_rlhf", help="where the runs go (replaced)")
-    args = parser.parse_args()
-    out = Path(args.out)
+def fresh_out(description: str, default: str) -> Path:
+    """The ``--out`` folder, emptied, with torch seeded: how each example here starts."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default=default, help="where the runs go (replaced)")
+    out = Path(parser.parse_args().out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     torch.manual_seed(0)
-    start = time.perf_counter()
+    return out
 
+
+def write_data(out: Path) -> list[str]:
+    """The 360/40 split of the shipped pairs and the 80 training prompts into ``out``; returns
+    the 20 held-out prompts every policy is evaluated on."""
     pairs = data_path("preferences.jsonl").read_text(encoding="utf-8").splitlines()
     (out / "pairs_train.jsonl").write_text("\n".join(pairs[:360]) + "\n", encoding="utf-8")
     (out / "pairs_eval.jsonl").write_text("\n".join(pairs[360:]) + "\n", encoding="utf-8")
     prompts = data_path("ppo_prompts.txt").read_text(encoding="utf-8").splitlines()
     (out / "prompts_train.txt").write_text("\n".join(prompts[:80]) + "\n", encoding="utf-8")
-    held_out = prompts[80:]
+    return prompts[80:]
+
+
+def main() -> None:
+    out = fresh_out(__doc__.split("\n")[0], "runs/sentiment_rlhf")
+    start = time.perf_counter()
+    held_out = write_data(out)
 
     rm = train(out / "reward", objective="reward", **{
         "data.train": str(out / "pairs_train.jsonl"), "data.eval": str(out / "pairs_eval.jsonl"),

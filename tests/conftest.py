@@ -26,6 +26,20 @@ def write_lines(path: Path, lines: list[str]) -> Path:
     return path
 
 
+def fails(capsys, args: list[str], *needles: str) -> str:
+    """Run the CLI; it must exit 2 with one message holding every needle and no traceback."""
+    from lmtune.cli import main
+
+    rc = main(args)
+    out, err = capsys.readouterr()
+    assert rc == 2, out + err
+    assert "Traceback" not in out + err
+    assert err.count("lmtune: error:") == 1, err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in: {err}"
+    return err
+
+
 def word_tokenizer():
     from lmtune.models.shipped import build_word_tokenizer
 
@@ -47,25 +61,31 @@ def build_model(arch: str, tokenizer, seed: int = 0):
     return LlamaForCausalLM(cfg)
 
 
-@pytest.fixture(scope="session", params=["gpt2", "llama"])
-def model_dir(request, tmp_path_factory) -> Path:
-    """A tiny random model folder (GPT-2 and Llama) with a word-level tokenizer."""
+def saved_model(tmp_path_factory, arch: str, name: str) -> Path:
+    """A tiny random ``arch`` model folder with a word-level tokenizer (no chat template)."""
     from lmtune.models.loading import save_model
 
     tok = word_tokenizer()
-    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
-    save_model(build_model(request.param, tok), tok, folder)
+    folder = tmp_path_factory.mktemp(name)
+    save_model(build_model(arch, tok), tok, folder)
     return folder
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def model_dir(request, tmp_path_factory) -> Path:
+    """A tiny random model folder (GPT-2 and Llama) with a word-level tokenizer."""
+    return saved_model(tmp_path_factory, request.param, f"tiny-{request.param}")
 
 
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory) -> Path:
-    from lmtune.models.loading import save_model
+    return saved_model(tmp_path_factory, "gpt2", "tiny-gpt2-only")
 
-    tok = word_tokenizer()
-    folder = tmp_path_factory.mktemp("tiny-gpt2-only")
-    save_model(build_model("gpt2", tok), tok, folder)
-    return folder
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    """A tiny Llama: untied head and nn.Linear layers (QLoRA stores them in 4 bits)."""
+    return saved_model(tmp_path_factory, "llama", "tiny-llama-only")
 
 
 @pytest.fixture()

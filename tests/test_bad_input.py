@@ -15,23 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import SENTENCES, write_lines
+from conftest import SENTENCES, fails, write_lines
 from lmtune.checkpoint import FILES, _sha256, latest_good, verify
 from lmtune.cli import main
 
 RESULT_FILES = ("summary.json", "model.safetensors", "adapter_model.safetensors", "config.json")
-
-
-def fails(capsys, args: list[str], *needles: str) -> str:
-    """Run the CLI; it must exit 2 with one message holding every needle and no traceback."""
-    rc = main(args)
-    out, err = capsys.readouterr()
-    assert rc == 2, out + err
-    assert "Traceback" not in out + err
-    assert err.count("lmtune: error:") == 1, err
-    for needle in needles:
-        assert needle in err, f"{needle!r} not in: {err}"
-    return err
 
 
 def nothing_like_a_result(out: Path) -> None:

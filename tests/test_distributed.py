@@ -1,4 +1,10 @@
-"""torchrun data parallelism: two CPU processes equal one process on the whole batch."""
+"""torchrun on 2 gloo CPU processes equals one process on the same global batch (fp32, default eps).
+
+Each equality test trains once in this process (the reference) and once under
+``torch.distributed.run`` with half the per-rank batch, then compares every saved tensor and
+every logged loss within 1e-5. The corpus (33 examples, global batch 8) ends on a batch of one
+example, so rank 1 has no share of the last step and must still join the gradient reduction.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from classify_helpers import topic_records, write_jsonl
+from lmtune.config import load_config
+from lmtune.distributed import RANK_SEED_STRIDE, Dist, rank_seed
+from lmtune.engine import Engine, transformer_blocks
+from lmtune.errors import InputError
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
+PAIRS = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in [
+    ("the cat", "can run .", "is in the cup ."), ("the dog", "can jump .", "sat on the tree ."),
+    ("where is", "the red ball ?", "my mom ?"), ("i see", "a big dog .", "the fish ."),
+    ("the girl", "has a hat .", "can see the bird ."), ("the boy", "can see the bird .", "is big ."),
+    ("my mom", "likes the cat .", "is in the cup ."),
+]]  # 7 pairs, global batch 4: the second batch gives rank 1 one pair fewer
 
 
 def _free_port() -> int:
@@ -21,29 +40,126 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(args: list[str], nproc: int, tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "lmtune", "train", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", "--master_addr=127.0.0.1", "-m", "lmtune", "train", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+           "--master_addr=127.0.0.1", "-m", "lmtune", "train", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=cwd)
 
 
-def test_two_ranks_equal_one_process_on_the_global_batch(gpt2_dir, corpus, tmp_path):
-    # A large Adam eps keeps float-rounding noise in near-zero gradients from being amplified
-    # into lr-sized updates (Adam divides by |g|), so weights can be compared tightly.
-    common = [f"model={gpt2_dir}", f"data.train={corpus}", "train.steps=3", "train.lr=1e-2", "train.log_every=1",
-              "train.eps=1e-3"]
-    _train([*common, "train.batch_size=8", f"output_dir={tmp_path / 'one'}"], 1, tmp_path)
-    _train([*common, "train.batch_size=4", f"output_dir={tmp_path / 'two'}"], 2, tmp_path)
-    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
-    for name in one:
-        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5)
-    losses = [[json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-              for d in ("one", "two")]
-    assert len(losses[1]) == 3  # rank 1 wrote nothing of its own
-    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=1e-6)
+def one_process(args: list[str]) -> None:
+    from lmtune.run import run_training
+
+    run_training(load_config(None, args))
+
+
+def _tensors(out: Path) -> dict[str, torch.Tensor]:
+    found = {f"{f.name}:{k}": v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert found, f"{out} holds no weights"
+    return found
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_equal_runs(common: list[str], batch: int, tmp_path: Path) -> tuple[list[dict], list[dict]]:
+    """Train with ``train.batch_size=batch`` here and ``batch/2`` on 2 ranks; compare weights and losses."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one_process([*common, f"train.batch_size={batch}", f"output_dir={one}"])
+    proc = torchrun([*common, f"train.batch_size={batch // 2}", f"output_dir={two}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = _tensors(one), _tensors(two)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    ma, mb = _metrics(one), _metrics(two)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]  # rank 1 appended nothing of its own
+    torch.testing.assert_close(torch.tensor([m["loss"] for m in mb]), torch.tensor([m["loss"] for m in ma]),
+                               rtol=1e-5, atol=1e-6)
+    assert [m["tokens"] for m in ma] == [m["tokens"] for m in mb]  # tokens summed over ranks
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert sa["steps"] == sb["steps"] and sa["tokens_trained"] == sb["tokens_trained"]
+    return ma, mb
+
+
+def test_full_fine_tuning_with_a_short_last_batch(gpt2_dir, corpus, tmp_path):
+    # 33 examples / global batch 8 = 5 steps; the 5th has 1 example, none for rank 1.
+    ma, _ = assert_equal_runs([f"model={gpt2_dir}", f"data.train={corpus}", "train.log_every=1"], 8, tmp_path)
+    assert len(ma) == 5  # steps come from the global batch, not multiplied by the world size
+
+
+def test_lora_equals_one_process_and_replay_is_sharded(gpt2_dir, corpus, tmp_path):
+    # lora.dropout=0: bit-for-bit the one-process arithmetic (with dropout each rank draws its own
+    # stream, rank_seed, so only the distribution of the masks matches one process, not the masks).
+    replay = tmp_path / "replay.txt"
+    replay.write_text("the red ball .\nmy mom has a hat .\nthe fish can jump .\n")
+    ma, mb = assert_equal_runs([f"model={gpt2_dir}", f"data.train={corpus}", "method=lora", "lora.r=4",
+                                "train.steps=3", f"regularize.replay_data={replay}",
+                                "regularize.replay_ratio=0.25"], 8, tmp_path)
+    # Replay adds 8·0.25/0.75 = 2.67 examples per global batch; repeated on each rank the token
+    # counts would exceed one process's.
+    assert ma[-1]["tokens"] == mb[-1]["tokens"]
+
+
+def test_dpo_equals_one_process(gpt2_dir, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    ma, mb = assert_equal_runs([f"model={gpt2_dir}", f"data.train={data}", "train.steps=3"],
+                               4, tmp_path)
+    # Per-pair metrics are pair-weighted means over both ranks: the same as over the whole batch.
+    for key in ("rewards/margins", "rewards/accuracies", "logps/chosen"):
+        torch.testing.assert_close(torch.tensor([m[key] for m in mb]), torch.tensor([m[key] for m in ma]),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_classification_equals_one_process(gpt2_dir, tmp_path):
+    data = write_jsonl(tmp_path / "topic.jsonl", topic_records(14))
+    assert_equal_runs([f"model={gpt2_dir}", f"data.train={data}", "objective=classify", "train.steps=3"],
+                      8, tmp_path)
+
+
+def test_fsdp_is_refused_before_the_model_loads_until_it_is_finished():
+    from lmtune.engine import check_strategy
+
+    with pytest.raises(InputError, match="strategy=fsdp is not finished"):
+        check_strategy(load_config(train={"distributed": {"strategy": "fsdp"}}))
+
+
+def test_more_ranks_than_examples_is_refused_with_exit_2_and_nothing_written(gpt2_dir, tmp_path):
+    data = tmp_path / "one.txt"
+    data.write_text("the cat can run .\n")
+    proc = torchrun([f"model={gpt2_dir}", f"data.train={data}", f"output_dir={tmp_path / 'out'}"], tmp_path)
+    assert proc.returncode != 0
+    assert "has 1 examples for 2 ranks" in proc.stderr + proc.stdout
+    assert "exitcode  : 2" in proc.stderr  # each rank exited 2 (torchrun itself reports failure as 1)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert not (tmp_path / "out" / "metrics.jsonl").exists() or not (tmp_path / "out" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("method", ["qlora", "prompt_tuning"])
+def test_fsdp_refuses_methods_it_cannot_shard(gpt2_dir, method):
+    from lmtune.models.loading import load_causal_lm
+
+    d = Dist(rank=0, world=2, device=torch.device("cpu"), strategy="fsdp")
+    with pytest.raises(InputError, match=f"method={method} is not supported with it: use "
+                                         "train.distributed.strategy=ddp"):
+        Engine(load_causal_lm(gpt2_dir), None, [], d, 25.0, "fp32", method)
+
+
+def test_fsdp_finds_the_transformer_blocks(gpt2_dir):
+    from lmtune.models.loading import load_causal_lm
+
+    model = load_causal_lm(gpt2_dir)
+    assert transformer_blocks(model) == list(model.transformer.h)
+
+
+def test_each_rank_draws_its_own_dropout_stream():
+    # rank 0 keeps the one-process stream; other ranks are offset so their masks differ.
+    ranks = [Dist(rank=r, world=2, device=torch.device("cpu")) for r in (0, 1)]
+    assert rank_seed(5, None) == rank_seed(5, ranks[0]) == 5
+    assert rank_seed(5, ranks[1]) == 5 + RANK_SEED_STRIDE
+    masks = []
+    for d in ranks:
+        torch.manual_seed(rank_seed(5, d))
+        masks.append(torch.nn.functional.dropout(torch.ones(64), 0.5))
+    assert not torch.equal(masks[0], masks[1])

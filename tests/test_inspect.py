@@ -45,7 +45,23 @@ def test_qlora_row_reports_nf4_bytes_per_param_and_weight_memory():
     row = inspect_model(_meta_llama(hidden=256, layers=2), cfg)["qlora"]
     assert row["bytes_per_quantized_param"] <= 0.52
     assert row["weight_bytes"] < row["weight_bytes_bf16"] < row["weight_bytes_fp32"]
-    assert row["unquantized_layers"] == []
+    assert row["quantized_layers"] == 2 * 7  # q k v o gate up down per block
+
+
+def test_smollm2_shapes_all_quantize_and_bytes_per_param_equal_the_measured_nf4_bytes():
+    from lmtune.quant import quantize
+
+    def build():  # SmolLM2-135M's block: hidden 576, 9 heads, 3 KV heads of 64, MLP 1536
+        with torch.device("meta"):
+            return LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=576, num_hidden_layers=1,
+                                                intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3))
+    row = inspect_model(build, load_config(overrides={"method": "qlora"}))["qlora"]
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    measured = sum(quantize(torch.randn(shape)).nbytes() for shape in shapes)  # real buffers, padding included
+    numel = sum(a * b for a, b in shapes)
+    assert row["quantized_layers"] == 7
+    assert row["bytes_per_quantized_param"] == measured / numel
+    assert f"{numel:,} NF4 weights in {measured:,} B" in row["arithmetic"]["weights"]
 
 
 @pytest.mark.parametrize("method, extra", [("lora", {"lora.r": 2, "lora.dora": True,
@@ -59,6 +75,8 @@ def test_inspect_counts_equal_summary_json(model_dir, corpus, tmp_path, method, 
     summary = run_training(cfg, log=RunLog(tmp_path / "r", quiet=True, tensorboard=False)).summary
     row = run_inspect(str(model_dir), [f"{k}={json.dumps(v)}" for k, v in overrides.items()])["methods"][method]
     assert (row["total_params"], row["trainable_params"]) == (summary["total_params"], summary["trainable_params"])
+    # the prediction is written next to the measured peak (this tiny model: mostly the process baseline)
+    assert 0.75 < summary["predicted_peak_mb"] / summary["peak_rss_mb"] < 1.25
 
 
 def test_cli_prints_the_arithmetic_and_json(gpt2_dir, capsys):

@@ -252,7 +252,7 @@ def test_lora_policy_trains_against_the_adapter_disabled_reference(gpt2_dir, tmp
 
 
 def test_resume_mid_rollout_replays_the_saved_buffer(gpt2_dir, tmp_path, rewards_module):
-    import lmtune.runlog as runlog
+    from rollout_helpers import run_killed_after
 
     prompts = write_lines(tmp_path / "prompts.txt", [s.rsplit(" ", 2)[0] for s in SENTENCES])
     # 8 prompts × 2 epochs / batch 4 = 4 micro-batches per rollout: the step-3 checkpoint is taken
@@ -260,22 +260,7 @@ def test_resume_mid_rollout_replays_the_saved_buffer(gpt2_dir, tmp_path, rewards
     common = ["train.steps=6", "train.save_every=3", f"ppo.reward_fn={rewards_module}:brevity"]
     assert run(*ppo_args(gpt2_dir, prompts, tmp_path / "a", *common)) == 0
 
-    real = runlog.RunLog.step
-
-    class Killed(Exception):
-        pass
-
-    def step_then_die(self, record, total):
-        real(self, record, total)
-        if record["step"] == 4:
-            raise Killed
-
-    runlog.RunLog.step = step_then_die
-    try:
-        with pytest.raises(Killed):
-            run(*ppo_args(gpt2_dir, prompts, tmp_path / "b", *common))
-    finally:
-        runlog.RunLog.step = real
+    run_killed_after(4, lambda: run(*ppo_args(gpt2_dir, prompts, tmp_path / "b", *common)))
     assert run(*ppo_args(gpt2_dir, prompts, tmp_path / "b", *common, "train.resume=true")) == 0
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]

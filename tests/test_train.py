@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -81,7 +82,7 @@ def test_resumed_run_equals_uninterrupted(model_dir, corpus, tmp_path):
 
 def _run_until(cfg, stop_after):
     """Run the loop but die right after ``stop_after`` steps, as a kill would."""
-    import lmtune.train as train_mod
+    train_mod = importlib.import_module("lmtune.train")  # `import lmtune.train as` would name lmtune.train(), the API
 
     real = train_mod.RunLog.step
 

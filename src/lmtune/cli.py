@@ -20,6 +20,8 @@ EXAMPLES = """examples:
   lmtune train examples/lora.yaml train.lr=2e-4
   lmtune train data.train=my.jsonl method=lora output_dir=runs/a
   lmtune generate --prompt "where is the"
+  lmtune convert --model SmolLM2-135M-Instruct.Q4_1.gguf --out smollm2
+  lmtune export --model smollm2 --adapter runs/a/adapter --format ollama --out smollm2-tuned
 """
 
 
@@ -66,24 +68,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"{label}\t{prob:.4f}")
         return 0
     from lmtune.generate import generate_text
-    from lmtune.models.loading import load_model_and_tokenizer
+    from lmtune.methods.adapters import load_with_adapter
 
-    model, tokenizer, folder = load_model_and_tokenizer(args.model)
-    if args.adapter:
-        from lmtune.methods.adapter_files import adapter_tokenizer
-        from lmtune.methods.adapters import load_adapter
-
-        tokenizer = adapter_tokenizer(args.adapter, tokenizer)  # with the chat tokens training added, if any
-        model = load_adapter(model, args.adapter, tokenizer=tokenizer)
-    prompt = args.prompt
-    stop_ids: list[int] = []
-    if args.chat:
-        from lmtune.data.chat import render_generation_prompt
-
-        prompt, stop_ids = render_generation_prompt(tokenizer, args.prompt)
-    text = generate_text(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
+    # With an adapter: the adapter's tokenizer, with the chat tokens training added, if any.
+    model, tokenizer, _ = load_with_adapter(args.model, args.adapter)
+    text = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                         stop_ids=stop_ids, add_bos=not args.chat)
+                         chat=args.chat)
     print(text)
     return 0
 
@@ -104,7 +95,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from lmtune.methods.adapters import merge_command
 
-    merge_command(model=args.model, adapter=args.adapter, out=args.out)
+    out = merge_command(model=args.model, adapter=args.adapter, out=args.out)
+    print(f"merged {args.adapter} into {args.model or 'the shipped model'}; wrote {out}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from lmtune.models.gguf import convert_command
+
+    convert_command(model=args.model, out=args.out, dtype=args.dtype)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lmtune.export.command import export_command
+
+    export_command(model=args.model, out=args.out, fmt=args.format, adapter=args.adapter, dtype=args.dtype)
     return 0
 
 
@@ -162,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"lmtune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    model_help = "local model folder (default: the shipped model)"
+    model_help = "local model folder or .gguf file (default: the shipped model)"
 
     p = sub.add_parser("demo", help="pre-training vs fine-tuning vs LoRA on the shipped model, end to end")
     p.add_argument("--out", default="lmtune-demo", help="output folder (default: lmtune-demo)")
@@ -214,6 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_merge)
 
+    p = sub.add_parser("convert", help="a GGUF file -> a plain transformers folder (safetensors + tokenizer)")
+    p.add_argument("--model", required=True, help="a .gguf file, or a folder holding one")
+    p.add_argument("--out", required=True, help="the new folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the GGUF tensors are dequantized to (default: float32)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="write a model (adapter merged) as GGUF for llama.cpp, or for Ollama")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--adapter", help="adapter folder to merge in first")
+    p.add_argument("--format", default="gguf", choices=["gguf", "ollama"],
+                   help="gguf: one .gguf file; ollama: a folder with model.gguf and a Modelfile (default: gguf)")
+    p.add_argument("--out", required=True, help="the .gguf file (gguf) or a new folder (ollama)")
+    p.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="tensor type of the matrices (norms stay f32; default: f16)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("inspect", help="parameters and training memory per method")
     p.add_argument("--model", help=model_help)
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -257,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(describe_keys())
         return 0
+    from lmtune.env import set_process_defaults
+
+    set_process_defaults()  # the command owns its process: offline, quiet libraries (lmtune.env)
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)

@@ -51,14 +51,24 @@ def _arm(name: str, out: Path, model: Path | None, steps: int, lr: float, extra:
 
 
 def run_demo(out: str | Path = "lmtune-demo", steps: int = 300) -> dict[str, Any]:
-    """Run the demo into ``out`` (replaced if it holds an earlier demo) and return its summary."""
+    """Run the demo into ``out`` (replaced if it holds an earlier demo) and return its summary.
+
+    Runs single-threaded and restores the caller's torch thread count afterwards.
+    """
     import torch
 
     # The shipped model is 48 wide: its matmuls are far too small to share between threads, and
     # thread hand-offs (badly so on a busy machine) cost more than they save. Measured: 100 steps
     # took 40 s with 2 threads on a loaded 2-core machine, 8.6 s with one.
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    out = Path(out)
+    try:
+        return _run_demo(Path(out), steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out: Path, steps: int) -> dict[str, Any]:
     if out.exists():
         if not (out / "demo.json").exists() and any(out.iterdir()):
 

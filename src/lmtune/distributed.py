@@ -1,25 +1,34 @@
-"""Data-parallel training under ``torchrun``: each process takes a slice of every batch.
+"""This process's place in a ``torchrun`` job: joining, sharding, reducing, leaving.
 
 ``torchrun --nproc_per_node N -m lmtune train ...`` starts N copies of the same run. Every
-optimizer step, the global micro-batch (``train.batch_size × N`` examples, the same order as a
-single process would see) is split across the ranks; the loss-token count is summed over all
-ranks first, each rank backpropagates its share of the global mean, and the gradients are
-summed with one all-reduce before clipping and the optimizer step. The result equals one
-process training on the whole global batch — the same arithmetic as DDP, without wrapping the
-model (lmtune's loss calls the model body and head separately, which DDP's forward hooks
-would not see). Rank 0 alone logs and writes files.
+optimizer step the global micro-batch (``train.batch_size × N`` examples, in the order one
+process would see them) is split across the ranks with ``shard``; a rank whose share of a short
+last batch is empty still runs a zero-weight stand-in batch, so every rank joins every
+collective. The gradients themselves are reduced by PyTorch (``lmtune.engine``: DDP or FSDP2);
+this module reduces the numbers the loop logs (loss, tokens, metrics) and turns a dead or hung
+peer into an error that names this rank instead of a wait without end.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from lmtune.config import DistributedConfig
 from lmtune.errors import InputError
+
+T = TypeVar("T")
+RANK_SEED_STRIDE = 1_000_003  # rank r draws dropout/sampling noise from seed + r·stride (rank 0: the seed)
+
+
+class DistributedError(InputError):
+    """A collective failed: another rank died, hung past the timeout, or the group broke (exit code 2)."""
 
 
 @dataclass(frozen=True)
@@ -29,31 +38,38 @@ class Dist:
     rank: int
     world: int
     device: torch.device
+    strategy: str = "ddp"
+    timeout: float = 300.0
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
-    def sum(self, value: int | float) -> float:
-        """The sum of a number over all ranks."""
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return float(t.item())
+    def guard(self, what: str, fn: Callable[[], T]) -> T:
+        """Run a collective; a failure becomes a ``DistributedError`` naming this rank and the cause."""
+        try:
+            return fn()
+        except (RuntimeError, dist.DistError) as e:  # gloo/nccl: peer closed, timed out, aborted
+            raise DistributedError(
+                f"rank {self.rank} of {self.world}: {what} failed ({str(e).splitlines()[0][:300]}). Another rank "
+                f"died or did not answer within train.distributed.timeout={self.timeout:g}s; torchrun's failure "
+                "summary names the rank that stopped first. Checkpoints already written are intact: restart all "
+                "ranks with train.resume=true") from None
 
-    def sync_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Sum gradients over ranks (each already divided by the global loss-unit count)."""
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for all gradients
-        dist.all_reduce(flat)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+    def sum(self, *values: float) -> list[float]:
+        """The sums of some numbers over all ranks (one collective)."""
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        self.guard("summing the step's counts", lambda: dist.all_reduce(t))
+        return t.tolist()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        out: list[Any] = [None] * self.world
+        self.guard("gathering values from all ranks", lambda: dist.all_gather_object(out, obj))
+        return out
 
     def barrier(self) -> None:
-        dist.barrier()
+        self.guard("waiting for all ranks", dist.barrier)
 
 
 def pick_device() -> torch.device:
@@ -61,14 +77,20 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def rank_seed(seed: int, d: Dist | None) -> int:
+    """The RNG seed of this rank's dropout and sampling: ``seed`` on rank 0, offset on the others."""
+    return seed + (d.rank * RANK_SEED_STRIDE if d else 0)
+
+
 def from_env(settings: DistributedConfig) -> Dist | None:
-    """Join the process group when started by torchrun (``WORLD_SIZE`` > 1), else ``None``."""
+    """Join the process group when started by torchrun (``WORLD_SIZE`` > 1), else ``None``.
+
+    Raises:
+        InputError: nccl asked for without a GPU.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return None
-    if settings.strategy != "ddp":
-        raise InputError("train.distributed.strategy=fsdp is not supported yet; use ddp (the default), which "
-                         "keeps a full copy of the model on every rank")
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -76,14 +98,37 @@ def from_env(settings: DistributedConfig) -> Dist | None:
     else:
         device = torch.device("cpu")
     backend = settings.backend or ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise InputError("train.distributed.backend=nccl needs GPUs and none is visible; use gloo (the default "
+                         "on CPU)")
+    d = Dist(rank=rank, world=world, device=device, strategy=settings.strategy, timeout=settings.timeout)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return Dist(rank=rank, world=world, device=device)
+        d.guard("joining the process group", lambda: dist.init_process_group(
+            backend=backend, timeout=datetime.timedelta(seconds=settings.timeout),
+            device_id=device if device.type == "cuda" else None))
+    return d
 
 
-def shard(indices: list[int], d: Dist | None) -> list[int]:
-    """This rank's contiguous share of a global micro-batch."""
+def shutdown(d: Dist | None) -> None:
+    """Leave the process group (all ranks reach this together, so no rank is aborted mid-collective)."""
+    if d is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(indices: list[T], d: Dist | None) -> list[T]:
+    """This rank's contiguous share of a global micro-batch (the last ranks may get fewer, or none)."""
     if d is None:
         return indices
-    per = -(-len(indices) // d.world)  # ceil: the last rank may get fewer (or none)
+    per = -(-len(indices) // d.world)  # ceil
     return indices[d.rank * per:(d.rank + 1) * per]
+
+
+def check_data_size(examples: int, d: Dist | None, what: str) -> None:
+    """Refuse a job with more ranks than examples: some rank would never see data.
+
+    Raises:
+        InputError: naming the data and both numbers.
+    """
+    if d is not None and examples < d.world:
+        raise InputError(f"{what} has {examples} examples for {d.world} ranks; every rank needs at least one. "
+                         f"Use fewer processes (--nproc_per_node) or more data")

@@ -20,6 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from lmtune.data.chat import has_chat_template
 from lmtune.data.examples import BuildStats, encode, special_ids, text_example
 from lmtune.data.formats import parse_records, prompt_completion_ids, separator
@@ -27,11 +29,9 @@ from lmtune.data.readers import Record, read_records
 from lmtune.distributed import pick_device
 from lmtune.errors import InputError
 from lmtune.generate import generate
-from lmtune.methods.adapter_files import adapter_tokenizer
-from lmtune.methods.adapters import load_adapter
 from lmtune.metrics import METRICS, check_metric_names
 from lmtune.models.heads import predict
-from lmtune.models.loading import context_length, load_model_and_tokenizer, resolve_model_dir
+from lmtune.models.loading import context_length, resolve_model_dir
 from lmtune.objectives.lm import EVAL_BATCH, perplexity
 from lmtune.objectives.sft_task import sft_examples
 from lmtune.run import detect_format
@@ -72,10 +72,11 @@ def shot_text(record: Record, fmt: str) -> str:
 
 
 def few_shot_prefixes(data_records: list[Record], shots: int, shots_file: str | None,
-                      data_path: str) -> list[str]:
+                      data_path: str | None) -> list[str]:
     """The few-shot prefix for every evaluated record (``""`` when ``shots`` is 0).
 
-    Shots are the first ``shots`` records of ``shots_file`` (default: the data file itself).
+    Shots are the first ``shots`` records of ``shots_file`` (default: the data itself; ``data_path``
+    is its file, ``None`` for in-memory rows).
     When they come from the data file, a record never appears among its own shots: the
     next record takes its place.
 
@@ -87,12 +88,13 @@ def few_shot_prefixes(data_records: list[Record], shots: int, shots_file: str | 
     if shots == 0:
         return [""] * len(data_records)
 
-    same_file = shots_file is None or Path(shots_file).resolve() == Path(data_path).resolve()
+    same_file = shots_file is None or (data_path is not None
+                                       and Path(shots_file).resolve() == Path(data_path).resolve())
     pool = data_records if same_file else read_records(shots_file)
     fmt = detect_format(pool)
     needed = shots + 1 if same_file else shots
     if len(pool) < needed:
-        source = shots_file or data_path
+        source = shots_file or data_path or "the data"
         raise InputError(f"--shots {shots} needs {needed} examples in {source}, which has {len(pool)}; "
                          "use fewer shots or a larger --shots-file")
     texts = [shot_text(r, fmt) for r in pool[:needed]]
@@ -184,18 +186,22 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tok
     return answers
 
 
-def run_eval(model: str | None, adapter: str | None, data: str, metrics: str | list[str] = "perplexity",
-             shots: int = 0, shots_file: str | None = None, max_new_tokens: int = 32) -> dict[str, Any]:
+def run_eval(model: str | Path | nn.Module | None, adapter: str | Path | None, data: str | Path | list[Record],
+             metrics: str | list[str] = "perplexity", shots: int = 0, shots_file: str | None = None,
+             max_new_tokens: int = 32, tokenizer: Any = None) -> dict[str, Any]:
     """Evaluate ``model`` (+ ``adapter``) on ``data`` with the named metrics.
 
     Args:
-        model: local model folder (``None``: the shipped model).
-        adapter: adapter folder to apply without merging, or ``None``.
-        data: evaluation file: text, prompt/completion, alpaca, or text+label records.
+        model: local model folder (``None``: the shipped model), or an in-memory causal LM
+            (then ``tokenizer`` is required, and it is scored on the device it is on).
+        adapter: adapter folder to apply without merging, or ``None`` (folders only).
+        data: evaluation file, or records (``lmtune.data.readers.records_from_rows``): text,
+            prompt/completion, alpaca, chat, or text+label records.
         metrics: comma-separated names or a list (see ``lmtune.metrics.METRICS``).
         shots: few-shot mode: solved examples placed before every prompt (0: off).
         shots_file: where the solved examples come from (default: ``data``).
         max_new_tokens: generation length cap for text metrics.
+        tokenizer: the in-memory model's tokenizer.
 
     Returns:
         A flat dict: each metric's value, plus ``examples``, ``shots`` and, with
@@ -206,7 +212,10 @@ def run_eval(model: str | None, adapter: str | None, data: str, metrics: str | l
             support, labels the model never saw in training, too many shots.
     """
     names = parse_metrics(metrics)
-    records = read_records(data)
+    in_memory = isinstance(data, list)
+    records = data if in_memory else read_records(data)
+    data = "the data" if in_memory else str(data)  # how messages name it
+    from lmtune.run import detect_format
 
     fmt = detect_format(records)
     needs = {METRICS[n].needs for n in names}
@@ -216,6 +225,9 @@ def run_eval(model: str | None, adapter: str | None, data: str, metrics: str | l
                              "separately from perplexity and generation metrics")
         if shots:
             raise InputError("--shots applies to perplexity and generation metrics, not to a classification head")
+        if isinstance(model, nn.Module):
+            raise InputError(f"{', '.join(names)} read the classification head saved with a model folder; pass the "
+                             "folder (an objective=classify run's output_dir) as model")
         return classification_metrics(model, adapter, records, fmt, names, data)
     if fmt == "classification":
         raise InputError(f"{data} holds text+label records; score them with --metrics accuracy,f1,auc")
@@ -227,13 +239,12 @@ def run_eval(model: str | None, adapter: str | None, data: str, metrics: str | l
         raise InputError(f"{text_metrics} compare a generated answer with a reference, so {data} needs "
                          f"prompt+completion (or instruction+output) records; {fmt} data supports perplexity only")
 
-    prefixes = few_shot_prefixes(records, shots, shots_file, data)
+    prefixes = few_shot_prefixes(records, shots, shots_file, None if in_memory else data)
     pairs = [prompt_pair(r, fmt) for r in records] if "text" in needs else []  # malformed rows fail before loading
-    lm, tokenizer, folder = _load(model, adapter)
+    lm, tokenizer, context = _load(model, adapter, tokenizer)
     results: dict[str, Any] = {"examples": len(records), "shots": shots}
     if "loss" in needs:
-
-        examples, stats = loss_examples(records, fmt, tokenizer, prefixes, context_length(folder))
+        examples, stats = loss_examples(records, fmt, tokenizer, prefixes, context)
         if not examples:
             raise InputError(f"{data}: no example has a token to score (empty texts or responses)")
         scored = perplexity(lm, examples, tokenizer.pad_token_id)
@@ -249,15 +260,18 @@ def run_eval(model: str | None, adapter: str | None, data: str, metrics: str | l
     return {**{n: results[n] for n in names}, **{k: v for k, v in results.items() if k not in names}}
 
 
-def _load(model: str | None, adapter: str | None) -> tuple[Any, Any, Path]:
-    lm, tokenizer, folder = load_model_and_tokenizer(model)
-    if adapter:
+def _load(model: str | Path | nn.Module | None, adapter: str | Path | None,
+          tokenizer: Any) -> tuple[Any, Any, int | None]:
+    """The model to score, its tokenizer and context: from folders, or the caller's own objects as they are."""
+    from lmtune.generate import max_context
+    from lmtune.methods.adapters import load_with_adapter
 
-        tokenizer = adapter_tokenizer(adapter, tokenizer)  # with the chat tokens training added, if any
-        lm = load_adapter(lm, adapter, tokenizer=tokenizer)
+    lm, tokenizer, folder = load_with_adapter(model, adapter, tokenizer=tokenizer)
+    if folder is None:
+        return lm, tokenizer, max_context(lm)
     lm.to(pick_device())
     lm.eval()
-    return lm, tokenizer, folder
+    return lm, tokenizer, context_length(folder)
 
 
 def classification_metrics(model: str | None, adapter: str | None, records: list[Record], fmt: str,

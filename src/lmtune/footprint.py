@@ -6,14 +6,15 @@ applied with the same code a run uses (target matching, LoRA wrapping, freezing)
 are the ones ``summary.json`` reports for the same config.
 
 Training memory = weights + gradients (fp32, one per trainable parameter) + AdamW state (two
-fp32 moments per trainable parameter). Activations depend on batch and sequence length and are
-not included.
+fp32 moments per trainable parameter). The predicted peak adds what a step of the configured
+batch shape holds (:func:`predict_peak`): activations kept for backward, the chunked output head,
+backward's working set, and the process baseline (Python, torch, transformers).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -25,6 +26,9 @@ from lmtune.methods.lora_layer import LoRASpec
 from lmtune.methods.qlora import checked_plan, weight_memory
 from lmtune.methods.targets import resolve_targets
 from lmtune.models.loading import param_counts, resolve_model_dir
+
+if TYPE_CHECKING:
+    from lmtune.config import RunConfig
 
 KB, MB, GB = 1024, 1024**2, 1024**3
 
@@ -38,10 +42,16 @@ def human(n: float) -> str:
 
 
 def _meta_model(folder: Path, trust_remote_code: bool) -> nn.Module:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from lmtune.models.loading import auto_config
 
-    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    config = auto_config(folder, trust_remote_code)
+    return _meta_from_config(config, trust_remote_code)
+
+
+def _meta_from_config(config: Any, trust_remote_code: bool = False) -> nn.Module:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
@@ -51,7 +61,7 @@ def _counts(model: nn.Module) -> tuple[int, int]:
     return param_counts(model)
 
 
-def method_row(model_fn: Any, method: str, cfg: dict[str, Any]) -> dict[str, Any]:
+def method_row(model_fn: Any, method: str, cfg: RunConfig) -> dict[str, Any]:
     """Parameters and memory of one method on a fresh (meta) model from ``model_fn()``."""
 
     model = model_fn()
@@ -67,10 +77,10 @@ def method_row(model_fn: Any, method: str, cfg: dict[str, Any]) -> dict[str, Any
         model.requires_grad_(False)
         if method == "qlora":
 
-            names, keep = checked_plan(model, cfg.quant.block_size, cfg.quant.double_quant)
+            names = checked_plan(model)
             memory = weight_memory(model, names, cfg.quant.block_size, cfg.quant.double_quant)
             quantized_bytes, quantized_numel = memory["quantized_bytes"], memory["quantized_params"]
-            row.update(unquantized_layers=sorted(keep), bytes_per_quantized_param=memory["bytes_per_quantized_param"],
+            row.update(quantized_layers=len(names), bytes_per_quantized_param=memory["bytes_per_quantized_param"],
                        base_weight_bytes=memory["weight_bytes"], weight_bytes_fp32=memory["weight_bytes_fp32"],
                        weight_bytes_bf16=memory["weight_bytes_bf16"])
         targets = resolve_targets(model, cfg.lora.target_modules, dora=spec.dora)
@@ -96,17 +106,16 @@ def method_row(model_fn: Any, method: str, cfg: dict[str, Any]) -> dict[str, Any
     )
     row["train_bytes"] = row["weight_bytes"] + row["gradient_bytes"] + row["optimizer_bytes"]
     row["arithmetic"] = {
-        "weights": (f"{full_precision:,} × 4 B" + (f" + {quantized_numel:,} × {quantized_bytes / quantized_numel:.4f} B"
-                                                   " (NF4)" if quantized_numel else "")),
+        "weights": (f"{full_precision:,} × 4 B" + (f" + {quantized_numel:,} NF4 weights in {quantized_bytes:,} B"
+                                                   if quantized_numel else "")),
         "gradients": f"{trainable:,} × 4 B",
         "adamw": f"{trainable:,} × 8 B (two fp32 moments)",
     }
     return row
 
 
-def inspect_model(model_fn: Any, cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def inspect_model(model_fn: Any, cfg: RunConfig) -> dict[str, dict[str, Any]]:
     """Rows for full, (freeze,) lora, qlora and prompt_tuning under ``cfg``'s settings."""
-
     methods = ["full"] + (["freeze"] if cfg.freeze.layers or cfg.method == "freeze" else [])
     methods += ["lora", "qlora", "prompt_tuning"]
     rows = {}
@@ -120,10 +129,103 @@ def inspect_model(model_fn: Any, cfg: dict[str, Any]) -> dict[str, dict[str, Any
     return rows
 
 
-def render(folder: Path, model_name: str, cfg: dict[str, Any], rows: dict[str, dict[str, Any]]) -> str:
+# Numbers a decoder block keeps for backward, per token, measured with saved_tensors_hooks on
+# transformers' Llama (tests/test_footprint.py checks them against that oracle): the block's input,
+# the normed input, q after RoPE, the attention output, the residual, the second normed input
+# (6·H), k and v (2·kv), and gate, up, SiLU(gate) and their product (4·I; 2·I for a GELU MLP).
+# Trainable norms keep their normalised inputs too (+2·H), each LoRA adapter its r-dim middle.
+_BLOCK_H, _BLOCK_KV, _TRAINED_NORMS_H = 6, 2, 2
+_TAIL_H = {True: 3.25, False: 1.25}  # final norm, gathered rows, head-input gradient (trainable head or not)
+_PAIRED = {"dpo", "reward"}  # objectives whose batch rows are pairs: 2 sequences each
+
+
+def architecture(config: Any) -> dict[str, Any]:
+    """Hidden size, MLP width, layers, K/V width, vocabulary and MLP kind of a ``transformers`` config."""
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    gated = getattr(config, "intermediate_size", None) is not None  # Llama family: gate, up, down
+    inter = config.intermediate_size if gated else (getattr(config, "n_inner", None) or 4 * hidden)
+    return {"hidden": hidden, "inter": inter, "layers": layers, "kv": kv_heads * head_dim,
+            "vocab": config.vocab_size, "gated": gated}
+
+
+def activation_numbers(arch: dict[str, Any], method: str, lora_r: int = 0, adapters_per_block: int = 0,
+                       checkpointing: bool = False) -> dict[str, float]:
+    """Numbers kept for backward per token: ``per_block`` (one decoder block) and ``total``."""
+    h, i, kv = arch["hidden"], arch["inter"], arch["kv"]
+    per_block = _BLOCK_H * h + _BLOCK_KV * kv + (4 if arch["gated"] else 2) * i
+    if method in ("full", "freeze"):
+        per_block += _TRAINED_NORMS_H * h
+    if method in ("lora", "qlora"):
+        per_block += lora_r * adapters_per_block
+    tail = _TAIL_H[method in ("full", "freeze")] * h
+    kept = (arch["layers"] * h + per_block) if checkpointing else arch["layers"] * per_block  # one block recomputed
+    return {"per_block": per_block, "total": kept + tail}
+
+
+def predict_peak(row: dict[str, Any], arch: dict[str, Any], *, method: str, objective: str, batch_size: int,
+                 seq_len: int, precision: str = "fp32", checkpointing: bool = False, lora_r: int = 0,
+                 chunk_rows: int = 1024, baseline_bytes: float = 0.0) -> dict[str, Any]:
+    """A training step's peak resident memory, by part (bytes), for ``row`` (from :func:`method_row`).
+
+    Activations assume every sequence is ``seq_len`` long (padding to the batch's longest makes
+    that the bound). Under bf16 autocast matmul outputs are 2 bytes (norms and the loss stay fp32:
+    3 bytes per kept number on average).
+
+    Returns:
+        ``{"parts": {name: bytes}, "total": bytes, "arithmetic": {name: text}}``.
+    """
+    tokens = batch_size * seq_len * (2 if objective in _PAIRED else 1)
+    per_number = 3 if precision == "bf16" else 4
+    adapters = row.get("lora_target_modules", 0) / max(arch["layers"], 1)
+    acts = activation_numbers(arch, method, lora_r, adapters, checkpointing)
+    head = 2 * min(chunk_rows, tokens) * arch["vocab"] * 4  # fp32 logits of one chunk + logsumexp/softmax scratch
+    working = tokens * (2 * arch["hidden"] + 2 * arch["inter"]) * 4  # one block's activation gradients in backward
+    parts = {"baseline": baseline_bytes, "weights": row["weight_bytes"], "gradients": row["gradient_bytes"],
+             "optimizer": row["optimizer_bytes"], "activations": tokens * acts["total"] * per_number,
+             "head": head, "backward": working}
+    arithmetic = {
+        "activations": f"{tokens:,} tokens × {acts['total']:,.0f} numbers × {per_number} B"
+                       + (" (checkpointed: block inputs + one block)" if checkpointing else ""),
+        "head": f"2 × {min(chunk_rows, tokens):,} rows × {arch['vocab']:,} logits × 4 B",
+        "backward": f"{tokens:,} tokens × (2·{arch['hidden']} + 2·{arch['inter']}) × 4 B",
+    }
+    return {"parts": parts, "total": sum(parts.values()), "arithmetic": arithmetic}
+
+
+def current_rss_bytes() -> float:
+    """This process's resident set now (Linux ``/proc/self/statm``; 0 where unavailable)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0.0
+
+
+def predicted_peak_mb(folder: Path, cfg: RunConfig, baseline_bytes: float) -> float:
+    """The peak ``lmtune inspect`` predicts for ``cfg``'s run (what summary.json reports next to ``peak_rss_mb``)."""
+    trust = cfg.trust_remote_code
+    model = _meta_model(folder, trust)
+    row = method_row(lambda: _meta_model(folder, trust), cfg.method, cfg)
+    return predict_peak(row, architecture(model.config), **_shape(cfg), baseline_bytes=baseline_bytes)["total"] / MB
+
+
+def _shape(cfg: RunConfig) -> dict[str, Any]:
+    return {"method": cfg.method, "objective": cfg.objective, "batch_size": cfg.train.batch_size,
+            "seq_len": cfg.train.max_length, "precision": cfg.train.precision,
+            "checkpointing": cfg.train.gradient_checkpointing, "lora_r": cfg.lora.r}
+
+
+def render(folder: Path | str, model_name: str, cfg: RunConfig, rows: dict[str, dict[str, Any]]) -> str:
     """The human-readable report."""
     lines = [f"model: {folder} ({model_name})",
-             "training memory = weights + gradients (fp32) + AdamW state (2 × fp32); activations not included", ""]
+             "training memory = weights + gradients (fp32) + AdamW state (2 × fp32); the predicted peak adds "
+             "activations, the chunked head, backward's working set and this process's baseline", ""]
     for method, row in rows.items():
         mark = "   <- this config" if method == cfg.method else ""
         lines.append(f"{method}{mark}")
@@ -137,27 +239,53 @@ def render(folder: Path, model_name: str, cfg: dict[str, Any], rows: dict[str, d
         lines.append(f"  gradients:  {a['gradients']:<44} = {human(row['gradient_bytes'])}")
         lines.append(f"  AdamW:      {a['adamw']:<44} = {human(row['optimizer_bytes'])}")
         lines.append(f"  total:      {'':<44} = {human(row['train_bytes'])}")
+        if "predicted_peak" in row:
+            peak = row["predicted_peak"]
+            lines.append(f"  predicted peak RSS for batch {cfg.train.batch_size} × {cfg.train.max_length} tokens "
+                         f"({cfg.train.precision}) = {human(peak['total'])}:")
+            for part, size in peak["parts"].items():
+                how = peak["arithmetic"].get(part, "")
+                lines.append(f"    {part + ':':<13}{how:<60} {human(size)}")
         if method == "qlora":
-            lines.append(f"  NF4 bytes per quantized parameter: {row['bytes_per_quantized_param']:.4f}; base weights "
+            lines.append(f"  NF4 bytes per quantized parameter (padding included): "
+                         f"{row['bytes_per_quantized_param']:.5f}; base weights "
                          f"{human(row['base_weight_bytes'])} vs fp32 {human(row['weight_bytes_fp32'])}, "
                          f"bf16 {human(row['weight_bytes_bf16'])}")
-            if row["unquantized_layers"]:
-                lines.append(f"  kept in full precision (size not a whole number of blocks): "
-                             f"{', '.join(row['unquantized_layers'])}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
 
-def run_inspect(model: str | Path | None, overrides: list[str]) -> dict[str, Any]:
+def run_inspect(model: str | Path | nn.Module | None, overrides: list[str] | dict[str, Any] | None = None,
+                **keys: Any) -> dict[str, Any]:
     """``lmtune inspect``: the report as a dict (``--json``) with its text under ``"text"``.
+
+    Args:
+        model: model folder (``None``: ``model`` from the config, else the shipped model), or an
+            in-memory ``transformers`` model, whose config is used (its weights are not touched).
+        overrides: config keys as ``key=value`` strings or a dict of dotted keys.
+        **keys: config keys and sections as for ``load_config`` (``method="lora", lora={"r": 16}``).
 
     Raises:
         InputError: bad model folder or config keys, or the configured method cannot apply.
     """
-    cfg = load_config(overrides=overrides)
-    folder = resolve_model_dir(model if model is not None else cfg.model)
-    trust = cfg.trust_remote_code
-    probe = _meta_model(folder, trust)
-    rows = inspect_model(lambda: _meta_model(folder, trust), cfg)
-    return {"model": str(folder), "architecture": type(probe).__name__, "method": cfg.method,
-            "methods": rows, "text": render(folder, type(probe).__name__, cfg, rows)}
+
+    cfg = load_config(overrides=overrides, **keys)
+    if isinstance(model, nn.Module):
+        config = getattr(model, "config", None)
+        if config is None:
+            raise InputError(f"inspect reads a transformers config; {type(model).__name__} has no .config")
+        where, model_fn = f"in-memory {config.model_type} model", lambda: _meta_from_config(config)
+    else:
+        folder = resolve_model_dir(model if model is not None else cfg.model)
+        trust = cfg.trust_remote_code
+        where, model_fn = str(folder), lambda: _meta_model(folder, trust)
+    probe = model_fn()
+    baseline = current_rss_bytes()  # this process has imported what a run imports: the baseline on this machine
+    rows = inspect_model(model_fn, cfg)
+    arch = architecture(probe.config)
+    for method, row in rows.items():
+        if "error" not in row:
+            shape = {**_shape(cfg), "method": method}
+            row["predicted_peak"] = predict_peak(row, arch, **shape, baseline_bytes=baseline)
+    return {"model": where, "architecture": type(probe).__name__, "method": cfg.method,
+            "methods": rows, "text": render(where, type(probe).__name__, cfg, rows)}

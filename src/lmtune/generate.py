@@ -8,25 +8,31 @@ sequence each step when the model offers no cache.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lmtune.data.chat import render_generation_prompt
 from lmtune.data.examples import encode
 from lmtune.errors import InputError
 
 
 def _check_options(
-    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
+    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+    seed: int | None = None,
 ) -> None:
     if max_new_tokens < 0:
         raise InputError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}.")
-    if temperature < 0:
+    # NaN passes every comparison, so it is refused by name; inf would divide logits to 0.
+    if not math.isfinite(temperature) or temperature < 0:
         raise InputError(
-            f"--temperature must be 0 (greedy) or positive, got {temperature}."
+            f"--temperature must be 0 (greedy) or a finite positive number, got {temperature}."
         )
+    if seed is not None and not 0 <= seed < 2**64:
+        raise InputError(f"--seed must be in [0, 2**64) (torch's generator seed), got {seed}.")
     if top_k is not None and top_k <= 0:
         raise InputError(f"--top-k must be a positive integer, got {top_k}.")
     if top_p is not None and not 0 < top_p <= 1:
@@ -141,7 +147,8 @@ class _Forward:
         return self.model(ids, **kwargs)
 
 
-def _max_context(model: nn.Module) -> int | None:
+def max_context(model: nn.Module) -> int | None:
+    """The longest sequence the model's config allows (``None`` when it states none)."""
     config = getattr(model, "config", None)
     for name in ("n_positions", "max_position_embeddings"):
         value = getattr(config, name, None)
@@ -203,7 +210,7 @@ def generate(
         InputError: For invalid options, malformed prompts, or a prompt longer
             than the model's context.
     """
-    _check_options(max_new_tokens, temperature, top_k, top_p)
+    _check_options(max_new_tokens, temperature, top_k, top_p, seed)
     ids = _as_batch(input_ids)  # (B, T)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -221,7 +228,7 @@ def generate(
             )
     prompt_len = ids.shape[1]
     steps = max_new_tokens
-    context = _max_context(model)
+    context = max_context(model)
     if context is not None:
         if prompt_len > context:
             raise InputError(
@@ -298,6 +305,7 @@ def generate_text(
     seed: int | None = None,
     stop_ids: Iterable[int] = (),
     add_bos: bool = True,
+    chat: bool = False,
 ) -> str:
     """Continue a text prompt and return only the generated text.
 
@@ -312,20 +320,28 @@ def generate_text(
         seed: Seed for sampling.
         stop_ids: Extra token ids that end generation, besides the EOS token.
         add_bos: Prepend the tokenizer's BOS token when it has one.
+        chat: Treat ``prompt`` as one user turn: render it with the chat template
+            (which writes its own special tokens, so no BOS is added) and stop at
+            the end of the assistant's turn.
 
     Returns:
         The decoded continuation, special tokens removed.
 
     Raises:
-        InputError: For invalid options or a prompt that does not fit the model.
+        InputError: For invalid options, a prompt that does not fit the model, or
+            ``chat`` with a tokenizer that has no chat template (nor ChatML tokens).
     """
+    stops = set(stop_ids)
+    if chat:
+        prompt, turn_end = render_generation_prompt(tokenizer, prompt)
+        stops.update(turn_end)
+        add_bos = False
     # Special tokens are added by hand: some tokenizers would append EOS, which
     # would tell the model the text is already finished.
     ids = encode(tokenizer, prompt, "prompt", "--prompt")
     bos = getattr(tokenizer, "bos_token_id", None)
     if add_bos and bos is not None and (not ids or ids[0] != bos):
         ids.insert(0, bos)
-    stops = set(stop_ids)
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None:
         stops.add(eos)

@@ -1,4 +1,4 @@
-"""4-bit NormalFloat (NF4) weights for QLoRA, built on torchao's ``NF4Tensor``.
+"""4-bit NormalFloat (NF4) weights for QLoRA, with bounded dequantization temporaries.
 
 NF4 (Dettmers et al., 2023) stores each weight as one of 16 levels placed at the quantiles of a
 normal distribution, scaled per block of 64 weights by the block's absolute maximum. With
@@ -8,128 +8,189 @@ normal distribution, scaled per block of 64 weights by the block's absolute maxi
 
     bytes per weight = 4/8 (codes) + 1/64 (int8 scales) + 4/(64·256) (fp32 scale of scales) ≈ 0.516
 
-torchao's ``NF4Tensor`` (the implementation torchtune's QLoRA uses) always double-quantizes, with
-forward and backward on CPU and GPU. ``quant.double_quant=false`` keeps torchao's 4-bit codes
-but the block scales in fp32 (0.5625 bytes per weight): :class:`NF4Single`, a few lines on top.
+The quantizer reproduces torchao's ``NF4Tensor`` (the one torchtune's QLoRA uses) bit for bit
+wherever that applies (tested), and extends it to every size: the last block of weights is
+padded with zeros, and so is the last block of 256 scales, as bitsandbytes does. So SmolLM2's
+576 × 576 projections (5,184 blocks, not a multiple of 256) quantize too; the padding is counted
+in :func:`nf4_nbytes`. ``quant.double_quant=false`` keeps one fp32 scale per block (0.5625 B/weight).
 
-A weight matrix quantizes when its size divides into whole blocks (and, with double
-quantization, whole blocks of 256 scales); callers keep the others in full precision.
+Training never holds a dense copy of a weight. :func:`linear_4bit` is an autograd Function that
+dequantizes a few rows at a time (at most :data:`DEQUANT_BLOCK` numbers) and multiplies them in
+forward, and again in backward for the input gradient; nothing but the 4-bit weight is kept for
+backward. Dequantizing the whole weight (torchao's path) made every forward and backward allocate
+and free a full-precision matrix per layer, and the allocator kept them: a QLoRA run's resident
+set was barely below LoRA's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# torchao is imported inside the functions that need it: it is slow to import and noisy, and
-# ``lmtune inspect`` only needs the arithmetic.
-
 SCALER_BLOCK = 256  # scales per second-level block (QLoRA paper)
 # The 16 NF4 levels, as torchao (and bitsandbytes) define them.
 NF4_LEVELS = (-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
               0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0)
+DEQUANT_BLOCK = 2**20  # weights dequantized at once in linear_4bit (4 MB in fp32)
+_QUANT_CHUNK = 2**18  # weights compared with the 16 levels at once while quantizing (16 MB of distances)
 
 
-def quantize_problem(numel: int, block_size: int, double_quant: bool) -> str | None:
-    """Why a weight of ``numel`` elements cannot be stored as NF4 (``None`` when it can)."""
-    if numel % block_size:
-        return f"{numel} weights do not divide into blocks of {block_size}"
-    if double_quant and (numel // block_size) % SCALER_BLOCK:
-        return (f"its {numel // block_size} block scales do not divide into blocks of {SCALER_BLOCK} "
-                f"(needs a multiple of {block_size * SCALER_BLOCK} weights)")
-    return None
+def _padded(numel: int, block_size: int) -> int:
+    """``numel`` rounded up to whole blocks (and to an even count: two codes per byte)."""
+    unit = max(block_size, 2)
+    return -(-numel // unit) * unit
 
 
-def nf4_nbytes(numel: int, block_size: int = 64, double_quant: bool = True, scale_bytes: int = 4) -> int:
-    """Bytes of an NF4 weight of ``numel`` elements, in closed form (what :func:`quant_nbytes` measures).
+def nf4_nbytes(numel: int, block_size: int = 64, double_quant: bool = True) -> int:
+    """Bytes of an NF4 weight of ``numel`` elements, in closed form (what :meth:`NF4Weight.nbytes` measures).
 
-    Codes: ``numel/2``. Double quantization: one int8 scale per block, one ``scale_bytes``
-    factor per 256 blocks and one mean; otherwise one fp32 scale per block.
+    Codes: half a byte per weight, the last block padded. Double quantization: one int8 scale per
+    block, one fp32 factor per (padded) block of 256 scales and one fp32 mean; otherwise one fp32
+    scale per block.
     """
-    blocks = numel // block_size
+    padded = _padded(numel, block_size)
+    blocks = padded // block_size
     if double_quant:
-        return numel // 2 + blocks + (blocks // SCALER_BLOCK) * scale_bytes + scale_bytes
-    return numel // 2 + blocks * 4
+        return padded // 2 + blocks + 4 * -(-blocks // SCALER_BLOCK) + 4
+    return padded // 2 + 4 * blocks
 
 
-class NF4Single(nn.Module):
-    """NF4 codes with one fp32 scale per block (no double quantization).
+def _nearest_level(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest NF4 level of each value (first on ties, as torchao), in bounded chunks."""
+    out = torch.empty(values.numel(), dtype=torch.uint8, device=values.device)  # (N,)
+    for start in range(0, values.numel(), _QUANT_CHUNK):
+        chunk = values[start:start + _QUANT_CHUNK].unsqueeze(-1)  # (c, 1)
+        out[start:start + _QUANT_CHUNK] = (chunk - levels).abs().min(dim=-1).indices.to(torch.uint8)
+    return out
 
-    The codes come from torchao's quantizer; only the decoding lives here. Buffers, so the
-    weight moves with ``model.to(device)``.
+
+class NF4Weight(nn.Module):
+    """A 2-D weight in NF4: packed codes plus per-block scales (double-quantized or fp32).
+
+    Buffers, so the weight moves with ``model.to(device)`` and never shows up as a parameter.
+
+    Args:
+        weight: the ``(rows, cols)`` weight to quantize (any float dtype).
+        block_size: weights per scale.
+        double_quant: quantize the scales to int8 in blocks of 256.
     """
 
-    def __init__(self, weight: torch.Tensor, block_size: int):
+    def __init__(self, weight: torch.Tensor, block_size: int = 64, double_quant: bool = True):
         super().__init__()
-        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, get_block_absmax
-
-        flat = weight.detach().float().flatten()  # (N,)
-        n_blocks = flat.numel() // block_size
-        self.shape = tuple(weight.shape)
-        self.dtype = weight.dtype
-        self.block_size = block_size
+        rows, cols = weight.shape
+        self.shape, self.dtype = (rows, cols), weight.dtype
+        self.block_size, self.double_quant = block_size, double_quant
+        numel, padded = rows * cols, _padded(rows * cols, block_size)
+        flat = F.pad(weight.detach().float().flatten(), (0, padded - numel))  # (P,) zeros pad the last block
+        blocks = flat.view(-1, block_size)  # (n_blocks, block)
+        absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
         levels = torch.tensor(NF4_LEVELS, device=weight.device)
-        self.register_buffer("absmax", get_block_absmax(flat, block_size))  # (n_blocks,)
-        self.register_buffer("codes", NF4Tensor.convert_to_norm_float_weight(flat, n_blocks, block_size, levels))
-        self.register_buffer("levels", levels)
+        safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax)).unsqueeze(-1)  # all-zero block: codes 0.0
+        idx = _nearest_level((blocks / safe).flatten(), levels)  # (P,)
+        self.register_buffer("codes", idx[::2] << 4 | idx[1::2])  # (P/2,) two weights per byte, first high
+        pairs = torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=-1)  # (256, 2) byte -> levels
+        self.register_buffer("pairs", pairs, persistent=False)
+        if double_quant:
+            mean = absmax.mean()
+            centred = absmax - mean  # (n_blocks,)
+            n_groups = -(-centred.numel() // SCALER_BLOCK)
+            grouped = F.pad(centred, (0, n_groups * SCALER_BLOCK - centred.numel())).view(n_groups, SCALER_BLOCK)
+            spread = grouped.abs().amax(dim=1, keepdim=True)  # (groups, 1)
+            factor = 256 / (2 * torch.where(spread > 0, spread, torch.ones_like(spread)))  # (groups, 1)
+            q = (grouped * factor).round().clamp(-128, 127).to(torch.int8).flatten()[:centred.numel()]
+            self.register_buffer("scales", q)  # (n_blocks,) int8
+            self.register_buffer("factor", factor.flatten())  # (groups,) fp32
+            self.register_buffer("mean", mean.reshape(1))  # (1,) fp32
+        else:
+            self.register_buffer("scales", absmax)  # (n_blocks,) fp32
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def block_scales(self, start: int, stop: int) -> torch.Tensor:
+        """The fp32 scales of blocks ``start:stop``."""
+        s = self.scales[start:stop]
+        if not self.double_quant:
+            return s
+        group = torch.arange(start, stop, device=s.device) // SCALER_BLOCK  # (stop-start,)
+        return s.float() / self.factor[group] + self.mean  # (stop-start,)
+
+    def rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``start:stop`` of the dense weight, ``(stop-start, cols)``, decoding only the blocks they touch."""
+        cols, unit = self.shape[1], max(self.block_size, 2)
+        first, last = start * cols, stop * cols  # element range wanted
+        lo, hi = first // unit * unit, -(-last // unit) * unit  # widened to whole blocks (and bytes)
+        values = F.embedding(self.codes[lo // 2:hi // 2].int(), self.pairs)  # (n/2, 2)
+        scales = self.block_scales(lo // self.block_size, hi // self.block_size)  # (blocks,)
+        scaled = values.view(-1, self.block_size).mul_(scales.unsqueeze(-1))  # (blocks, block), in place
+        return scaled.view(-1)[first - lo:last - lo].view(stop - start, cols).to(dtype)
+
+    def row_blocks(self) -> Iterator[tuple[int, int]]:
+        """Row ranges of at most :data:`DEQUANT_BLOCK` weights each (one row when a row is longer)."""
+        rows, cols = self.shape
+        step = max(1, DEQUANT_BLOCK // cols)
+        for start in range(0, rows, step):
+            yield start, min(rows, start + step)
 
     def dequantize(self) -> torch.Tensor:
-        hi = (self.codes >> 4).long()  # (N/2,) first weight of each byte
-        lo = (self.codes & 0b1111).long()  # (N/2,) second weight
-        codes = torch.stack([hi, lo], dim=-1).flatten()  # (N,)
-        values = self.levels[codes].view(-1, self.block_size) * self.absmax.unsqueeze(-1)  # (n_blocks, block)
-        return values.view(self.shape).to(self.dtype)
+        """The whole dense weight, in the original dtype (for merging checks and DoRA norms, not training)."""
+        return self.rows(0, self.shape[0], self.dtype)
 
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.absmax.nbytes
+        """Bytes held: codes and scales (and the scales' factors and mean)."""
+        held = [self.codes, self.scales] + ([self.factor, self.mean] if self.double_quant else [])
+        return sum(t.numel() * t.element_size() for t in held)
 
 
-class _LinearDequant(torch.autograd.Function):
-    """``x @ W^T`` with ``W`` rebuilt from 4 bits in forward and again in backward (never stored)."""
+class _Linear4bit(torch.autograd.Function):
+    """``x @ Wᵀ`` with ``W`` decoded a block of rows at a time, in forward and again in backward.
+
+    Only the 4-bit weight is kept for backward (``W`` is frozen: no weight gradient, and so no need
+    to save ``x``). At most one block of rows is dense at any moment.
+    """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: NF4Single) -> torch.Tensor:
-        ctx.weight = weight
-        return F.linear(x, weight.dequantize().to(x.dtype))
+    def forward(ctx: Any, x: torch.Tensor, q: NF4Weight) -> torch.Tensor:
+        ctx.q, ctx.x_dtype = q, x.dtype
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        flat = x.reshape(-1, q.shape[1]).to(dtype)  # (M, d_in)
+        out = flat.new_empty(flat.shape[0], q.shape[0])  # (M, d_out)
+        with torch.autocast(x.device.type, enabled=False):
+            for start, stop in q.row_blocks():
+                out[:, start:stop] = flat @ q.rows(start, stop, dtype).t()  # (M, rows)
+        return out.view(*x.shape[:-1], q.shape[0])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad_out @ ctx.weight.dequantize().to(grad_out.dtype), None
+        q = ctx.q
+        g = grad_out.reshape(-1, q.shape[0])  # (M, d_out)
+        grad_x = g.new_zeros(g.shape[0], q.shape[1])  # (M, d_in)
+        for start, stop in q.row_blocks():
+            grad_x.addmm_(g[:, start:stop], q.rows(start, stop, g.dtype))  # (M, rows) @ (rows, d_in)
+        return grad_x.view(*grad_out.shape[:-1], q.shape[1]).to(ctx.x_dtype), None
 
 
-QuantWeight = Any  # torchao's NF4Tensor or NF4Single
+def quantize(weight: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> NF4Weight:
+    """Quantize a 2-D weight of any size to NF4."""
+    return NF4Weight(weight.detach().contiguous(), block_size, double_quant)
 
 
-def quantize(weight: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> QuantWeight:
-    """Quantize a 2-D weight to NF4 (call :func:`quantize_problem` first)."""
-    weight = weight.detach().contiguous()
-    if double_quant:
-        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
-
-        return to_nf4(weight, block_size, SCALER_BLOCK)
-    return NF4Single(weight, block_size)
-
-
-def dequantize(q: QuantWeight) -> torch.Tensor:
+def dequantize(q: NF4Weight) -> torch.Tensor:
     """The dense weight the 4-bit codes stand for, in the original dtype."""
-    return q.dequantize() if isinstance(q, NF4Single) else q.get_original_weight()
+    return q.dequantize()
 
 
-def linear_4bit(x: torch.Tensor, q: QuantWeight) -> torch.Tensor:
-    """``x @ W^T`` for a 4-bit ``W``; gradients flow to ``x`` only."""
-    if isinstance(q, NF4Single):
-        return _LinearDequant.apply(x, q)
-    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
-
-    return linear_nf4(x, q)
+def linear_4bit(x: torch.Tensor, q: NF4Weight) -> torch.Tensor:
+    """``x @ Wᵀ`` for a 4-bit ``W``; gradients flow to ``x`` only; no dense ``W`` is kept."""
+    return _Linear4bit.apply(x, q)
 
 
-def quant_nbytes(q: QuantWeight) -> int:
+def quant_nbytes(q: NF4Weight) -> int:
     """Bytes the 4-bit weight occupies: codes plus (quantized) scales."""
-    if isinstance(q, NF4Single):
-        return q.nbytes()
-    return sum(t.numel() * t.element_size() for t in
-               (q.quantized_data, q.quantized_scalers, q.quantization_factor, q.scaler_mean))
+    return q.nbytes()
+

@@ -27,7 +27,7 @@ from lmtune.config import RunConfig, TrainConfig
 from lmtune.data.batching import epoch_order
 from lmtune.data.examples import text_examples
 from lmtune.data.readers import read_records
-from lmtune.distributed import Dist
+from lmtune.distributed import Dist, shard
 from lmtune.errors import InputError
 from lmtune.objectives.lm import perplexity
 from lmtune.objectives.task import ExampleBatches, RunContext, Task
@@ -84,23 +84,28 @@ class Replay:
     _step: int = -1
     _micro: int = 0
 
-    def count(self, index: int) -> int:
-        """Replay examples owed after ``index`` task micro-batches (cumulative)."""
-        per_batch = self.inner.batch_size * self.ratio / (1.0 - self.ratio)
+    def count(self, index: int, world: int = 1) -> int:
+        """Replay examples owed after ``index`` global task micro-batches (cumulative) of ``world`` ranks."""
+        per_batch = self.inner.batch_size * world * self.ratio / (1.0 - self.ratio)
         return math.floor(per_batch * index + 1e-9)
 
-    def mix(self, batch: list[Any], step: int) -> list[Any]:
-        """The task examples of micro-batch ``batch`` plus the replay examples owed by now."""
+    def mix(self, batch: list[Any], step: int, ddp: Dist | None = None) -> list[Any]:
+        """The task examples of micro-batch ``batch`` plus this rank's share of the replay examples owed by now.
+
+        Under torchrun the replay examples of the global micro-batch are sharded like its task
+        examples, so together the ranks add what one process would, and none twice.
+        """
         if step != self._step:
             self._step, self._micro = step, 0
         index = step * self.grad_accum + self._micro  # global micro-batch number
         self._micro += 1
-        start, stop = self.count(index), self.count(index + 1)
-        return list(batch) + [self._replay_at(k) for k in range(start, stop)]
+        world = ddp.world if ddp else 1
+        start, stop = self.count(index, world), self.count(index + 1, world)
+        return list(batch) + [self._replay_at(k) for k in shard(list(range(start, stop)), ddp)]
 
-    def next(self, step: int, ddp: Dist | None) -> dict[str, Any] | None:
-        examples = self.inner.next_examples(step, ddp)
-        return self.inner.collate(self.mix(examples, step)) if examples else None
+    def next(self, step: int, ddp: Dist | None) -> dict[str, Any]:
+        examples = self.mix(self.inner.next_examples(step, ddp), step, ddp)
+        return self.inner.collate(examples) if examples else self.inner.filler()
 
     def total_steps(self, train: TrainConfig, world: int) -> int:
         return self.inner.total_steps(train, world)

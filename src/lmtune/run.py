@@ -6,6 +6,7 @@ data, which keys apply), so a mistake is reported in a second, not after a model
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ import torch
 from lmtune.config import KEYS, RunConfig
 from lmtune.data.readers import Record, read_records
 from lmtune.distributed import pick_device
+from lmtune.engine import check_strategy
 from lmtune.errors import InputError
+from lmtune.footprint import current_rss_bytes, predicted_peak_mb
 from lmtune.methods.registry import METHODS, Method
 from lmtune.models.encoders import refuse_encoder
 from lmtune.models.loading import (
@@ -27,8 +30,11 @@ from lmtune.models.loading import (
 )
 from lmtune.objectives.registry import DEFAULT_OBJECTIVE, OBJECTIVES, Objective
 from lmtune.objectives.task import RunContext, Task
+from lmtune.recompute import enable_gradient_checkpointing
 from lmtune.regularize import Guards
+from lmtune.rundir import lock_output_dir, refuse_model_folder
 from lmtune.runlog import RunLog
+from lmtune.runrecord import record_run
 from lmtune.train import train
 
 IN_MEMORY = Path("in-memory model")  # what a run records as its base when the API was handed a model object
@@ -53,6 +59,8 @@ def detect_format(records: list[Record]) -> str:
         return "messages"
     if "instruction" in fields and "output" in fields:
         return "alpaca"
+    if {"prompt", "completion", "label"} <= fields:
+        return "unpaired_preference"
     if {"prompt", "completion"} <= fields:
         return "prompt_completion"
     if "label" in fields and ("text" in fields or "text_pair" in fields):
@@ -63,7 +71,7 @@ def detect_format(records: list[Record]) -> str:
         return "prompts"
     raise InputError(f"{records[0].where}: cannot tell the data format from the fields {sorted(fields)}; "
                      "expected text, prompt+completion, instruction+output, messages, prompt+chosen+rejected, "
-                     "or text+label — or set data.format")
+                     "prompt+completion+label, or text+label — or set data.format")
 
 
 def check_output_dir(output_dir: str | None, resume: bool) -> Path:
@@ -136,6 +144,7 @@ def resolve(cfg: RunConfig, records: list[Record] | None) -> tuple[RunConfig, Me
         allowed = " or ".join(f"method={m}" for m in objective.methods)
         raise InputError(f"objective={objective.name} trains with {allowed}; got method={method.name}")
     check_keys_apply(cfg, method, objective)
+    check_strategy(cfg)
     return cfg, method, objective
 
 
@@ -159,6 +168,7 @@ def prepare(cfg: RunConfig, log: RunLog | None = None, model: torch.nn.Module | 
         context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     else:
         folder = resolve_model_dir(cfg.model)
+        refuse_model_folder(out, folder)
         tokenizer = load_tokenizer(folder, cfg.trust_remote_code)
         check_tokenizer(folder, tokenizer)
         context = context_length(folder)
@@ -172,7 +182,9 @@ def prepare(cfg: RunConfig, log: RunLog | None = None, model: torch.nn.Module | 
     if model is not None and not objective.generative:
         raise InputError(f"objective={objective.name} loads its model from a folder (it adds a head); "
                          "pass model= as a folder path")
-    log = log or RunLog(out)
+    if log is None:  # under torchrun only rank 0 prints and writes; the others check the same inputs silently
+        main = int(os.environ.get("RANK", "0")) == 0
+        log = RunLog(out) if main else RunLog(out, quiet=True, tensorboard=False, active=False)
     if context is not None and cfg.train.max_length > context:
         # Positions past the model's context have no embedding; longer examples are truncated.
         log.say(f"train.max_length={cfg.train.max_length} exceeds the model's context of {context} tokens; "
@@ -181,6 +193,7 @@ def prepare(cfg: RunConfig, log: RunLog | None = None, model: torch.nn.Module | 
     if objective.generative and model is None:
         refuse_encoder(folder)
     ctx = RunContext(cfg, method, folder, tokenizer, out, log, base_model=model, _records=preset)
+    record_run(out, cfg.flat(), log)  # run.json: a resume that would not continue the same run is refused here
     guards = Guards.from_context(ctx)  # data.retain, replay, L2: read and checked before the model loads
     task = objective.build(ctx)
     guards.attach(task, cfg, tokenizer.pad_token_id)
@@ -200,17 +213,25 @@ def run_training(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokeni
         InputError: bad input, found before any model loads where it can be.
         Interrupted: SIGINT/SIGTERM; a checkpoint was saved first.
     """
-    task, ctx = prepare(cfg, log, model, tokenizer, train_records, eval_records)
-    cfg = ctx.cfg
-    ctx.log.say(f"model: {ctx.model_folder} | method: {cfg.method} | objective: {cfg.objective} | "
-                f"format: {cfg.data.format}")
-    total, trainable = param_counts(task.model)
-    ctx.log.say(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
-    try:
-        summary = train(task, cfg.train, ctx.output_dir, device=pick_device(), log=ctx.log)
-    except OSError as e:  # disk full, permissions: say so, not a traceback; checkpoints are written atomically
-        raise InputError(f"training stopped: a write in {ctx.output_dir} failed: {e}. Checkpoints already "
-                         "written are intact; free space (or fix permissions) and continue with "
-                         "train.resume=true") from None
+    from transformers import PreTrainedModel  # noqa: F401  (~150 MB every run holds: inside the baseline)
+
+    baseline = current_rss_bytes()  # before the model loads: Python, torch, transformers, lmtune
+    with lock_output_dir(check_output_dir(cfg.output_dir, cfg.train.resume)):  # one process per output_dir
+        task, ctx = prepare(cfg, log, model, tokenizer, train_records, eval_records)
+        cfg = ctx.cfg
+        if cfg.train.gradient_checkpointing:
+            enable_gradient_checkpointing(task.model)
+        if model is None:  # a model passed in as an object has no config folder to inspect
+            task.summary["predicted_peak_mb"] = predicted_peak_mb(ctx.model_folder, cfg, baseline)
+        ctx.log.say(f"model: {ctx.model_folder} | method: {cfg.method} | objective: {cfg.objective} | "
+                    f"format: {cfg.data.format}")
+        total, trainable = param_counts(task.model)
+        ctx.log.say(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
+        try:
+            summary = train(task, cfg.train, ctx.output_dir, device=pick_device(), log=ctx.log)
+        except OSError as e:  # disk full, permissions: say so, not a traceback; checkpoints are written atomically
+            raise InputError(f"training stopped: a write in {ctx.output_dir} failed: {e}. Checkpoints already "
+                             "written are intact; free space (or fix permissions) and continue with "
+                             "train.resume=true") from None
     ctx.log.say(f"saved to {ctx.output_dir}")
     return RunResult(model=task.model, tokenizer=ctx.tokenizer, summary=summary, output_dir=ctx.output_dir)

@@ -51,6 +51,7 @@ class RunLog:
         self._tensorboard = tensorboard
         self._writer: Any = None
         self._bar_active = False
+        self._with_first_step: dict[str, Any] = {}  # JSON files to write once the run has a first step
 
     def say(self, message: str) -> None:
         if not self.quiet:
@@ -71,10 +72,17 @@ class RunLog:
             finally:
                 self._bar_active = False
 
+    def write_with_first_step(self, name: str, obj: Any) -> None:
+        """Write JSON file ``name`` into the output folder with the first logged step (not before)."""
+        self._with_first_step[name] = obj
+
     def step(self, record: dict[str, Any], total: int) -> None:
         if not self.active:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        for name, obj in self._with_first_step.items():
+            write_json_atomic(self.output_dir / name, obj)
+        self._with_first_step.clear()
         with (self.output_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         line = f"step {record['step']:4d} / {total} | loss {record['loss']:.4f}"
@@ -118,12 +126,15 @@ class RunLog:
         if not self.active or not path.is_file():
             return
         kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        # Read as bytes, line by line: one damaged line (a torn write, a stray non-UTF-8 byte)
+        # is dropped and must not stop the run from reading the others.
+        for raw in path.read_bytes().splitlines():
             try:
+                line = raw.decode("utf-8")
                 if json.loads(line)["step"] <= step:
                     kept.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut short by a kill; the resumed run rewrites it
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut short by a kill, or damaged; the resumed run rewrites it
         # Replaced, not rewritten in place: a kill mid-write must not lose the records kept.
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

@@ -22,6 +22,7 @@ import torch
 from lmtune import checkpoint as ckpt
 from lmtune import distributed
 from lmtune.config import TrainConfig
+from lmtune.engine import Engine
 from lmtune.errors import Interrupted
 from lmtune.models.loading import param_counts
 from lmtune.objectives.task import Task, TrainingError
@@ -38,6 +39,7 @@ class TrainState:
     eval_loss: float | None = None
     best_eval: float | None = None  # early stopping: the best eval loss so far, and how many since
     bad_evals: int = 0
+    stopped_early_at: int | None = None  # a resume of a run early stopping ended is refused (lmtune.runrecord)
     before: dict[str, float] = dataclasses.field(default_factory=dict)  # evaluators before training
 
 
@@ -46,9 +48,10 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def make_optimizer(model: torch.nn.Module, settings: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; matrices decay, biases and norm weights do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(model: torch.nn.Module, settings: TrainConfig,
+                   params: list[torch.nn.Parameter] | None = None) -> torch.optim.AdamW:
+    """AdamW over trainable parameters (``params``: FSDP2's shards); matrices decay, biases and norms do not."""
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else params
     if not params:
         raise TrainingError("nothing to train: every parameter is frozen (check method and freeze.layers)")
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
@@ -81,15 +84,18 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate_loss(task: Task, settings: TrainConfig, device: torch.device) -> float:
-    """Mean loss per loss unit over the task's eval examples (token-weighted for LM objectives)."""
+def evaluate_loss(task: Task, settings: TrainConfig, device: torch.device, engine: Engine | None = None) -> float:
+    """Mean loss per loss unit over the task's eval examples (token-weighted for LM objectives).
+
+    Under torchrun every rank evaluates all of them (through ``engine``, so FSDP2 gathers weights).
+    """
     was_training = task.model.training
     task.model.eval()
     total, units, bs, examples = 0.0, 0, settings.batch_size, task.eval_examples
     with autocast(settings.precision, device):
         for start in range(0, len(examples), bs):
             batch = to_device(task.batches.collate(examples[start:start + bs]), device)
-            loss_sum, _ = task.loss(task.model, batch)
+            loss_sum = engine(batch, False)[0] if engine else task.loss(task.model, batch)[0]
             total += float(loss_sum)
             units += batch["num_loss_tokens"]
     task.model.train(was_training)
@@ -132,17 +138,32 @@ def train(task: Task, settings: TrainConfig, output_dir: Path, device: torch.dev
         Interrupted: SIGINT/SIGTERM arrived; a checkpoint of the finished step was saved.
     """
     ddp = distributed.from_env(settings.distributed)
-    device = ddp.device if ddp else (device or torch.device("cpu"))
+    try:
+        return _train(task, settings, output_dir, ddp, ddp.device if ddp else (device or torch.device("cpu")), log)
+    finally:
+        distributed.shutdown(ddp)  # every rank gets here (collectives keep them in step): none is aborted
+
+
+def _train(task: Task, settings: TrainConfig, output_dir: Path, ddp: distributed.Dist | None, device: torch.device,
+           log: RunLog | None) -> dict[str, Any]:
     main = ddp is None or ddp.main  # only rank 0 logs and writes files
     log = log or RunLog(output_dir)
     if not main:
         log = RunLog(output_dir, quiet=True, tensorboard=False, active=False)
+    if ddp is None and settings.distributed.strategy == "fsdp":
+        log.say("train.distributed.strategy=fsdp applies under torchrun; this run is one process")
+    source = getattr(task.batches, "inner", task.batches)  # Replay wraps the example batches
+    if hasattr(source, "examples"):
+        distributed.check_data_size(len(source.examples), ddp, "data.train")
     model = task.model = task.model.to(device).train()
     steps = settings.steps or task.batches.total_steps(settings, ddp.world if ddp else 1)
-    optimizer = make_optimizer(model, settings)
+    engine = Engine(model, task.loss, task.regularizers, ddp, settings.distributed.bucket_mb, settings.precision,
+                    task.summary.get("method"))
+    optimizer = make_optimizer(model, settings, engine.trainable())
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG stays
-        torch.manual_seed(settings.seed)
-        state, best = _start(task, settings, optimizer, output_dir, log)
+        # Each rank its own dropout/sampling stream (rank 0: the one-process stream); data order is seeded apart.
+        torch.manual_seed(distributed.rank_seed(settings.seed, ddp))
+        state, best = _start(task, settings, optimizer, output_dir, log, ddp)
         if settings.compile:
             # The loss calls the body (base_model) and the head apart: compile the body, where the time goes.
             getattr(model, "base_model", model).compile()
@@ -150,30 +171,35 @@ def train(task: Task, settings: TrainConfig, output_dir: Path, device: torch.dev
         with _StopSignal() as stop, log.progress(steps, state.step) as bar:
             while state.step < steps:
                 clock.start()
-                record = _optimizer_step(task, settings, optimizer, state, steps, device, ddp, output_dir)
+                record = _optimizer_step(task, settings, optimizer, state, steps, device, ddp, output_dir, engine)
                 clock.stop(state.tokens)
                 stop_early = False
                 if _due(state.step, settings.eval_every, steps):
                     stop_early, best = _evaluate(task, settings, device, state, record, best,
-                                                 output_dir if main else None)
+                                                 output_dir if main else None, engine)
                 if state.step % settings.log_every == 0 or state.step in (1, steps) or "eval_loss" in record:
                     log.step(record, steps)
                 bar.update(1)
-                if main and ((settings.save_every and state.step % settings.save_every == 0) or stop.received):
-                    _save_checkpoint(task, settings, optimizer, state, output_dir)
-                if stop.received:
+                stopping = stop.received is not None
+                if ddp:  # a signal reaches ranks at different steps: all stop at the first step any saw it
+                    stopping = ddp.sum(stopping)[0] > 0
+                    stop.received = stop.received or (signal.SIGTERM if stopping else None)
+                if (settings.save_every and state.step % settings.save_every == 0) or stopping:
+                    _save_checkpoint(task, settings, optimizer, state, output_dir, ddp)
+                if stopping:
                     log.say(f"received signal {stop.received}: checkpoint saved at step {state.step}; "
                             "continue with train.resume=true")
                     raise Interrupted(stop.received)
                 if stop_early:
+                    state.stopped_early_at = state.step
                     log.say(f"early stopping at step {state.step}: eval loss has not improved for "
                             f"{settings.patience} evaluations")
                     break
-        return _finish(task, state, best, clock, output_dir, log, main, ddp)
+        return _finish(task, state, best, clock, output_dir, log, main, ddp, engine)
 
 
 def _start(task: Task, settings: TrainConfig, optimizer: torch.optim.Optimizer, output_dir: Path,
-           log: RunLog) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
+           log: RunLog, ddp: distributed.Dist | None = None) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
     """A fresh state, or the newest good checkpoint's when resuming; evaluators measured before training."""
     ckpt_root = output_dir / "checkpoints"
     state, best = TrainState(), None
@@ -188,8 +214,9 @@ def _start(task: Task, settings: TrainConfig, optimizer: torch.optim.Optimizer, 
         _load_trainable(task.model, weights, found)
         optimizer.load_state_dict(optim_state)
         state = TrainState(**meta["loop"]["state"])
-        task.batches.load_state_dict(meta["task_tensors"], meta["loop"]["batches"])
         ckpt.set_rng_state(meta["rng_tensors"], meta["rng"])
+        tensors, batches = _own_batch_state(meta["task_tensors"], meta["loop"]["batches"], ddp, found)
+        task.batches.load_state_dict(tensors, batches)
         if state.best_eval is not None and (output_dir / "best.safetensors").exists():
             from safetensors.torch import load_file
 
@@ -203,16 +230,14 @@ def _start(task: Task, settings: TrainConfig, optimizer: torch.optim.Optimizer, 
 
 def _optimizer_step(task: Task, settings: TrainConfig, optimizer: torch.optim.Optimizer, state: TrainState,
                     steps: int, device: torch.device, ddp: distributed.Dist | None,
-                    output_dir: Path) -> dict[str, Any]:
+                    output_dir: Path, engine: Engine) -> dict[str, Any]:
     """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics record."""
     step = state.step
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, settings, steps)
     micro = [task.batches.next(step, ddp) for _ in range(settings.grad_accum)]
-    loss, tokens, metrics = accumulate_gradients(task, micro, settings.precision, device, step, ddp)
-    params = [p for p in task.model.parameters() if p.requires_grad]
-    if ddp:
-        ddp.sync_gradients(params)
+    loss, tokens, metrics = accumulate_gradients(task, micro, settings.precision, device, step, ddp, engine)
+    params = engine.trainable()
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         good = ckpt.latest_good(output_dir / "checkpoints")
@@ -221,7 +246,8 @@ def _optimizer_step(task: Task, settings: TrainConfig, optimizer: torch.optim.Op
             f"{'The last good checkpoint is ' + str(good) if good else 'No checkpoint was saved'}. "
             "Try a lower train.lr, train.precision=fp32, or train.clip_grad_norm=1.0.")
     if settings.clip_grad_norm:
-        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, settings.clip_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, settings.clip_grad_norm)
+        metrics["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: DTensor
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     state.step, state.tokens, state.last_loss = step + 1, state.tokens + tokens, loss
@@ -230,40 +256,57 @@ def _optimizer_step(task: Task, settings: TrainConfig, optimizer: torch.optim.Op
 
 
 def accumulate_gradients(task: Task, micro: list[dict[str, Any] | None], precision: str, device: torch.device,
-                         step: int = 0, ddp: distributed.Dist | None = None) -> tuple[float, int, dict[str, float]]:
+                         step: int = 0, ddp: distributed.Dist | None = None,
+                         engine: Engine | None = None) -> tuple[float, int, dict[str, float]]:
     """Backward over one accumulation window; gradients equal those of one big batch.
 
-    Each micro-batch's summed loss is divided by the loss units of the *whole* window, so
-    the accumulated gradient is the gradient of the window's mean loss however it is split.
+    Each micro-batch's summed loss is divided by the loss units of the *whole* window (over all
+    ranks), so the accumulated gradient is the gradient of the window's mean loss however it is
+    split. A ``filler`` micro-batch (this rank's empty share of a short last batch) runs with
+    weight 0 so the rank still joins the gradient reduction. Metrics are means weighted by loss
+    units, over every rank's real micro-batches.
 
     Returns:
         ``(mean loss, tokens trained, metrics)`` of the window.
     """
-    micro = [b for b in micro if b is not None]  # a rank can get no share of a short last batch
-    units = sum(b["num_loss_tokens"] for b in micro)
-    tokens = sum(b.get("num_tokens", b["num_loss_tokens"]) for b in micro)
+    engine = engine or Engine(task.model, task.loss, task.regularizers, None, 0.0, precision)
+    real = [b for b in micro if b is not None and not b.get("filler")]
+    units = sum(b["num_loss_tokens"] for b in real)
+    tokens = sum(b.get("num_tokens", b["num_loss_tokens"]) for b in real)
     if ddp:
-        units = int(ddp.sum(units))  # every rank divides by the global count
-        tokens = int(ddp.sum(tokens))
+        units, tokens = (int(v) for v in ddp.sum(units, tokens))  # every rank divides by the global count
     if units == 0:
         raise TrainingError(f"step {step + 1}: the batch has no tokens that carry loss (every label is "
                             "masked); check train.loss_on, train.max_length and the data's responses")
-    loss_total, metrics = 0.0, {}
-    for batch in micro:
+    runs = [b for b in micro if b is not None]
+    loss_total, sums, weight, reg_loss = 0.0, {}, 0.0, None
+    for i, batch in enumerate(runs):
+        last, filler = i == len(runs) - 1, bool(batch.get("filler"))
         batch = to_device(batch, device)
-        with autocast(precision, device):
-            loss_sum, m = task.loss(task.model, batch)
-        (loss_sum / units).backward()
+        with engine.sync(last):  # DDP/FSDP2 reduce gradients in the window's last backward only
+            with autocast(precision, device):
+                loss_sum, reg, m = engine(batch, last)
+            total = loss_sum * (0.0 if filler else 1.0 / units)
+            if reg is not None:
+                # Every rank adds the penalty's gradient and the reduction sums them: each adds 1/world.
+                total = total + reg / (ddp.world if ddp else 1)
+                reg_loss = float(reg.detach())
+            total.backward()
+        if filler:
+            continue
         loss_total += float(loss_sum.detach())
         for k, v in m.items():
-            metrics[k] = metrics.get(k, 0.0) + v / len(micro)
-    for reg in task.regularizers:
-        reg_loss = reg(task.model)
-        # Every rank adds the penalty's gradient; the all-reduce sums them, so each adds 1/world.
-        (reg_loss / (ddp.world if ddp else 1)).backward()
-        metrics["reg_loss"] = metrics.get("reg_loss", 0.0) + float(reg_loss.detach())
+            sums[k] = sums.get(k, 0.0) + v * batch["num_loss_tokens"]
+        weight += batch["num_loss_tokens"]
     if ddp:
-        loss_total = ddp.sum(loss_total)
+        every = ddp.gather((loss_total, sums, weight))
+        loss_total, weight, sums = sum(e[0] for e in every), sum(e[2] for e in every), {}
+        for _, part, _ in every:
+            for k, v in part.items():
+                sums[k] = sums.get(k, 0.0) + v
+    metrics = {k: v / weight for k, v in sums.items()} if weight else {}
+    if reg_loss is not None:
+        metrics["reg_loss"] = reg_loss
     return loss_total / units, tokens, metrics
 
 
@@ -272,8 +315,8 @@ def _due(step: int, every: int, total: int) -> bool:
 
 
 def _evaluate(task: Task, settings: TrainConfig, device: torch.device, state: TrainState, record: dict[str, Any],
-              best: dict[str, torch.Tensor] | None,
-              output_dir: Path | None) -> tuple[bool, dict[str, torch.Tensor] | None]:
+              best: dict[str, torch.Tensor] | None, output_dir: Path | None,
+              engine: Engine | None = None) -> tuple[bool, dict[str, torch.Tensor] | None]:
     """Eval loss and evaluators into ``record``; keep the best weights for early stopping.
 
     Returns:
@@ -283,7 +326,7 @@ def _evaluate(task: Task, settings: TrainConfig, device: torch.device, state: Tr
         record[name] = fn(task.model)
     if not task.eval_examples:
         return False, best
-    record["eval_loss"] = state.eval_loss = evaluate_loss(task, settings, device)
+    record["eval_loss"] = state.eval_loss = evaluate_loss(task, settings, device, engine)
     if settings.patience <= 0:
         return False, best
     if state.best_eval is None or state.eval_loss < state.best_eval:
@@ -297,8 +340,16 @@ def _evaluate(task: Task, settings: TrainConfig, device: torch.device, state: Tr
 
 
 def _save_checkpoint(task: Task, settings: TrainConfig, optimizer: torch.optim.Optimizer, state: TrainState,
-                     output_dir: Path) -> None:
+                     output_dir: Path, ddp: distributed.Dist | None = None) -> None:
+    """Rank 0 writes the checkpoint; under torchrun it holds every rank's batch source and RNG state."""
     tensors, meta = task.batches.state_dict()
+    if ddp:  # PPO rollouts and dropout streams differ per rank: keep each rank's
+        own = {**{k: v.cpu() for k, v in tensors.items()}, "_rng_torch": torch.get_rng_state()}
+        every = ddp.gather((own, meta))
+        tensors = {f"rank{r}.{k}": v for r, (t, _) in enumerate(every) for k, v in t.items()}
+        meta = {"per_rank": [m for _, m in every]}
+        if not ddp.main:
+            return
     ckpt.save_checkpoint(output_dir / "checkpoints", state.step, trainable_state(task.model), optimizer,
                          {"state": dataclasses.asdict(state), "batches": meta}, settings.keep_checkpoints, tensors)
 
@@ -327,9 +378,27 @@ class _Clock:
         return (tokens - self.tokens_from) / seconds if seconds > 0 else None
 
 
+def _own_batch_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], ddp: distributed.Dist | None,
+                     found: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This rank's batch-source state in a checkpoint (and its RNG stream, restored here)."""
+    world = ddp.world if ddp else 1
+    written = len(meta["per_rank"]) if "per_rank" in meta else 1
+    if written != world:
+        raise TrainingError(f"{found} was written by a run of {written} process(es) and this run has {world}; "
+                            f"resume with the same number of processes (torchrun --nproc_per_node {written})")
+    if ddp is None:
+        return tensors, meta
+    prefix = f"rank{ddp.rank}."
+    own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    torch.set_rng_state(own.pop("_rng_torch"))
+    return own, meta["per_rank"][ddp.rank]
+
+
 def _finish(task: Task, state: TrainState, best: dict[str, torch.Tensor] | None, clock: _Clock, output_dir: Path,
-            log: RunLog, main: bool, ddp: distributed.Dist | None) -> dict[str, Any]:
+            log: RunLog, main: bool, ddp: distributed.Dist | None, engine: Engine | None = None) -> dict[str, Any]:
     """Restore the best weights (early stopping), save the result, write summary.json."""
+    if engine is not None:
+        engine.gather_full()
     model = task.model
     eval_loss = state.eval_loss
     if best is not None:
@@ -342,6 +411,7 @@ def _finish(task: Task, state: TrainState, best: dict[str, torch.Tensor] | None,
     summary = {
         "total_params": total, "trainable_params": trainable, "trainable_ratio": trainable / max(total, 1),
         "steps": state.step, "tokens_trained": state.tokens, "final_loss": state.last_loss, "eval_loss": eval_loss,
+        "stopped_early_at": state.stopped_early_at,
         "tokens_per_second": clock.tokens_per_second(state.tokens), "peak_rss_mb": peak_rss_mb(),
         "wall_seconds": time.perf_counter() - clock.begun, **task.summary, "first_step_seconds": clock.first_step,
     }

@@ -19,6 +19,7 @@ from typing import Any
 
 from lmtune.data.examples import BuildStats, encode, special_ids
 from lmtune.data.formats import DROP_EMPTY, finish_example
+from lmtune.data.template_sandbox import TemplateLimit, bounded_rendering
 from lmtune.errors import InputError
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -82,16 +83,28 @@ def special_token_ids(tokenizer: Any) -> set[int]:
 def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool, where: str) -> str:
     """The chat template's text for ``messages``; a template error names the row.
 
+    Rendering is bounded in time and size (see ``lmtune.data.template_sandbox``).
+
     Raises:
-        InputError: the tokenizer has no chat template, or the template raised or is not valid Jinja.
+        InputError: the tokenizer has no chat template, or the template raised, is not valid Jinja,
+            or went over a bound; the message names the template and says why.
     """
     if not has_chat_template(tokenizer):
         raise InputError(f"{where}: the record is given as chat messages but the tokenizer has no chat template; "
                          "give the texts as strings, or use a model whose tokenizer has one")
+    name = f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'}"
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except Exception as e:  # jinja2 TemplateError, or whatever the template's raise_exception raises
-        raise InputError(f"{where}: the tokenizer's chat template failed to render this conversation: {e}") from None
+        with bounded_rendering():
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateLimit as e:
+        raise InputError(f"{where}: {name} was stopped: {e}; a chat template from an untrusted source may be "
+                         "built to hang or fill memory — use a template you have read") from None
+    except Exception as e:  # jinja2 TemplateError or SecurityError, or whatever the template's raise_exception raises
+        why = str(e).strip() or "it gave no reason"
+        raise InputError(f"{where}: {name} refused to render this conversation ({type(e).__name__}: {why})") from None
+    if not isinstance(text, str):  # a template can only make text, but be sure before slicing it
+        raise InputError(f"{where}: {name} rendered {type(text).__name__}, not text")
+    return text
 
 
 def end_of_turn_ids(tokenizer: Any) -> list[int]:
@@ -129,6 +142,9 @@ def conversation_ids(tokenizer: Any, messages: list[dict[str, str]],
     """
     specials = special_token_ids(tokenizer)
     _, eos = special_ids(tokenizer)
+    if messages and messages[0]["role"] == "assistant":
+        raise InputError(f"{where}: the conversation starts with an assistant turn; an assistant turn answers a "
+                         "user (or system) turn, so put the user's message before it or drop the leading turn")
     ids: list[int] = []
     trained: list[bool] = []
     done = ""

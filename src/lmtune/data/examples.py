@@ -31,6 +31,17 @@ class BuildStats:
         return {"examples": self.examples, "truncated": self.truncated, "dropped": dict(self.dropped)}
 
 
+def refuse_full_prompt(prompt_length: int, max_length: int, where: str) -> None:
+    """Raise when a prompt leaves no room for a completion within ``train.max_length``.
+
+    Raises:
+        InputError: naming ``where`` (file and line) and both fixes.
+    """
+    if prompt_length >= max_length:
+        raise InputError(f"{where}: the prompt has {prompt_length} tokens, which fills train.max_length={max_length} "
+                         "and leaves no room for a completion; shorten the prompt or raise train.max_length")
+
+
 def special_ids(tokenizer: Any) -> tuple[int | None, int | None]:
     """The (bos, eos) ids the examples are framed with; a word tokenizer may use BOS for both."""
     bos = tokenizer.bos_token_id

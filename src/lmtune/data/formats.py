@@ -6,6 +6,8 @@ Three record formats become two kinds of sample:
   ``input``, ``output``) become a ``PromptCompletion``: plain text, no chat template.
 - ``messages`` (``role``/``content``) and ShareGPT ``conversations`` (``from``/``value``) become a
   ``Conversation`` of ``{"role", "content"}`` turns, rendered later by ``lmtune.data.chat``.
+  Content may also be a list of parts (``[{"type": "text", "text": ...}]``): the text parts are
+  joined by newlines, any other part type (an image) is refused.
 
 A record that is *malformed* (a missing or non-string field, an unknown role, a conversation
 that does not end with an assistant turn) is an ``InputError`` naming the row and field: the
@@ -128,11 +130,38 @@ def _conversation(rec: Record) -> Conversation:
         role = ROLES.get(speaker.strip().lower())
         if role is None:
             raise InputError(f"{where}: unknown role '{speaker}'; use one of {', '.join(ROLES)}")
-        messages.append({"role": role, "content": _text(rec, content_key, turn, where=where)})
+        content = turn.get(content_key)
+        text = (_joined_parts(rec, content, f"{where}.{content_key}") if isinstance(content, list)
+                else _text(rec, content_key, turn, where=where))
+        messages.append({"role": role, "content": text})
     if messages[-1]["role"] != "assistant":
         raise InputError(f"{rec.where}: the conversation ends with a '{messages[-1]['role']}' turn; it must end "
                          "with an assistant turn (the response to learn) — remove the trailing turns")
     return Conversation(messages, rec.where)
+
+
+def _joined_parts(rec: Record, parts: list[Any], where: str) -> str:
+    """Message content given as a list of parts: the text parts, joined by newlines.
+
+    ``[{"type": "text", "text": ...}, ...]`` is the OpenAI/HF multimodal chat format, common in
+    public datasets; vLLM joins text parts the same way for a text-only template.
+
+    Raises:
+        InputError: a part that is not an object, or not of type ``text`` (images, audio:
+            lmtune trains text models), naming the part.
+    """
+    texts = []
+    for j, part in enumerate(parts):
+        here = f"{where}[{j}]"
+        if not isinstance(part, dict):
+            raise InputError(f"{here}: a content part must be an object like {{'type': 'text', 'text': ...}}, "
+                             f"got {type(part).__name__}")
+        kind = part.get("type")
+        if kind != "text":
+            raise InputError(f"{here}: content part of type {kind!r} is not supported; lmtune trains on text, so "
+                             "only parts with 'type': 'text' are accepted — drop the other parts or the row")
+        texts.append(_text(rec, "text", part, where=here))
+    return "\n".join(texts)
 
 
 def _has_empty_response(sample: Sample) -> bool:

@@ -19,7 +19,7 @@ import torch
 
 from lmtune.data.batching import pad_batch
 from lmtune.data.chat import render
-from lmtune.data.examples import IGNORE, BuildStats, encode, special_ids
+from lmtune.data.examples import IGNORE, BuildStats, encode, refuse_full_prompt, special_ids
 from lmtune.data.readers import Record
 from lmtune.errors import InputError
 
@@ -80,6 +80,40 @@ def _split_ids(rec: Record, tokenizer: Any) -> tuple[list[int], list[int], list[
                      f"({{'role': ..., 'content': ...}}), got {type(chosen).__name__} and {type(rejected).__name__}")
 
 
+def split_prompt_completion(rec: Record, tokenizer: Any, max_length: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of an unpaired record (``prompt`` + ``completion``, KTO's data).
+
+    Strings and chat messages are encoded exactly as one side of a preference pair (EOS added
+    to string completions).
+
+    Raises:
+        InputError: no prompt, an empty completion, or a prompt that fills ``max_length``.
+    """
+    f = rec.fields
+    if f.get("prompt") is None or f.get("completion") is None:
+        missing = [k for k in ("prompt", "completion") if f.get(k) is None]
+        raise InputError(f"{rec.where}: an unpaired example needs {' and '.join(repr(m) for m in missing)} "
+                         f"(fields present: {', '.join(sorted(f)) or 'none'})")
+    both_text = isinstance(f["prompt"], str) and isinstance(f["completion"], str)
+    if not both_text and not (_is_messages(f["prompt"]) and _is_messages(f["completion"])):
+        raise InputError(f"{rec.where}: 'prompt' and 'completion' must both be strings or both be lists of chat "
+                         f"messages ({{'role': ..., 'content': ...}}), got {type(f['prompt']).__name__} and "
+                         f"{type(f['completion']).__name__}")
+    # One side of a pair whose other side is the same: the pair's encoding, reused as it is.
+    side = Record({"prompt": f["prompt"], "chosen": f["completion"], "rejected": f["completion"]}, rec.where)
+    try:
+        prompt_ids, completion, _, needs_eos = _split_ids(side, tokenizer)
+    except InputError as e:  # the tokenizer's complaint does not know the line; add it
+        raise (e if str(e).startswith(rec.where) else InputError(f"{rec.where}: {e}")) from None
+    if not completion:
+        raise InputError(f"{rec.where}: the completion is empty; every example needs a non-empty completion")
+    refuse_full_prompt(len(prompt_ids), max_length, rec.where)
+    _, eos = special_ids(tokenizer)
+    if needs_eos and eos is not None:
+        completion = completion + [eos]
+    return prompt_ids, completion
+
+
 def build_pairs(records: list[Record], tokenizer: Any, max_length: int, add_eos: bool = True,
                 margin: bool = False, stats: BuildStats | None = None) -> tuple[list[dict[str, Any]], BuildStats]:
     """Tokenize preference records into pairs.
@@ -120,10 +154,7 @@ def build_pairs(records: list[Record], tokenizer: Any, max_length: int, add_eos:
                 shared = "" if "prompt" in rec.fields else " once the prefix it shares with the other is removed"
                 raise InputError(f"{rec.where}: the {name} completion is empty{shared}; every pair needs two "
                                  "non-empty completions")
-        if len(prompt_ids) >= max_length:
-            raise InputError(f"{rec.where}: the prompt has {len(prompt_ids)} tokens, which fills "
-                             f"train.max_length={max_length} and leaves no room for a completion; shorten the prompt "
-                             "or raise train.max_length")
+        refuse_full_prompt(len(prompt_ids), max_length, rec.where)
         if add_eos and needs_eos and eos is not None:
             chosen, rejected = chosen + [eos], rejected + [eos]
         room = max_length - len(prompt_ids)

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,52 @@ class Record:
     """One example as read from a file."""
 
     fields: dict[str, Any]
-    where: str  # "path line N" / "path line N (item K)" / "path row N"
+    where: str  # "path line N" / "path line N (item K)" / "path row N" / "data[K]"
+
+
+def records_from_rows(rows: Iterable[Mapping[str, Any]], source: str = "<data>") -> list[Record]:
+    """Records from in-memory rows: a list of dicts, a ``datasets.Dataset``, any iterable of mappings.
+
+    Each record's ``where`` names its row (``data[3]``), so later errors point at it as they
+    point at a file's line.
+
+    Args:
+        rows: the examples, one mapping of field name to value each.
+        source: how errors name the collection (the argument it was passed as).
+
+    Raises:
+        InputError: ``rows`` is a string or a mapping rather than a collection of rows, a row is
+            not a mapping, a field name is not a string, a string is not valid Unicode, or there
+            are no rows.
+    """
+    if isinstance(rows, (str, bytes, Path)):
+        raise InputError(f"{source}: expected a list of rows here, got {type(rows).__name__}; pass a file path "
+                         "as a str or Path where a path is accepted, or a list of dicts")
+    if isinstance(rows, Mapping):
+        hint = (" (a DatasetDict: pick a split, e.g. dataset['train'])" if all(hasattr(v, "column_names")
+                                                                             for v in rows.values()) and rows
+                else " (for columns of equal length, pass datasets.Dataset.from_dict(...) or a list of dicts)")
+        raise InputError(f"{source}: expected a list of rows, got a mapping{hint}")
+    if hasattr(rows, "columns") and hasattr(rows, "to_dict"):  # iterating a DataFrame yields column names
+        raise InputError(f"{source}: got a pandas DataFrame; pass df.to_dict('records') or "
+                         "datasets.Dataset.from_pandas(df)")
+    if not isinstance(rows, Iterable):
+        raise InputError(f"{source}: expected a list of dicts or a datasets.Dataset, got {type(rows).__name__}")
+    records = []
+    for i, row in enumerate(rows):
+        where = f"{source}[{i}]"
+        if not isinstance(row, Mapping):
+            raise InputError(f"{where}: each row must be a mapping of field names to values (a dict), got "
+                             f"{type(row).__name__}")
+        bad = [k for k in row if not isinstance(k, str)]
+        if bad:
+            raise InputError(f"{where}: field names must be strings, got {bad[0]!r} ({type(bad[0]).__name__})")
+        fields = dict(row)
+        _check_unicode(fields, where)
+        records.append(Record(fields, where))
+    if not records:
+        raise InputError(f"{source}: no examples (the collection is empty)")
+    return records
 
 
 def read_records(path: str | Path) -> list[Record]:

@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from lmtune.errors import InputError
+from lmtune.methods.adapter_checks import check_adapter_config, check_finite_tensors
 from lmtune.methods.lora_layer import lora_layers
 from lmtune.models.loading import META_FILE, load_tokenizer, read_meta, tokenizer_fingerprint
+from lmtune.models.metadata import read_json_object
 
 CONFIG_FILE = "adapter_config.json"
 
@@ -111,7 +113,8 @@ def read_adapter_folder(folder: Path | str) -> tuple[dict[str, Any], dict[str, t
     """``(adapter_config, tensors, lmtune meta)`` of an adapter folder, checked for completeness.
 
     Raises:
-        InputError: the folder or a file is missing, a file is unreadable, or weights are pickled.
+        InputError: the folder or a file is missing, a file is unreadable, weights are pickled,
+            a hyper-parameter is of the wrong type or out of range, or a tensor is not finite.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -125,14 +128,12 @@ def read_adapter_folder(folder: Path | str) -> tuple[dict[str, Any], dict[str, t
                  if (folder / "adapter_model.bin").exists() else "")
         raise InputError(f"adapter folder {folder} is missing {' and '.join(missing)}{extra}; an adapter folder "
                          f"holds {CONFIG_FILE} and {WEIGHTS_FILE}")
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{folder / CONFIG_FILE}: not valid JSON ({e})") from None
+    config = check_adapter_config(read_json_object(folder / CONFIG_FILE), folder / CONFIG_FILE)
     try:
         tensors = load_file(folder / WEIGHTS_FILE)
     except (SafetensorError, OSError) as e:
         raise InputError(f"{folder / WEIGHTS_FILE}: not a readable safetensors file ({e})") from None
+    check_finite_tensors(tensors, folder / WEIGHTS_FILE)
     return config, tensors, read_meta(folder)
 
 

@@ -29,6 +29,7 @@ from lmtune.methods.adapter_files import (
     CONFIG_FILE,
     PREFIX,
     WEIGHTS_FILE,
+    adapter_tokenizer,
     base_fingerprint,
     check_base,
     fit_embeddings,
@@ -297,27 +298,72 @@ def load_adapter(model: nn.Module, folder: Path | str, tokenizer: Any = None, ad
     return model
 
 
-def merge_command(model: str | Path | None, adapter: str | Path, out: str | Path) -> Path:
-    """``lmtune merge``: base + adapter -> a plain ``transformers`` folder with the tokenizer.
+def load_with_adapter(model: str | Path | nn.Module | None, adapter: str | Path | None = None,
+                      trust_remote_code: bool = False, tokenizer: Any = None) -> tuple[nn.Module, Any, Path | None]:
+    """The model and tokenizer to run: a model folder's, with an adapter folder loaded onto it
+    (not merged), or the caller's in-memory model and tokenizer as they are.
+
+    The tokenizer is the adapter's own when its training added tokens (chat data); see
+    :func:`adapter_tokenizer`.
+
+    Returns:
+        ``(model, tokenizer, model folder)``; the folder is ``None`` for an in-memory model.
+
+    Raises:
+        InputError: an in-memory model without its tokenizer or with an adapter folder (which
+            would be injected into the caller's model), a tokenizer given with a folder, or as
+            ``load_model_and_tokenizer`` and :func:`load_adapter`.
+    """
+    if isinstance(model, nn.Module):
+        if tokenizer is None:
+            raise InputError("an in-memory model needs its tokenizer: pass tokenizer=")
+        if adapter:
+            raise InputError("adapter= loads an adapter folder onto a model folder; for an in-memory model, load "
+                             "both with lmtune.load(model_folder, adapter=...) or pass the adapted model")
+        return model, tokenizer, None
+    if tokenizer is not None:
+        raise InputError("tokenizer= goes with an in-memory model; a model folder comes with its own tokenizer")
+    lm, tokenizer, folder = load_model_and_tokenizer(model, trust_remote_code=trust_remote_code)
+    if adapter:
+        tokenizer = adapter_tokenizer(adapter, tokenizer)
+        lm = load_adapter(lm, adapter, tokenizer=tokenizer)
+    return lm, tokenizer, folder
+
+
+def merged_model(model: str | Path | None, adapter: str | Path | None) -> tuple[nn.Module, Any, Path]:
+    """Load a base model (folder or GGUF) and fold ``adapter`` (if any) into it.
 
     A QLoRA adapter merges into the *original* full-precision base, never into 4-bit weights
     (rounding the merged weights to NF4 again would lose most of the update).
 
+    Returns:
+        ``(plain transformers model, tokenizer to run it with, base source)``.
+
     Raises:
-        InputError: bad folders, an adapter for another base, a prompt-tuning adapter (nothing
-            to fold: it adds inputs, not weight changes), or an ``out`` that already holds a model.
+        InputError: bad folders, an adapter for another base, or a prompt-tuning adapter (nothing
+            to fold: it adds inputs, not weight changes).
     """
+    if adapter is not None:
+        config, _, _ = read_adapter_folder(adapter)
+        if config.get("peft_type") == "PROMPT_TUNING":
+            raise InputError(f"{adapter} is a prompt-tuning adapter: it prepends learned inputs and changes no "
+                             "weight, so there is nothing to merge; use it with --adapter instead")
+    # The adapter's tokenizer where its training added chat tokens: the merged rows are for those ids.
+    base, tokenizer, folder = load_with_adapter(model, adapter)
+    return (merge_and_unload(base) if adapter is not None else base), tokenizer, folder
+
+
+def merge_command(model: str | Path | None, adapter: str | Path, out: str | Path) -> Path:
+    """``lmtune merge``: base + adapter -> a plain ``transformers`` folder with the tokenizer; returns ``out``.
+
+    Raises:
+        InputError: see :func:`merged_model`, or an ``out`` that already holds a model.
+    """
+
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out} already exists and is not empty; choose a new folder")
-    config, _, _ = read_adapter_folder(adapter)
-    if config.get("peft_type") == "PROMPT_TUNING":
-        raise InputError(f"{adapter} is a prompt-tuning adapter: it prepends learned inputs and changes no weight, "
-                         "so there is nothing to merge; use it with --adapter instead")
-    base, tokenizer, folder = load_model_and_tokenizer(model)
-    load_adapter(base, adapter, tokenizer)
-    merged = merge_and_unload(base)
+    merged, tokenizer, folder = merged_model(model, adapter)
     save_model(merged, tokenizer, out, {"base_model": str(folder), "adapter": str(adapter), "method": "merged",
                                         "weights_fingerprint": weights_fingerprint(merged)})
-    print(f"merged {adapter} into {folder}; wrote {out}")
     return out

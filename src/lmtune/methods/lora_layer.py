@@ -40,7 +40,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lmtune.config import LoraConfig
 from lmtune.errors import InputError
-from lmtune.quant import dequantize, linear_4bit, quantize
+from lmtune.quant import linear_4bit
 
 DEFAULT = "default"  # adapter name used when only one adapter is in play (PEFT's name too)
 
@@ -91,8 +91,9 @@ class LoRALinear(nn.Module):
         self.base_layer = base
         self.weight_4bit: Any = None
         if quantize_base:
-            q = quantize(self.dense_weight(), block_size, double_quant)  # (d_out, d_in) in 4 bits
-            self.weight_4bit = q if isinstance(q, nn.Module) else nn.Parameter(q, requires_grad=False)
+            from lmtune.quant import quantize
+
+            self.weight_4bit = quantize(self.dense_weight(), block_size, double_quant)  # (d_out, d_in) in 4 bits
             base.weight = None  # the full-precision copy goes; only the 4-bit one is kept
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -109,19 +110,25 @@ class LoRALinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The base weight as a ``(d_out, d_in)`` tensor (a view for full precision, decoded for NF4)."""
         if self.quantized:
+            from lmtune.quant import dequantize
+
             return dequantize(self.weight_4bit)
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w
 
     def base_device(self) -> torch.device:
         if self.quantized:
-            q = self.weight_4bit
-            return q.device if isinstance(q, torch.Tensor) else q.codes.device
+            return self.weight_4bit.device
         return self.base_layer.weight.device
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantized:
+            if type(self.base_layer) is nn.Linear:  # no bf16 weight copy kept for backward under autocast
+                from lmtune.frozen_matmul import frozen_linear
+
+                return frozen_linear(x, self.base_layer.weight, self.base_layer.bias)
             return self.base_layer(x)
+
         y = linear_4bit(x, self.weight_4bit)  # (…, d_out)
         bias = self.base_layer.bias
         return y if bias is None else y + bias
@@ -213,6 +220,7 @@ class LoRALinear(nn.Module):
         if norm is not None:
             restored = restored * (norm / self.lora_magnitude_vector[name]).unsqueeze(1)
         w.copy_((restored - self.delta_weight(name).float()).to(w.dtype))
+
 
     def extra_repr(self) -> str:
         kind = "NF4" if self.quantized else ("Conv1D" if self.fan_in_fan_out else "Linear")

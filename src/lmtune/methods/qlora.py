@@ -1,8 +1,8 @@
 """QLoRA (Dettmers et al., 2023): LoRA adapters in full precision on a frozen 4-bit NF4 base.
 
-Every linear layer of the transformer blocks is stored in NF4 (``lmtune.quant``); embeddings,
-norms and the output head stay in full precision, as do linear layers whose size does not divide
-into whole quantization blocks (they are listed in the log and in ``summary.json``). The
+Every linear layer of the transformer blocks is stored in NF4 (``lmtune.quant``), whatever its
+size (the last block of weights and of scales is padded); embeddings, norms and the output head
+stay in full precision. The
 ``lora.*`` targets get adapters exactly as with ``method=lora``; the 4-bit weights never get a
 gradient, the inputs do (so earlier adapters learn).
 
@@ -27,7 +27,7 @@ from lmtune.methods.lora_layer import LoRALinear, lora_layers
 from lmtune.methods.prepared import Prepared
 from lmtune.methods.targets import base_modules, is_linear
 from lmtune.models.loading import load_causal_lm
-from lmtune.quant import nf4_nbytes, quantize_problem
+from lmtune.quant import nf4_nbytes
 
 
 def _head_ids(model: nn.Module) -> set[int]:
@@ -35,51 +35,42 @@ def _head_ids(model: nn.Module) -> set[int]:
     return {id(getattr(head, "base_layer", head))} if head is not None else set()
 
 
-def plan_quantization(model: nn.Module, block_size: int, double_quant: bool) -> tuple[dict[str, int], dict[str, str]]:
-    """Which linear layers go to NF4 (name -> weight count), and which stay in full precision (name -> why).
+def plan_quantization(model: nn.Module) -> dict[str, int]:
+    """Which linear layers go to NF4 (name -> weight count): every one but the output head.
 
-    The output head is never quantized (it is not listed): its errors would land directly on
-    the logits, and it is often tied to the input embeddings. Layers already in NF4 (from
-    :func:`load_quantized`) count as quantized.
+    Any size quantizes (``lmtune.quant`` pads the last blocks). The output head is never
+    quantized: its errors would land directly on the logits, and it is often tied to the input
+    embeddings. Layers already in NF4 (from :func:`load_quantized`) count as quantized.
     """
     done = {name: layer.in_features * layer.out_features for name, layer in lora_layers(model).items()
             if layer.quantized}
     heads = _head_ids(model)
-    quantize, keep = {}, {}
+    quantize = {}
     for name, module in base_modules(model).items():
         if name in done:
             quantize[name] = done[name]
-            continue
-        if not is_linear(module) or id(module) in heads:
-            continue
-        numel = module.weight.numel()
-        problem = quantize_problem(numel, block_size, double_quant)
-        if problem:
-            keep[name] = problem
-        else:
-            quantize[name] = numel
-    return quantize, keep
+        elif is_linear(module) and id(module) not in heads:
+            quantize[name] = module.weight.numel()
+    return quantize
 
 
-def checked_plan(model: nn.Module, block: int, double: bool) -> tuple[dict[str, int], dict[str, str]]:
-    """:func:`plan_quantization`, refusing a model where nothing would be quantized.
+def checked_plan(model: nn.Module) -> dict[str, int]:
+    """:func:`plan_quantization`, refusing a model that has no linear layer besides its head.
 
     Raises:
-        InputError: no linear layer divides into NF4 blocks (or the model has none).
+        InputError: nothing to quantize.
     """
-    quantize, keep = plan_quantization(model, block, double)
+    quantize = plan_quantization(model)
     if not quantize:
-        reasons = "; ".join(f"{n}: {why}" for n, why in list(keep.items())[:4]) or "it has no linear layers"
-        raise InputError(f"method=qlora: no linear layer of {type(model).__name__} can be stored in NF4 with "
-                         f"quant.block_size={block}, quant.double_quant={str(double).lower()} ({reasons}). "
-                         "Try a smaller quant.block_size, quant.double_quant=false, or method=lora.")
-    return quantize, keep
+        raise InputError(f"method=qlora: {type(model).__name__} has no linear layer to store in NF4 (besides its "
+                         "output head, which stays in full precision); use method=lora.")
+    return quantize
 
 
 def weight_memory(model: nn.Module, quantized: dict[str, int], block_size: int, double_quant: bool) -> dict[str, Any]:
     """Weight bytes with the NF4 layers vs the same model in fp32 and bf16 (closed form)."""
     q_numel = sum(quantized.values())
-    q_bytes = sum(nf4_nbytes(n, block_size, double_quant) for n in quantized.values())
+    q_bytes = sum(nf4_nbytes(n, block_size, double_quant) for n in quantized.values())  # padding included
     in_nf4 = sum(layer.in_features * layer.out_features for layer in lora_layers(model).values() if layer.quantized)
     seen = {id(p): p for n, p in model.named_parameters() if "weight_4bit" not in n}
     total = sum(p.numel() for p in seen.values()) + in_nf4
@@ -130,12 +121,14 @@ def load_quantized(folder: Path, quant: QuantConfig, trust_remote_code: bool = F
 
 
     trust = trust_remote_code
+    if Path(folder).suffix.lower() == ".gguf":  # dequantized by transformers' GGUF reader, then quantized in place
+        return load_causal_lm(folder, trust)
     settings = {"block_size": quant.block_size, "double_quant": quant.double_quant}
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust)
     with no_init_weights(), _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust, dtype=torch.float32)
     model.tie_weights()
-    quantize, _ = plan_quantization(model, **settings)
+    quantize = plan_quantization(model)
     owners = dict(model.named_modules())  # the original modules, also after they are wrapped
     expected = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()
                                                            if n in model.state_dict()}
@@ -150,6 +143,10 @@ def load_quantized(folder: Path, quant: QuantConfig, trust_remote_code: bool = F
             tensor = f.get_tensor(key).float()
         owner_name, _, leaf = key.rpartition(".")
         owner = owners[owner_name]
+        want = getattr(owner, leaf).shape  # the shape config.json gives, on the meta device
+        if tensor.shape != want:
+            raise InputError(f"{file}: tensor {key} is {tuple(tensor.shape)} but the config needs {tuple(want)}; "
+                             "the weights belong to another model, or config.json was edited")
         if leaf in owner._parameters:
             owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
         else:
@@ -187,7 +184,7 @@ def apply(model: Any, tokenizer: Any, base_folder: Path, lora_section: LoraConfi
           seed: int) -> Prepared:
     """``method=qlora``: quantize the base's linear layers to NF4, then add a LoRA adapter."""
     block, double = quant.block_size, quant.double_quant
-    quantize, keep = checked_plan(model, block, double)
+    quantize = checked_plan(model)
     memory = weight_memory(model, quantize, block, double)
     settings = {"block_size": block, "double_quant": double}
     # Targets are quantized as they are wrapped (so no fp32 copy lingers); then the rest.
@@ -199,12 +196,9 @@ def apply(model: Any, tokenizer: Any, base_folder: Path, lora_section: LoraConfi
             parent, _, child = name.rpartition(".")
             wrapped = LoRALinear(modules[name], quantize_base=True, **settings)  # quantized, no adapter
             setattr(model.get_submodule(parent) if parent else model, child, wrapped)
-    if keep:
-        print(f"qlora: kept {len(keep)} linear layer(s) in full precision: "
-              + "; ".join(f"{n} ({why})" for n, why in keep.items()), flush=True)
     prepared.summary.update({
         "quant_block_size": block, "quant_double_quant": double,
-        "quantized_layers": len(quantize), "unquantized_layers": sorted(keep),
+        "quantized_layers": len(quantize),
         "bytes_per_quantized_param": memory["bytes_per_quantized_param"],
         "weight_memory_mb": memory["weight_bytes"] / 2**20,
         "weight_memory_fp32_mb": memory["weight_bytes_fp32"] / 2**20,

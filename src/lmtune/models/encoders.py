@@ -11,23 +11,21 @@ safetensors only, ``trust_remote_code`` off unless asked, nothing downloaded.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lmtune.errors import InputError
+from lmtune.models.metadata import check_config
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    """The folder's ``config.json`` as a dict."""
-    try:
-        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{folder}/config.json: cannot read it ({e})") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{folder}/config.json: must hold a JSON object")
-    return config
+    """The folder's ``config.json`` (or a GGUF file's config) as a dict, sizes checked (``models.metadata``)."""
+    from lmtune.models.gguf import gguf_config, is_gguf
+
+    if is_gguf(Path(folder)):
+        return gguf_config(Path(folder))
+    return check_config(folder)
 
 
 def is_encoder(folder: Path) -> bool:
@@ -53,7 +51,7 @@ def refuse_encoder(folder: Path) -> None:
         kind = read_config(folder).get("model_type")
         raise InputError(
             f"{folder} is a {kind} encoder: encoders read text but don't generate it, so it cannot be used "
-            "where a causal language model is needed (objective=lm, sft, dpo, ppo, reward; generate; "
+            "where a causal language model is needed (objective=lm, sft, dpo, kto, ppo, grpo, reward; generate; "
             "perplexity). Fine-tune an encoder with objective=classify on text+label data.")
 
 

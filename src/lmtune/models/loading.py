@@ -11,13 +11,18 @@ under that tokenizer, so pairing a model with a different one is refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lmtune.errors import InputError
 from lmtune.models.encoders import is_encoder, refuse_encoder
+from lmtune.models.metadata import check_model_folder, check_tokenizer_folder, read_json_object
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 META_FILE = "lmtune.json"
@@ -31,17 +36,28 @@ def shipped_model_dir() -> Path:
 
 
 def resolve_model_dir(path: str | Path | None) -> Path:
-    """Check that ``path`` is a loadable model folder (``None``: the shipped model) and return it.
+    """Check that ``path`` is a loadable model source (``None``: the shipped model) and return it.
+
+    A source is a ``transformers`` folder or a GGUF file (given as the file, or as a folder
+    holding one ``.gguf`` and no ``config.json``); for GGUF the file's path is returned, and the
+    loaders below read it through ``transformers``' GGUF support.
 
     Raises:
         InputError: the folder is missing, has no ``config.json``, or has no safetensors
             weights (pickle-only folders are refused and never read).
     """
+    from lmtune.models.gguf import find_gguf
+
     folder = shipped_model_dir() if path is None else Path(path)
     if not folder.exists():
-        raise InputError(f"model folder {folder} does not exist (give a local Hugging Face model folder)")
+        raise InputError(f"model folder {folder} does not exist (give a local Hugging Face model folder or a "
+                         ".gguf file)")
+    gguf = find_gguf(folder)
+    if gguf is not None:
+        return gguf
     if not folder.is_dir():
-        raise InputError(f"model {folder} is a file; give the folder that holds config.json and *.safetensors")
+        raise InputError(f"model {folder} is a file; give a .gguf file or the folder that holds config.json and "
+                         "*.safetensors")
     if not (folder / "config.json").is_file():
         raise InputError(f"{folder} is not a model folder: it has no config.json")
     if not any(folder.glob("*.safetensors")):
@@ -54,6 +70,7 @@ def resolve_model_dir(path: str | Path | None) -> Path:
             )
         raise InputError(f"{folder} has no *.safetensors weights")
     _check_shard_index(folder)
+    check_model_folder(folder)
     return folder
 
 
@@ -75,13 +92,19 @@ def _check_shard_index(folder: Path) -> None:
 
 
 def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:
-    """Load the tokenizer saved in ``folder``, locally."""
+    """Load the tokenizer saved in ``folder`` (or stored in a GGUF file), locally."""
     from transformers import AutoTokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{folder}: could not load its tokenizer: {e}") from None
+    from lmtune.models.gguf import is_gguf, load_gguf_tokenizer
+
+    if is_gguf(Path(folder)):
+        tok = load_gguf_tokenizer(Path(folder))
+    else:
+        check_tokenizer_folder(folder)
+        try:
+            tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+        except Exception as e:  # OSError, ValueError, or the tokenizers library's bare Exception for a damaged file
+            raise InputError(f"{folder}: could not load its tokenizer: {e}") from None
     if tok.pad_token_id is None:
         # Padding is masked out of attention and loss, so any id works; EOS is the usual choice.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.bos_token
@@ -98,12 +121,17 @@ def load_causal_lm(folder: Path, trust_remote_code: bool = False, dtype: Any = N
     import torch
     from transformers import AutoModelForCausalLM
 
-    refuse_encoder(folder)
+    from lmtune.models.gguf import is_gguf, load_gguf_model  # gguf: an optional reader, loaded only for .gguf
 
+    refuse_encoder(folder)
+    if is_gguf(Path(folder)):
+        return load_gguf_model(Path(folder), dtype or torch.float32)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        # The loading report is asked for and checked: by default transformers only logs that a
+        # tensor was missing (and initialises it at random), and a wrong shape is named only in a log.
+        model, info = AutoModelForCausalLM.from_pretrained(
             folder, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code,
-            dtype=dtype or torch.float32,
+            dtype=dtype or torch.float32, output_loading_info=True, ignore_mismatched_sizes=True,
         )
     except ValueError as e:
         if "trust_remote_code" in str(e):
@@ -112,7 +140,30 @@ def load_causal_lm(folder: Path, trust_remote_code: bool = False, dtype: Any = N
         raise InputError(f"{folder}: not a causal language model this transformers can load: {e}") from None
     except OSError as e:
         raise InputError(f"{folder}: could not load the model: {e}") from None
+    refuse_incomplete(folder, info)
     return model
+
+
+def refuse_incomplete(folder: Path, info: dict[str, Any]) -> None:
+    """Refuse a load that left tensors at random: missing from the files, or of the wrong shape.
+
+    A partly random model must never train or generate.
+
+    Raises:
+        InputError: naming the weight files and up to five tensors (with their shapes).
+    """
+    where = f"{folder}/{'model.safetensors' if (Path(folder) / 'model.safetensors').is_file() else '*.safetensors'}"
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        shown = "; ".join(f"{k} is {tuple(got)} but the config needs {tuple(want)}" for k, got, want in mismatched[:5])
+        raise InputError(f"{where}: {len(mismatched)} tensor(s) do not fit config.json: {shown}. The weights "
+                         "belong to another model, or config.json was edited (vocab_size and hidden sizes must "
+                         "match the weights)")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise InputError(f"{where} lacks {len(missing)} tensor(s) the model needs: {', '.join(missing[:5])}"
+                         f"{', …' if len(missing) > 5 else ''}; they would start random. The file is incomplete or "
+                         "belongs to another model")
 
 
 def load_model_and_tokenizer(path: str | Path | None, tokenizer_path: str | Path | None = None,
@@ -131,15 +182,26 @@ def load_model_and_tokenizer(path: str | Path | None, tokenizer_path: str | Path
 
 
 def context_length(folder: Path) -> int | None:
-    """The model's maximum sequence length from its ``config.json`` (``None`` if it has none)."""
-    try:
-        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{folder}/config.json is not readable JSON: {e}") from None
+    """The model's maximum sequence length from its config (``None`` if it has none)."""
+    from lmtune.models.encoders import read_config
+
+    config = read_config(folder)
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):
         if isinstance(config.get(key), int):
             return config[key]
     return None
+
+
+def auto_config(folder: Path, trust_remote_code: bool = False) -> Any:
+    """The model's ``transformers`` config, from ``config.json`` or a GGUF file's metadata."""
+    from transformers import AutoConfig
+
+    from lmtune.models.gguf import gguf_config, is_gguf
+
+    if is_gguf(Path(folder)):
+        config = gguf_config(Path(folder))
+        return AutoConfig.for_model(config.pop("model_type"), **config)
+    return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -161,10 +223,7 @@ def read_meta(folder: Path) -> dict[str, Any]:
     path = Path(folder) / META_FILE
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e}); delete it to load the model without its record") from None
+    return read_json_object(path, "; delete it to load the model without its record")
 
 
 def check_tokenizer(model_folder: Path, tokenizer: Any, tokenizer_folder: Path | None = None) -> None:
@@ -177,6 +236,25 @@ def check_tokenizer(model_folder: Path, tokenizer: Any, tokenizer_folder: Path |
             f"{model_folder} was trained with ({recorded}): the token ids would no longer mean the same words. "
             "Use the tokenizer saved with the model."
         )
+
+
+@contextlib.contextmanager
+def new_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder next to ``out``, renamed to ``out`` when the block succeeds, removed when it fails.
+
+    So a folder a command writes (``convert``, ``export --format ollama``) is either whole or absent.
+    ``out`` must not exist or be an empty folder.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_model(model: Any, tokenizer: Any, folder: Path, extra_meta: dict[str, Any] | None = None) -> None:

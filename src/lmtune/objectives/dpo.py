@@ -11,6 +11,12 @@ prompt never counts. The formulas follow TRL's ``DPOTrainer`` (tests check them 
     robust   (−(1−ε)·log σ(β d) + ε·log σ(−β d)) / (1−2ε)  (rDPO, unbiased under flip rate ε)
     hinge    max(0, 1 − β d)                                (SLiC)
     ipo      (d_c/n_c − d_r/n_r − 1/(2β))²                  (IPO, per-token averaged log-ratios)
+
+Two reference-free variants take per-token *average* log-probs ``a = log π(y|x) / |y|``
+(TRL's ``ORPOTrainer`` and ``CPOTrainer(loss_type="simpo")``):
+
+    orpo     NLL(chosen) − β · log σ(log odds(a_c) − log odds(a_r)),  odds(a) = e^a / (1 − e^a)
+    simpo    −(1−ε)·log σ(β (a_c − a_r) − γ) − ε·log σ(−β (a_c − a_r) + γ)
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "orpo", "simpo")
+REFERENCE_FREE = ("orpo", "simpo")  # no reference model, no reference forward
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -68,17 +75,67 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
                      rejected_ratio / rejected_lengths.clamp(min=1))  # (B,)
         losses = (delta - 1 / (2 * beta)) ** 2  # (B,)
     else:
-        raise ValueError(f"unknown DPO loss '{loss_type}'; expected one of {', '.join(LOSS_TYPES)}")
+        raise ValueError(f"unknown DPO loss '{loss_type}'; expected one of {', '.join(LOSS_TYPES[:4])}")
+    return losses.mean(), _reward_metrics(beta * chosen_ratio, beta * rejected_ratio, policy_chosen, policy_rejected)
 
-    with torch.no_grad():
-        chosen_rewards = beta * chosen_ratio.float()  # (B,)
-        rejected_rewards = beta * rejected_ratio.float()  # (B,)
-        metrics = {
-            "rewards/chosen": chosen_rewards.mean().item(),
+
+@torch.no_grad()
+def _reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, policy_chosen: torch.Tensor,
+                    policy_rejected: torch.Tensor) -> dict[str, float]:
+    """Batch means of the implicit rewards (B,) and policy log-probs (B,) that preference runs log."""
+    chosen_rewards, rejected_rewards = chosen_rewards.float(), rejected_rewards.float()
+    return {"rewards/chosen": chosen_rewards.mean().item(),
             "rewards/rejected": rejected_rewards.mean().item(),
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
             "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
             "logps/chosen": policy_chosen.float().mean().item(),
-            "logps/rejected": policy_rejected.float().mean().item(),
-        }
-    return losses.mean(), metrics
+            "logps/rejected": policy_rejected.float().mean().item()}
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − eˣ) for x < 0, without cancellation on either side of −ln 2."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, chosen_nll: torch.Tensor,
+              beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """ORPO (Hong et al., 2024): the SFT loss on the chosen side plus an odds-ratio preference term.
+
+    Args:
+        chosen_avg: (B,) per-token average completion log-probs of the chosen completions.
+        rejected_avg: (B,) the same for the rejected ones.
+        chosen_nll: () the SFT negative log-likelihood of the chosen completions (token mean).
+        beta: λ, the weight of the odds-ratio term.
+
+    Returns:
+        ``(loss, metrics)``: the scalar loss and the reward metrics of ``dpo_loss`` (rewards are
+        β · average log-probs) plus ``nll_loss``, ``log_odds_ratio`` and ``log_odds_chosen``.
+    """
+    chosen_avg, rejected_avg = chosen_avg.float(), rejected_avg.float()
+    log_odds = (chosen_avg - rejected_avg) - (log1mexp(chosen_avg) - log1mexp(rejected_avg))  # (B,)
+    ratio = F.logsigmoid(log_odds)  # (B,)
+    loss = chosen_nll - beta * ratio.mean()
+    metrics = _reward_metrics(beta * chosen_avg, beta * rejected_avg, chosen_avg, rejected_avg)
+    metrics.update({"nll_loss": float(chosen_nll.detach()), "log_odds_ratio": ratio.mean().item(),
+                    "log_odds_chosen": log_odds.mean().item()})
+    return loss, metrics
+
+
+def simpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, beta: float, gamma: float,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """SimPO (Meng et al., 2024): a length-normalised margin loss with target margin γ, no reference.
+
+    Args:
+        chosen_avg: (B,) per-token average completion log-probs of the chosen completions.
+        rejected_avg: (B,) the same for the rejected ones.
+        beta: scale of the implicit reward β · average log-prob.
+        gamma: target reward margin γ.
+        label_smoothing: ε, the assumed share of flipped labels (as cDPO).
+
+    Returns:
+        ``(loss, metrics)``: the scalar mean loss and the reward metrics of ``dpo_loss``.
+    """
+    logits = (chosen_avg - rejected_avg) - gamma / beta  # (B,)
+    losses = (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
+              - F.logsigmoid(-beta * logits) * label_smoothing)  # (B,)
+    return losses.mean(), _reward_metrics(beta * chosen_avg, beta * rejected_avg, chosen_avg, rejected_avg)

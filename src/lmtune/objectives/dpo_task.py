@@ -1,9 +1,10 @@
-"""Objective ``dpo``: preference pairs -> DPO (or IPO, hinge, robust) through the one loop.
+"""Objective ``dpo``: preference pairs -> DPO (or IPO, hinge, robust, ORPO, SimPO) through the one loop.
 
 Each step runs chosen and rejected through the policy in one batched forward; the reference
 log-probs come from the frozen reference (adapter-disabled model or frozen copy) on the same
 batch, or were computed once before training (``dpo.precompute_ref=true``: no copy is kept,
-and each step runs one forward instead of two).
+and each step runs one forward instead of two). ORPO and SimPO need no reference at all: no
+copy is made and no reference forward runs.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from typing import Any
 
 import torch
 
-from lmtune.config import DPOConfig
+from lmtune.config import KEYS, DPOConfig
 from lmtune.data.preference import IDENTICAL, build_pairs, collate_pairs
 from lmtune.distributed import pick_device
 from lmtune.errors import InputError
-from lmtune.objectives.dpo import dpo_loss
+from lmtune.objectives.dpo import REFERENCE_FREE, dpo_loss, orpo_loss, simpo_loss
 from lmtune.objectives.lm import completion_logps
 from lmtune.objectives.reference import Reference, disable_dropout
-from lmtune.objectives.task import RunContext, Task
+from lmtune.objectives.task import LossFn, RunContext, Task
 
 
 def check_config(dpo: DPOConfig) -> None:
@@ -27,8 +28,15 @@ def check_config(dpo: DPOConfig) -> None:
     if dpo.loss == "robust" and not dpo.label_smoothing < 0.5:
         raise InputError(f"dpo.loss=robust needs dpo.label_smoothing below 0.5 (the share of flipped labels); "
                          f"got {dpo.label_smoothing}")
-    if dpo.label_smoothing and dpo.loss in ("ipo", "hinge"):
-        raise InputError(f"dpo.label_smoothing applies to dpo.loss=sigmoid (cDPO) or robust, not {dpo.loss}")
+    if dpo.label_smoothing and dpo.loss in ("ipo", "hinge", "orpo"):
+        raise InputError(f"dpo.label_smoothing applies to dpo.loss=sigmoid (cDPO), robust or simpo, "
+                         f"not {dpo.loss}")
+    if dpo.precompute_ref and dpo.loss in REFERENCE_FREE:
+        raise InputError(f"dpo.precompute_ref has no effect with dpo.loss={dpo.loss}, which uses no "
+                         "reference model; leave it unset")
+    if dpo.simpo_gamma != KEYS["dpo.simpo_gamma"].default and dpo.loss != "simpo":
+        raise InputError(f"dpo.simpo_gamma={dpo.simpo_gamma} has no effect with dpo.loss={dpo.loss}: only "
+                         "dpo.loss=simpo reads it; remove it or set dpo.loss=simpo")
 
 
 def load_pairs(ctx: RunContext, key: str, add_eos: bool = True,
@@ -66,25 +74,8 @@ def precompute_reference(pairs: list[dict[str, Any]], reference: Reference, pad_
                 pair["ref_chosen"], pair["ref_rejected"] = c, r
 
 
-def build_task(ctx: RunContext) -> Task:
-    """DPO task: pairs in, summed DPO loss over the batch's pairs out."""
-    cfg, tok = ctx.cfg, ctx.tokenizer
-    check_config(cfg.dpo)
-    train_pairs, stats = load_pairs(ctx, "data.train")
-    eval_pairs, _ = load_pairs(ctx, "data.eval")
-    model = ctx.load_causal_lm()
-    disable_dropout(model)
-    prepared = ctx.apply_method(model)
-    policy, pad_id = prepared.model, tok.pad_token_id
-    precompute = cfg.dpo.precompute_ref
-    reference = Reference(policy, ctx.method.adapter, keep_copy=not precompute)
-    if precompute:
-        device = pick_device()
-        policy.to(device)
-        for pairs in (train_pairs, eval_pairs or []):
-            precompute_reference(pairs, reference, pad_id, cfg.train.batch_size, device)
-        ctx.log.say(f"precomputed reference log-probs for {len(train_pairs) + len(eval_pairs or [])} pairs")
-    beta, loss_type, smoothing = cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.label_smoothing
+def reference_loss(reference: Reference, loss_type: str, beta: float, smoothing: float) -> LossFn:
+    """The loss of the DPO family that compares the policy with the reference."""
 
     def loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         pairs = batch["num_loss_tokens"]
@@ -99,8 +90,54 @@ def build_task(ctx: RunContext) -> Task:
                                  chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:])
         return mean * pairs, metrics  # the loop divides by the window's pair count
 
+    return loss
+
+
+def reference_free_loss(loss_type: str, beta: float, gamma: float, smoothing: float) -> LossFn:
+    """ORPO or SimPO: one policy forward per step, on per-token average completion log-probs."""
+
+    def loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        pairs = batch["num_loss_tokens"]
+        summed = completion_logps(model, batch)  # (2B,)
+        lengths = batch["completion_lengths"].clamp(min=1).to(summed.dtype)  # (2B,)
+        chosen, rejected = (summed / lengths).chunk(2)  # (B,), (B,)
+        if loss_type == "orpo":
+            # The SFT term: mean NLL over the chosen completions' tokens (as train.loss_on=response).
+            nll = -summed[:pairs].sum() / lengths[:pairs].sum()
+            mean, metrics = orpo_loss(chosen, rejected, nll, beta)
+        else:
+            mean, metrics = simpo_loss(chosen, rejected, beta, gamma, smoothing)
+        return mean * pairs, metrics
+
+    return loss
+
+
+def build_task(ctx: RunContext) -> Task:
+    """DPO task: pairs in, summed DPO loss over the batch's pairs out."""
+    cfg, tok = ctx.cfg, ctx.tokenizer
+    check_config(cfg.dpo)
+    train_pairs, stats = load_pairs(ctx, "data.train")
+    eval_pairs, _ = load_pairs(ctx, "data.eval")
+    model = ctx.load_causal_lm()
+    disable_dropout(model)
+    prepared = ctx.apply_method(model)
+    policy, pad_id = prepared.model, tok.pad_token_id
+    precompute = cfg.dpo.precompute_ref
+    beta, loss_type, smoothing = cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.label_smoothing
+    if loss_type in REFERENCE_FREE:
+        loss = reference_free_loss(loss_type, beta, cfg.dpo.simpo_gamma, smoothing)
+    else:
+        reference = Reference(policy, ctx.method.adapter, keep_copy=not precompute)
+        if precompute:
+            device = pick_device()
+            policy.to(device)
+            for pairs in (train_pairs, eval_pairs or []):
+                precompute_reference(pairs, reference, pad_id, cfg.train.batch_size, device)
+            ctx.log.say(f"precomputed reference log-probs for {len(train_pairs) + len(eval_pairs or [])} pairs")
+        loss = reference_loss(reference, loss_type, beta, smoothing)
+
     return Task(model=policy, batches=ctx.batches(train_pairs, lambda ps: collate_pairs(ps, pad_id)),
                 eval_examples=eval_pairs, loss=loss, save=prepared.save,
-                summary={"data": stats, "dpo": {"beta": beta, "loss": loss_type,
-                                                                        "precompute_ref": precompute},
+                summary={"data": stats, "dpo": {"beta": beta, "loss": loss_type, "precompute_ref": precompute,
+                                                 "reference_model": loss_type not in REFERENCE_FREE},
                          **prepared.summary})

@@ -16,7 +16,6 @@ takes two arguments, else ``f(response)``, and must return a finite number.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import math
 from collections.abc import Callable
@@ -26,16 +25,18 @@ import torch
 from torch import nn
 
 from lmtune.config import PPOConfig, TrainConfig
-from lmtune.data.batching import epoch_order, pad_rows
+from lmtune.data.batching import pad_rows
 from lmtune.data.examples import encode, special_ids
-from lmtune.distributed import Dist
+from lmtune.distributed import Dist, rank_seed, shard
 from lmtune.errors import InputError
-from lmtune.generate import generate
 from lmtune.models.loading import tokenizer_fingerprint
+from lmtune.objectives import rollouts as shared
 from lmtune.objectives.lm import final_hidden, output_head
 from lmtune.objectives.ppo import gae, masked_whiten, per_token_rewards, policy_loss, value_loss
 from lmtune.objectives.reference import Reference, disable_dropout
 from lmtune.objectives.reward import load_reward_model, reward_scores
+from lmtune.objectives.reward_fns import resolve_callable
+from lmtune.objectives.rollouts import BufferedSource, prompt_indices, sample_completions, split_micro_batches
 from lmtune.objectives.task import RunContext, Task
 
 Scorer = Callable[[list[str], list[str], list[list[int]], list[list[int]]], torch.Tensor]
@@ -58,16 +59,7 @@ def load_reward_fn(spec: str) -> Callable[[str, str], float]:
     Raises:
         InputError: malformed spec, module not importable, or no such callable.
     """
-    module_name, _, name = spec.partition(":")
-    if not module_name or not name:
-        raise InputError(f"ppo.reward_fn={spec!r} must be module:function, e.g. mypkg.rewards:score")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise InputError(f"ppo.reward_fn: cannot import module '{module_name}' ({e}); is it on PYTHONPATH?") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise InputError(f"ppo.reward_fn: module '{module_name}' has no function '{name}'")
+    fn = resolve_callable(spec, "ppo.reward_fn")
     try:
         params = [p for p in inspect.signature(fn).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
@@ -144,56 +136,36 @@ def response_logprobs(model: nn.Module, batch: dict[str, Any], temperature: floa
     return logp, h  # (B, R), (B, R, H)
 
 
-class Rollouts:
+class Rollouts(BufferedSource):
     """Samples, scores and prepares PPO micro-batches: the loop's batch source for ``objective=ppo``."""
 
     def __init__(self, model: PolicyWithValue, reference: Reference, scorer: Scorer,
                  prompts: list[tuple[str, list[int]]], tokenizer: Any, ppo: PPOConfig, batch_size: int, seed: int):
-        self.model, self.reference, self.scorer, self.prompts = model, reference, scorer, prompts
+        super().__init__(model)
+        self.reference, self.scorer, self.prompts = reference, scorer, prompts
         self.tokenizer, self.ppo, self.batch_size, self.seed = tokenizer, ppo, batch_size, seed
         self.eos = special_ids(tokenizer)[1]
-        self.buffer: list[dict[str, Any]] = []
-        self.stats: dict[str, float] = {}
-        self.count = 0  # rollouts made, which also picks their prompts and sampling seed
-
-    def next(self, step: int, ddp: Dist | None) -> dict[str, Any]:
-        if not self.buffer:
-            self._rollout()
-        return self.buffer.pop(0)
 
     def total_steps(self, train: TrainConfig, world: int) -> int:
-        """``train.epochs`` counts passes over the prompts: each rollout gives ppo.epochs passes of micro-batches."""
+        """``train.epochs`` counts passes over the prompts: each rollout gives ppo.epochs passes of micro-batches.
+
+        Under torchrun each rank rolls out ``rollout_batch_size / world`` of the prompts.
+
+        Raises:
+            InputError: ``ppo.rollout_batch_size`` does not divide by the number of ranks.
+        """
         size = self.ppo.rollout_batch_size
-        per_rollout = self.ppo.epochs * math.ceil(size / train.batch_size) / train.grad_accum
+        if size % world:
+            raise InputError(f"ppo.rollout_batch_size={size} does not divide among {world} ranks, so they would "
+                             f"train on different numbers of micro-batches; use a multiple of {world}")
+        per_rollout = self.ppo.epochs * math.ceil(size // world / train.batch_size) / train.grad_accum
         return max(1, math.ceil(train.epochs * len(self.prompts) / size * per_rollout))
 
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The unused part of the current rollout, for checkpoints: a resumed run trains on the
-        same micro-batches instead of sampling new ones from weights that have moved on."""
-        tensors = {f"buffer.{i}.{k}": v for i, micro in enumerate(self.buffer)
-                   for k, v in micro.items() if torch.is_tensor(v)}
-        plain = [{k: v for k, v in micro.items() if not torch.is_tensor(v)} for micro in self.buffer]
-        return tensors, {"count": self.count, "stats": self.stats, "buffer": plain}
-
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        device = next(self.model.parameters()).device
-        self.count, self.stats = meta["count"], meta["stats"]
-        self.buffer = [dict(plain) for plain in meta["buffer"]]
-        for key, value in tensors.items():
-            _, i, name = key.split(".", 2)
-            self.buffer[int(i)][name] = value.to(device)
-
-    def _prompt_indices(self) -> list[int]:
-        """The next ``rollout_batch_size`` prompts, walking seeded permutations epoch by epoch."""
-        size, n, seed = self.ppo.rollout_batch_size, len(self.prompts), self.seed
-        start = self.count * size
-        return [epoch_order(n, seed, i // n)[i % n] for i in range(start, start + size)]
-
     def sample(self, prompt_ids: list[list[int]], temperature: float, seed: int) -> list[list[int]]:
-        """Continue left-padded prompts with the policy; each response keeps its EOS if it stopped."""
-        ids, mask = pad_rows(prompt_ids, self.tokenizer.pad_token_id, left=True)  # (B, P)
-        return generate(self.model.policy, ids, max_new_tokens=self.ppo.max_new_tokens, temperature=temperature,
-                        seed=seed, stop_ids={self.eos} if self.eos is not None else (), attention_mask=mask)
+        """Continue prompts with the policy; each response keeps its EOS if it stopped."""
+        return sample_completions(self.model.policy, prompt_ids, self.tokenizer.pad_token_id,
+                                  self.ppo.max_new_tokens, temperature, seed,
+                                  {self.eos} if self.eos is not None else ())
 
     def score(self, indices: list[int], responses: list[list[int]]) -> torch.Tensor:
         """Raw scores (B,) of the responses, EOS stripped (as reward models are trained)."""
@@ -203,11 +175,13 @@ class Rollouts:
                            bare).float()
 
     @torch.no_grad()
-    def _rollout(self) -> None:
+    def refill(self, ddp: Dist | None = None) -> None:
+        """Roll out this rank's share of the next prompts (each rank samples with its own seed)."""
         ppo, seed = self.ppo, self.seed
-        indices = self._prompt_indices()
+        indices = shard(prompt_indices(self.count, ppo.rollout_batch_size, len(self.prompts), seed), ddp)
         prompt_ids = [self.prompts[i][1] for i in indices]
-        responses = self.sample(prompt_ids, ppo.temperature, seed * 1_000_003 + self.count)
+        sample_seed = rank_seed(seed * 1_000_003 + self.count, ddp)
+        responses = self.sample(prompt_ids, ppo.temperature, sample_seed)
         has_eos = torch.tensor([bool(r) and r[-1] == self.eos for r in responses])  # (B,)
         raw = self.score(indices, responses)  # (B,)
         scores = raw - ppo.missing_eos_penalty * (~has_eos).float()  # (B,)
@@ -222,7 +196,7 @@ class Rollouts:
         mask = batch["response_mask"]
         rewards, kl = per_token_rewards(scores.to(device), logp, ref_logp, mask, ppo.kl_coef)
         advantages, returns = gae(rewards, values * mask, mask, ppo.gamma, ppo.lam)
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask)  # per rank: each rank's share of the rollout
 
         kl_per_seq = kl.sum(1)  # (B,)
         self.stats = {"score": raw.mean().item(), "kl": kl_per_seq.mean().item(),
@@ -232,13 +206,10 @@ class Rollouts:
                       "eos_fraction": has_eos.float().mean().item()}
         rollout = {**batch, "old_logprobs": logp, "old_values": values * mask, "advantages": advantages,
                    "returns": returns}
-        g = torch.Generator().manual_seed(seed * 1_000_003 + self.count)
-        for _ in range(ppo.epochs):
-            for rows in torch.randperm(len(indices), generator=g).split(self.batch_size):
-                rows = rows.to(device)
-                micro = {k: v[rows] for k, v in rollout.items()}
-                micro["num_loss_tokens"] = int(micro["response_mask"].sum())
-                self.buffer.append(micro)
+        g = torch.Generator().manual_seed(sample_seed)
+        for micro in split_micro_batches(rollout, ppo.epochs, self.batch_size, g):
+            micro["num_loss_tokens"] = int(micro["response_mask"].sum())
+            self.buffer.append(micro)
         self.count += 1
 
 
@@ -259,28 +230,13 @@ def layout(prompt_ids: list[list[int]], responses: list[list[int]], pad_id: int)
 
 
 def load_prompts(ctx: RunContext, key: str) -> list[tuple[str, list[int]]] | None:
-    """(text, BOS + ids) of each prompt in the file under ``key`` (``prompt`` or ``text`` field)."""
-    records = ctx.records(key)
-    if records is None:
+    """(text, ids) of each prompt in the file under ``key``; chat prompts are scored as their rendering."""
+    prompts = shared.load_prompts(ctx, key, "PPO")
+    if prompts is None:
         return None
-    bos = special_ids(ctx.tokenizer)[0]
-    max_length, prompts = ctx.cfg.train.max_length, []
-    for rec in records:
-        text = rec.fields.get("prompt", rec.fields.get("text"))
-        if not isinstance(text, str) or not text.strip():
-            raise InputError(f"{rec.where}: a PPO prompt must be a non-empty string in 'prompt' (JSONL) or a "
-                             "line (TXT)")
-        try:
-            ids = ([bos] if bos is not None else []) + encode(ctx.tokenizer, text)
-        except InputError as e:  # the tokenizer's complaint does not know the line; add it
-            raise InputError(f"{rec.where}: {e}") from None
-        if len(ids) >= max_length:
-            raise InputError(f"{rec.where}: the prompt has {len(ids)} tokens, which fills train.max_length="
-                             f"{max_length} and leaves no room for a response; shorten it or raise train.max_length")
-        prompts.append((text, ids))
-    if not prompts:
-        raise InputError(f"{ctx.source(key)}: no prompts")
-    return prompts
+    tok = ctx.tokenizer
+    return [(p.value if isinstance(p.value, str) else tok.decode(p.ids, skip_special_tokens=True), p.ids)
+            for p in prompts]
 
 
 def build_task(ctx: RunContext) -> Task:

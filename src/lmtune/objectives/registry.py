@@ -1,4 +1,4 @@
-"""The objective registry: what the loss is (lm, sft, dpo, reward, ppo, classify).
+"""The objective registry: what the loss is (lm, sft, dpo, kto, reward, ppo, grpo, classify).
 
 Each entry says which data formats it is the default for, how it builds its ``Task`` from a
 ``RunContext``, which config sections only it reads, which keys it cannot honour, and which
@@ -10,7 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lmtune.objectives import classify_task, dpo_task, lm_task, ppo_task, reward_task, sft_task
+from lmtune.objectives import (
+    classify_task,
+    dpo_task,
+    grpo_task,
+    kto_task,
+    lm_task,
+    ppo_task,
+    reward_task,
+    sft_task,
+)
 from lmtune.objectives.task import RunContext, Task
 
 
@@ -32,9 +41,12 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("sft", sft_task.build_task, default_for=("prompt_completion", "alpaca", "messages"),
               reads=("train.packing", "train.loss_on")),
     Objective("dpo", dpo_task.build_task, default_for=("preference",), reads=("dpo",)),
+    Objective("kto", kto_task.build_task, default_for=("unpaired_preference",), reads=("kto",)),
     Objective("reward", reward_task.build_task, reads=("reward",), methods=("full", "freeze")),
     Objective("ppo", ppo_task.build_task, default_for=("prompts",), reads=("ppo",),
               refuses={"train.compile": "rollouts sample token by token outside the compiled body"}),
+    Objective("grpo", grpo_task.build_task, reads=("grpo",),
+              refuses={"train.compile": "generations sample token by token outside the compiled body"}),
     Objective("classify", classify_task.build_task, default_for=("classification",), reads=("classify",),
               methods=("full", "freeze", "lora"), generative=False),
 )}

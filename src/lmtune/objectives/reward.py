@@ -102,6 +102,9 @@ def load_reward_model(path: str | Path, trust_remote_code: bool = False) -> tupl
         raise InputError(f"ppo.reward_model={folder} is an adapter folder, not a reward model; give the folder a "
                          "run with objective=reward wrote")
     folder = resolve_model_dir(folder)
+    if folder.is_file():
+        raise InputError(f"ppo.reward_model={folder} is a GGUF language model, not a reward model; give the folder a "
+                         "run with objective=reward wrote")
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

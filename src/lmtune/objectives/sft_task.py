@@ -86,8 +86,9 @@ def train_new_token_rows(model: Any, new_ids: list[int], vocab: int) -> int:
     Returns:
         The number of embedding rows made trainable (0 when the method already trains them).
     """
+    # A QLoRA layer's wrapped nn.Linear has weight None (its weight lives in 4 bits): skip it.
     weights = {id(p): p for m in model.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.Linear))
-               for p in [m.weight] if p.shape[0] == vocab and not p.requires_grad}
+               for p in [m.weight] if p is not None and p.shape[0] == vocab and not p.requires_grad}
     keep = torch.zeros(vocab, 1)  # (V, 1) broadcast over the hidden size
     keep[new_ids] = 1.0
     for p in weights.values():

@@ -34,7 +34,11 @@ class Batches(Protocol):
     """Where the loop's micro-batches come from, and what a checkpoint must keep of it."""
 
     def next(self, step: int, ddp: Dist | None) -> dict[str, Any] | None:
-        """This rank's share of the next micro-batch (``None``: this rank got no share)."""
+        """This rank's share of the next micro-batch.
+
+        Under torchrun a rank with no share of a short last batch gets a stand-in batch marked
+        ``filler`` (the loop weighs its loss by 0): every rank must join every gradient reduction.
+        """
 
     def total_steps(self, train: TrainConfig, world: int) -> int:
         """Optimizer steps of the run when ``train.steps`` is unset."""
@@ -51,6 +55,7 @@ class ExampleBatches:
 
     The global micro-batch is ``batch_size × world`` examples, the order one process would see;
     each rank collates its ``shard``. Its position (epoch, batch) is all a checkpoint needs.
+    A rank whose share is empty collates the global batch's first example as a ``filler``.
     """
 
     def __init__(self, examples: list[Any], collate: Callable[[list[Any]], dict[str, Any]], batch_size: int,
@@ -67,11 +72,16 @@ class ExampleBatches:
             self._order = epoch_order(len(self.examples), self.seed, self.epoch)
         start = self.index * size
         self.index += 1
+        self._first = self.examples[self._order[start]]
         return [self.examples[i] for i in shard(self._order[start:start + size], ddp)]
 
-    def next(self, step: int, ddp: Dist | None) -> dict[str, Any] | None:
+    def filler(self) -> dict[str, Any]:
+        """A stand-in for an empty share: the current global batch's first example, to be weighed by 0."""
+        return {**self.collate([self._first]), "filler": True}
+
+    def next(self, step: int, ddp: Dist | None) -> dict[str, Any]:
         examples = self.next_examples(step, ddp)
-        return self.collate(examples) if examples else None
+        return self.collate(examples) if examples else self.filler()
 
     def total_steps(self, train: TrainConfig, world: int) -> int:
         # Steps come from the *global* batch: each step consumes batch_size × world examples.

@@ -1,0 +1,1 @@
+"""Export a model to where people run it: llama.cpp's GGUF and Ollama (``lmtune export``)."""

@@ -28,7 +28,8 @@ from lmtune.data.formats import parse_records, prompt_completion_ids, separator
 from lmtune.data.readers import Record, read_records
 from lmtune.distributed import pick_device
 from lmtune.errors import InputError
-from lmtune.generate import generate
+from lmtune.generate import generate, max_context
+from lmtune.methods.adapters import load_with_adapter
 from lmtune.metrics import METRICS, check_metric_names
 from lmtune.models.heads import predict
 from lmtune.models.loading import context_length, resolve_model_dir
@@ -215,8 +216,6 @@ def run_eval(model: str | Path | nn.Module | None, adapter: str | Path | None, d
     in_memory = isinstance(data, list)
     records = data if in_memory else read_records(data)
     data = "the data" if in_memory else str(data)  # how messages name it
-    from lmtune.run import detect_format
-
     fmt = detect_format(records)
     needs = {METRICS[n].needs for n in names}
     if needs & {"labels", "scores"}:
@@ -263,9 +262,6 @@ def run_eval(model: str | Path | nn.Module | None, adapter: str | Path | None, d
 def _load(model: str | Path | nn.Module | None, adapter: str | Path | None,
           tokenizer: Any) -> tuple[Any, Any, int | None]:
     """The model to score, its tokenizer and context: from folders, or the caller's own objects as they are."""
-    from lmtune.generate import max_context
-    from lmtune.methods.adapters import load_with_adapter
-
     lm, tokenizer, folder = load_with_adapter(model, adapter, tokenizer=tokenizer)
     if folder is None:
         return lm, tokenizer, max_context(lm)

@@ -25,7 +25,7 @@ from lmtune.methods.freeze import freeze_layers
 from lmtune.methods.lora_layer import LoRASpec
 from lmtune.methods.qlora import checked_plan, weight_memory
 from lmtune.methods.targets import resolve_targets
-from lmtune.models.loading import param_counts, resolve_model_dir
+from lmtune.models.loading import auto_config, param_counts, resolve_model_dir
 
 if TYPE_CHECKING:
     from lmtune.config import RunConfig
@@ -42,8 +42,6 @@ def human(n: float) -> str:
 
 
 def _meta_model(folder: Path, trust_remote_code: bool) -> nn.Module:
-    from lmtune.models.loading import auto_config
-
     config = auto_config(folder, trust_remote_code)
     return _meta_from_config(config, trust_remote_code)
 

@@ -40,7 +40,8 @@ from transformers.pytorch_utils import Conv1D
 
 from lmtune.config import LoraConfig
 from lmtune.errors import InputError
-from lmtune.quant import linear_4bit
+from lmtune.frozen_matmul import frozen_linear
+from lmtune.quant import dequantize, linear_4bit, quantize
 
 DEFAULT = "default"  # adapter name used when only one adapter is in play (PEFT's name too)
 
@@ -91,8 +92,6 @@ class LoRALinear(nn.Module):
         self.base_layer = base
         self.weight_4bit: Any = None
         if quantize_base:
-            from lmtune.quant import quantize
-
             self.weight_4bit = quantize(self.dense_weight(), block_size, double_quant)  # (d_out, d_in) in 4 bits
             base.weight = None  # the full-precision copy goes; only the 4-bit one is kept
         self.lora_A = nn.ModuleDict()
@@ -110,8 +109,6 @@ class LoRALinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The base weight as a ``(d_out, d_in)`` tensor (a view for full precision, decoded for NF4)."""
         if self.quantized:
-            from lmtune.quant import dequantize
-
             return dequantize(self.weight_4bit)
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w
@@ -124,8 +121,6 @@ class LoRALinear(nn.Module):
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantized:
             if type(self.base_layer) is nn.Linear:  # no bf16 weight copy kept for backward under autocast
-                from lmtune.frozen_matmul import frozen_linear
-
                 return frozen_linear(x, self.base_layer.weight, self.base_layer.bias)
             return self.base_layer(x)
 

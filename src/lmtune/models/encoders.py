@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.errors import InputError
+from lmtune.models.gguf import gguf_config, is_gguf
 from lmtune.models.metadata import check_config
 
 
 def read_config(folder: Path) -> dict[str, Any]:
     """The folder's ``config.json`` (or a GGUF file's config) as a dict, sizes checked (``models.metadata``)."""
-    from lmtune.models.gguf import gguf_config, is_gguf
-
     if is_gguf(Path(folder)):
         return gguf_config(Path(folder))
     return check_config(folder)

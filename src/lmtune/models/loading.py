@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.errors import InputError
-from lmtune.models.encoders import is_encoder, refuse_encoder
+from lmtune.models.encoders import is_encoder, read_config, refuse_encoder
+from lmtune.models.gguf import find_gguf, gguf_config, is_gguf, load_gguf_model, load_gguf_tokenizer
 from lmtune.models.metadata import check_model_folder, check_tokenizer_folder, read_json_object
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -46,8 +47,6 @@ def resolve_model_dir(path: str | Path | None) -> Path:
         InputError: the folder is missing, has no ``config.json``, or has no safetensors
             weights (pickle-only folders are refused and never read).
     """
-    from lmtune.models.gguf import find_gguf
-
     folder = shipped_model_dir() if path is None else Path(path)
     if not folder.exists():
         raise InputError(f"model folder {folder} does not exist (give a local Hugging Face model folder or a "
@@ -95,8 +94,6 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:
     """Load the tokenizer saved in ``folder`` (or stored in a GGUF file), locally."""
     from transformers import AutoTokenizer
 
-    from lmtune.models.gguf import is_gguf, load_gguf_tokenizer
-
     if is_gguf(Path(folder)):
         tok = load_gguf_tokenizer(Path(folder))
     else:
@@ -120,8 +117,6 @@ def load_causal_lm(folder: Path, trust_remote_code: bool = False, dtype: Any = N
     """
     import torch
     from transformers import AutoModelForCausalLM
-
-    from lmtune.models.gguf import is_gguf, load_gguf_model  # gguf: an optional reader, loaded only for .gguf
 
     refuse_encoder(folder)
     if is_gguf(Path(folder)):
@@ -183,8 +178,6 @@ def load_model_and_tokenizer(path: str | Path | None, tokenizer_path: str | Path
 
 def context_length(folder: Path) -> int | None:
     """The model's maximum sequence length from its config (``None`` if it has none)."""
-    from lmtune.models.encoders import read_config
-
     config = read_config(folder)
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):
         if isinstance(config.get(key), int):
@@ -195,8 +188,6 @@ def context_length(folder: Path) -> int | None:
 def auto_config(folder: Path, trust_remote_code: bool = False) -> Any:
     """The model's ``transformers`` config, from ``config.json`` or a GGUF file's metadata."""
     from transformers import AutoConfig
-
-    from lmtune.models.gguf import gguf_config, is_gguf
 
     if is_gguf(Path(folder)):
         config = gguf_config(Path(folder))

@@ -57,7 +57,7 @@ def main() -> int:
     import transformers
 
     from lmtune.errors import InputError
-    from lmtune.models.encoders import random_twin
+    from lmtune.models.loading import random_twin
 
     torch.set_num_threads(min(4, torch.get_num_threads()))
     root = Path(args.out or tempfile.mkdtemp(prefix="minilm-"))

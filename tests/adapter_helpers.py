@@ -8,7 +8,7 @@ import torch
 
 from conftest import build_model, word_tokenizer
 from lmtune.methods.adapters import inject, save_adapter
-from lmtune.methods.lora import LoRASpec
+from lmtune.methods.lora_layer import LoRASpec
 from lmtune.methods.targets import resolve_targets
 
 

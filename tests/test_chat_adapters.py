@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from lmtune.cli import main
 from lmtune.config import load_config
-from lmtune.methods.adapters import adapter_tokenizer, load_adapter
+from lmtune.methods.adapter_files import adapter_tokenizer
+from lmtune.methods.adapters import load_adapter
 from lmtune.models.loading import load_model_and_tokenizer
 from lmtune.run import prepare
 from lmtune.runlog import RunLog

@@ -224,10 +224,11 @@ def test_lora_policy_uses_the_adapter_disabled_model_as_reference(model_dir, tmp
 
 def test_adapter_reference_returns_base_log_probs_after_training(gpt2_dir):
     from lmtune.config import load_config
-    from lmtune.data.preference import build_pairs, collate_pairs, completion_logps
+    from lmtune.data.preference import build_pairs, collate_pairs
     from lmtune.data.readers import Record
     from lmtune.methods.registry import METHODS
     from lmtune.models.loading import load_causal_lm, load_tokenizer
+    from lmtune.objectives.lm import completion_logps
     from lmtune.objectives.reference import Reference
 
     tok = load_tokenizer(gpt2_dir)

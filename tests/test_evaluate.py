@@ -190,7 +190,6 @@ def _train(model_dir: Path, out: Path, **overrides) -> Path:
 
 
 def test_adapter_perplexity_matches_peft(gpt2_dir, tmp_path, corpus):
-    pytest.importorskip("lmtune.methods.adapters")
     from peft import PeftModel
 
     out = _train(gpt2_dir, tmp_path / "lora", **{"method": "lora", "data.train": str(corpus), "train.lr": 0.05})
@@ -209,23 +208,22 @@ SENTIMENT = [("the cat can run .", "pos"), ("the dog can jump .", "pos"), ("i se
 
 
 def test_classification_metrics_come_from_the_saved_head(gpt2_dir, tmp_path):
-    heads = pytest.importorskip("lmtune.models.heads")
     from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
     from lmtune.data.readers import read_records
+    from lmtune.models.heads import predict
 
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": t, "label": y} for t, y in SENTIMENT * 3])
     test = write_jsonl(tmp_path / "test.jsonl", [{"text": t, "label": y} for t, y in SENTIMENT])
     out = _train(gpt2_dir, tmp_path / "clf", **{"objective": "classify", "data.train": str(train)})
     result = run_eval(str(out), None, str(test), "accuracy,f1,auc")
-    truth, pred, probs, _ = heads.predict(out, None, read_records(test))
+    truth, pred, probs, _ = predict(out, None, read_records(test))
     assert result["accuracy"] == pytest.approx(accuracy_score(truth, pred))
     assert result["f1"] == pytest.approx(f1_score(truth, pred, average="macro", zero_division=0))
     assert result["auc"] == pytest.approx(roc_auc_score(truth, [p[1] for p in probs]))
 
 
 def test_labels_never_seen_in_training_exit_2(gpt2_dir, tmp_path, capsys):
-    pytest.importorskip("lmtune.models.heads")
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": t, "label": y} for t, y in SENTIMENT * 3])
     test = write_jsonl(tmp_path / "test.jsonl", [{"text": "the cat can run .", "label": "neutral"},
                                                   *[{"text": t, "label": y} for t, y in SENTIMENT]])

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lmtune.frozen_matmul import frozen_linear
-from lmtune.methods.lora import LoRALinear, LoRASpec
+from lmtune.methods.lora_layer import LoRALinear, LoRASpec
 
 
 def _saved(fn):

@@ -153,7 +153,7 @@ def test_damaged_and_unsupported_gguf_are_input_errors_naming_the_file(tmp_path,
 
 def test_export_merges_the_adapter_and_refuses_what_it_cannot_write(tmp_path, tok):
     from lmtune.methods.adapters import inject, merge_and_unload, save_adapter
-    from lmtune.methods.lora import LoRASpec
+    from lmtune.methods.lora_layer import LoRASpec
     from lmtune.methods.targets import resolve_targets
 
     base = tiny_model("qwen2", tok, tied=True)

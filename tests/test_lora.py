@@ -17,7 +17,7 @@ from lmtune.cli import main
 from lmtune.config import load_config
 from lmtune.errors import InputError
 from lmtune.methods.adapters import adapter_parameters, inject
-from lmtune.methods.lora import LoRALinear, LoRASpec
+from lmtune.methods.lora_layer import LoRALinear, LoRASpec
 from lmtune.methods.targets import resolve_targets
 from lmtune.run import run_training
 from lmtune.runlog import RunLog

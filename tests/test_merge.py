@@ -9,7 +9,7 @@ from adapter_helpers import adapted_model, ids, logits
 from conftest import build_model, word_tokenizer
 from lmtune.cli import main
 from lmtune.methods.adapters import merge_adapter, merge_and_unload, save_adapter, unmerge_adapter
-from lmtune.methods.lora import lora_layers
+from lmtune.methods.lora_layer import lora_layers
 
 TOL = 1e-5
 

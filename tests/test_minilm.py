@@ -59,7 +59,7 @@ def test_minilm_loads_through_lmtunes_loader():
 
 
 def test_pretrained_minilm_beats_its_random_init_twin(full_run, held_out, tmp_path):
-    from lmtune.models.encoders import random_twin
+    from lmtune.models.loading import random_twin
 
     twin = random_twin(MODEL, tmp_path / "twin")
     random_summary = _run(twin, tmp_path / "out", held_out)

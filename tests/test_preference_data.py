@@ -9,9 +9,10 @@ import torch
 
 from conftest import build_model, word_tokenizer
 from lmtune.data.examples import IGNORE
-from lmtune.data.preference import IDENTICAL, build_pairs, collate_pairs, completion_logps
+from lmtune.data.preference import IDENTICAL, build_pairs, collate_pairs
 from lmtune.data.readers import Record
 from lmtune.errors import InputError
+from lmtune.objectives.lm import completion_logps
 
 
 def recs(*fields: dict) -> list[Record]:
@@ -135,6 +136,28 @@ def test_completion_logps_backward_reaches_the_model(tok):
     pairs, _ = build_pairs(recs({"prompt": "the cat", "chosen": "can run .", "rejected": "is big ."}), tok, 64)
     completion_logps(model, collate_pairs(pairs, tok.pad_token_id)).sum().backward()
     assert model.transformer.h[0].attn.c_attn.weight.grad.abs().sum() > 0
+
+
+def test_completion_logps_with_a_frozen_head_has_transformers_gradients(tok):
+    # A frozen head (LoRA, prompt tuning) takes head_logprobs' forward-gradient path; the oracle is
+    # the same sums from transformers' full logits, backpropagated the ordinary way.
+    model = build_model("llama", tok).eval()
+    model.lm_head.requires_grad_(False)
+    model.model.embed_tokens.requires_grad_(False)
+    pairs, _ = build_pairs(recs({"prompt": "the cat", "chosen": "can run .", "rejected": "is big ."}), tok, 64)
+    batch = collate_pairs(pairs, tok.pad_token_id)
+    weights = torch.tensor([1.0, -2.0])  # any loss that is not symmetric in the rows
+    (completion_logps(model, batch, chunk_rows=2) * weights).sum().backward()
+    got = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]  # (2, T-1, V)
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    ((logp * keep).sum(1) * weights).sum().backward()
+    expected = [p.grad for p in model.parameters() if p.requires_grad]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
 
 
 def write_pairs(path, rows: list[dict]):

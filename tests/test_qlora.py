@@ -16,7 +16,7 @@ from lmtune.cli import main
 from lmtune.config import load_config
 from lmtune.errors import InputError
 from lmtune.methods.adapters import disable_adapter, load_adapter
-from lmtune.methods.lora import LoRALinear, LoRASpec, lora_layers
+from lmtune.methods.lora_layer import LoRALinear, LoRASpec, lora_layers
 from lmtune.quant import NF4_LEVELS, dequantize, nf4_nbytes, quant_nbytes, quantize
 
 # Half the widest gap between neighbouring NF4 levels (0.7230 .. 1.0), relative to a block's absmax.

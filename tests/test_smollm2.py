@@ -38,7 +38,7 @@ def gguf_file() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir(gguf_file, tmp_path_factory) -> Path:
-    from lmtune.models.gguf import convert_command
+    from lmtune.export.command import convert_command
 
     return convert_command(gguf_file, tmp_path_factory.mktemp("smollm2") / "hf")
 

@@ -101,7 +101,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from lmtune.models.gguf import convert_command
+    from lmtune.export.command import convert_command
 
     convert_command(model=args.model, out=args.out, dtype=args.dtype)
     return 0

@@ -17,6 +17,8 @@ from typing import Any
 
 from lmtune.assets.corpora import data_path
 from lmtune.config import load_config
+from lmtune.errors import InputError
+from lmtune.generate import generate_text
 from lmtune.models.loading import load_model_and_tokenizer, save_model
 from lmtune.models.shipped import random_model
 from lmtune.run import run_training
@@ -26,7 +28,6 @@ SAMPLE_SEEDS = (1, 2, 3)
 
 
 def _samples(model: Any, tokenizer: Any, prompt: str = "") -> list[str]:
-    from lmtune.generate import generate_text
 
     return [generate_text(model, tokenizer, prompt, max_new_tokens=12, temperature=0.8, top_k=20, seed=s)
             for s in SAMPLE_SEEDS]
@@ -70,7 +71,6 @@ def run_demo(out: str | Path = "lmtune-demo", steps: int = 300) -> dict[str, Any
 def _run_demo(out: Path, steps: int) -> dict[str, Any]:
     if out.exists():
         if not (out / "demo.json").exists() and any(out.iterdir()):
-            from lmtune.errors import InputError
 
             raise InputError(f"{out} exists and is not an earlier demo's folder; choose another --out")
         shutil.rmtree(out)

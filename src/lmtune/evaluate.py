@@ -20,18 +20,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from lmtune.data.batching import pad_batch
+from lmtune.data.chat import has_chat_template
 from lmtune.data.examples import BuildStats, encode, special_ids, text_example
+from lmtune.data.formats import parse_records, prompt_completion_ids, separator
 from lmtune.data.readers import Record, read_records
+from lmtune.distributed import pick_device
 from lmtune.errors import InputError
+from lmtune.generate import generate, max_context
+from lmtune.methods.adapters import load_with_adapter
 from lmtune.metrics import METRICS, check_metric_names
+from lmtune.models.heads import predict
+from lmtune.models.loading import context_length, resolve_model_dir
+from lmtune.objectives.lm import EVAL_BATCH, perplexity
+from lmtune.objectives.sft_task import sft_examples
+from lmtune.run import detect_format
 
 SFT_FORMATS = ("prompt_completion", "alpaca")
 SHOT_SEPARATOR = "\n"  # between solved examples; whitespace, so word-level tokenizers drop it
-EVAL_BATCH = 16
 
 
 def parse_metrics(metrics: str | list[str]) -> list[str]:
@@ -49,7 +56,6 @@ def prompt_pair(record: Record, fmt: str) -> tuple[str, str]:
     Raises:
         InputError: a missing or non-string field (naming the record).
     """
-    from lmtune.data.formats import parse_records
 
     samples = parse_records([record], fmt, BuildStats())
     if not samples:
@@ -59,7 +65,6 @@ def prompt_pair(record: Record, fmt: str) -> tuple[str, str]:
 
 def shot_text(record: Record, fmt: str) -> str:
     """One solved example as it appears in a few-shot prompt."""
-    from lmtune.data.formats import separator
 
     if fmt in SFT_FORMATS:
         prompt, completion = prompt_pair(record, fmt)
@@ -83,7 +88,6 @@ def few_shot_prefixes(data_records: list[Record], shots: int, shots_file: str | 
         raise InputError(f"--shots must be >= 0, got {shots}")
     if shots == 0:
         return [""] * len(data_records)
-    from lmtune.run import detect_format
 
     same_file = shots_file is None or (data_path is not None
                                        and Path(shots_file).resolve() == Path(data_path).resolve())
@@ -115,7 +119,6 @@ def loss_examples(records: list[Record], fmt: str, tokenizer: Any, prefixes: lis
         InputError: a malformed record, chat data for a tokenizer without a chat template, or
             a few-shot example longer than the model's context.
     """
-    from lmtune.data.formats import prompt_completion_ids
 
     stats = BuildStats()
     limit = max_length or 10**9
@@ -144,9 +147,6 @@ def loss_examples(records: list[Record], fmt: str, tokenizer: Any, prefixes: lis
 
 def _chat_examples(records: list[Record], tokenizer: Any, limit: int, prefixes: list[str],
                    stats: BuildStats) -> tuple[list[dict[str, list[int]]], BuildStats]:
-    from lmtune.data.chat import has_chat_template
-    from lmtune.objectives.sft_task import sft_examples
-
     if any(prefixes):
         raise InputError("--shots works with text, prompt/completion and alpaca data, not chat messages")
     if not has_chat_template(tokenizer):
@@ -163,31 +163,6 @@ def _text_field(rec: Record) -> str:
     return text
 
 
-@torch.no_grad()
-def perplexity(model: Any, examples: list[dict[str, list[int]]], pad_id: int,
-               batch_size: int = EVAL_BATCH) -> dict[str, float | int]:
-    """Token-weighted loss and perplexity: one sum over all scored tokens, one division.
-
-    Returns:
-        ``{"loss": mean nats per token, "perplexity": exp(loss), "tokens": scored tokens}``.
-    """
-    from lmtune.metrics import perplexity_from
-    from lmtune.objectives.lm import lm_loss
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = pad_batch(examples[start:start + batch_size], pad_id)
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        loss_sum, _ = lm_loss(model, batch)
-        total += float(loss_sum)
-        tokens += batch["num_loss_tokens"]
-    model.train(was_training)
-    return {"loss": total / max(tokens, 1), "perplexity": perplexity_from(total, tokens), "tokens": tokens}
-
-
 def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
                      batch_size: int = EVAL_BATCH) -> list[str]:
     """Greedy continuation of every prompt, decoded without special tokens.
@@ -195,7 +170,6 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tok
     Prompts are batched only with prompts of the same token length, so no row is padded
     and a batched answer is exactly the answer the prompt gets alone.
     """
-    from lmtune.generate import generate
 
     bos, eos = special_ids(tokenizer)
     encoded = [([bos] if bos is not None else []) + encode(tokenizer, p) for p in prompts]
@@ -242,8 +216,6 @@ def run_eval(model: str | Path | nn.Module | None, adapter: str | Path | None, d
     in_memory = isinstance(data, list)
     records = data if in_memory else read_records(data)
     data = "the data" if in_memory else str(data)  # how messages name it
-    from lmtune.run import detect_format
-
     fmt = detect_format(records)
     needs = {METRICS[n].needs for n in names}
     if needs & {"labels", "scores"}:
@@ -290,11 +262,6 @@ def run_eval(model: str | Path | nn.Module | None, adapter: str | Path | None, d
 def _load(model: str | Path | nn.Module | None, adapter: str | Path | None,
           tokenizer: Any) -> tuple[Any, Any, int | None]:
     """The model to score, its tokenizer and context: from folders, or the caller's own objects as they are."""
-    from lmtune.distributed import pick_device
-    from lmtune.generate import max_context
-    from lmtune.methods.adapters import load_with_adapter
-    from lmtune.models.loading import context_length
-
     lm, tokenizer, folder = load_with_adapter(model, adapter, tokenizer=tokenizer)
     if folder is None:
         return lm, tokenizer, max_context(lm)
@@ -308,17 +275,11 @@ def classification_metrics(model: str | None, adapter: str | None, records: list
     """accuracy / f1 / auc from the classification head saved with the model.
 
     Raises:
-        InputError: the data is not text+label, the heads module is missing, or (from
+        InputError: the data is not text+label, or (from
             ``heads.predict``) the data holds labels the head was never trained on.
     """
     if fmt != "classification":
         raise InputError(f"{', '.join(names)} need text+label records; {data} holds {fmt} records")
-    try:
-        from lmtune.models.heads import predict
-    except ImportError:
-        raise InputError("accuracy, f1 and auc need a classification head (objective=classify), which this "
-                         "installation of lmtune does not include") from None
-    from lmtune.models.loading import resolve_model_dir
 
     # Indices into label_names; predict refuses labels the head never saw, naming each with its line.
     truth, pred, probs, label_names = predict(resolve_model_dir(model), adapter, records)

@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from lmtune.config import load_config
 from lmtune.errors import InputError
+from lmtune.methods.adapters import inject
+from lmtune.methods.freeze import freeze_layers
+from lmtune.methods.lora_layer import LoRASpec
+from lmtune.methods.qlora import checked_plan, weight_memory
+from lmtune.methods.targets import resolve_targets
+from lmtune.models.loading import auto_config, param_counts, resolve_model_dir
 
 if TYPE_CHECKING:
     from lmtune.config import RunConfig
@@ -35,8 +42,6 @@ def human(n: float) -> str:
 
 
 def _meta_model(folder: Path, trust_remote_code: bool) -> nn.Module:
-    from lmtune.models.loading import auto_config
-
     config = auto_config(folder, trust_remote_code)
     return _meta_from_config(config, trust_remote_code)
 
@@ -50,16 +55,12 @@ def _meta_from_config(config: Any, trust_remote_code: bool = False) -> nn.Module
 
 
 def _counts(model: nn.Module) -> tuple[int, int]:
-    from lmtune.models.loading import param_counts
 
     return param_counts(model)
 
 
 def method_row(model_fn: Any, method: str, cfg: RunConfig) -> dict[str, Any]:
     """Parameters and memory of one method on a fresh (meta) model from ``model_fn()``."""
-    from lmtune.methods.adapters import inject
-    from lmtune.methods.lora import LoRASpec
-    from lmtune.methods.targets import resolve_targets
 
     model = model_fn()
     row: dict[str, Any] = {}
@@ -67,14 +68,12 @@ def method_row(model_fn: Any, method: str, cfg: RunConfig) -> dict[str, Any]:
     if method in ("full", "freeze"):
         model.requires_grad_(True)
         if method == "freeze":
-            from lmtune.methods.freeze import freeze_layers
 
             freeze_layers(model, cfg.freeze.layers)
     elif method in ("lora", "qlora"):
         spec = LoRASpec.from_config(cfg.lora)
         model.requires_grad_(False)
         if method == "qlora":
-            from lmtune.methods.qlora import checked_plan, weight_memory
 
             names = checked_plan(model)
             memory = weight_memory(model, names, cfg.quant.block_size, cfg.quant.double_quant)
@@ -267,8 +266,6 @@ def run_inspect(model: str | Path | nn.Module | None, overrides: list[str] | dic
     Raises:
         InputError: bad model folder or config keys, or the configured method cannot apply.
     """
-    from lmtune.config import load_config
-    from lmtune.models.loading import resolve_model_dir
 
     cfg = load_config(overrides=overrides, **keys)
     if isinstance(model, nn.Module):

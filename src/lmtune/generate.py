@@ -338,10 +338,7 @@ def generate_text(
         add_bos = False
     # Special tokens are added by hand: some tokenizers would append EOS, which
     # would tell the model the text is already finished.
-    try:
-        ids = encode(tokenizer, prompt)
-    except InputError as e:
-        raise InputError(f"--prompt: {e}") from None
+    ids = encode(tokenizer, prompt, "prompt", "--prompt")
     bos = getattr(tokenizer, "bos_token_id", None)
     if add_bos and bos is not None and (not ids or ids[0] != bos):
         ids.insert(0, bos)

@@ -7,13 +7,13 @@ from typing import Any
 
 from lmtune.config import KEYS, load_config
 from lmtune.data.batching import pad_batch
+from lmtune.data.examples import text_examples
 from lmtune.data.readers import read_records
 from lmtune.distributed import pick_device
 from lmtune.errors import InputError
 from lmtune.methods.full import apply as apply_full
 from lmtune.models.shipped import build_word_tokenizer, random_model
 from lmtune.objectives.lm import lm_loss
-from lmtune.objectives.lm_task import text_examples
 from lmtune.objectives.task import ExampleBatches, Task
 from lmtune.run import check_output_dir
 from lmtune.runlog import RunLog

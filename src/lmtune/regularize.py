@@ -25,10 +25,11 @@ import torch
 
 from lmtune.config import RunConfig, TrainConfig
 from lmtune.data.batching import epoch_order
+from lmtune.data.examples import text_examples
 from lmtune.data.readers import read_records
 from lmtune.distributed import Dist, shard
 from lmtune.errors import InputError
-from lmtune.objectives.lm_task import text_examples
+from lmtune.objectives.lm import perplexity
 from lmtune.objectives.task import ExampleBatches, RunContext, Task
 
 # Objectives whose examples are {"input_ids", "labels"} dicts that plain text examples can join.
@@ -133,8 +134,6 @@ def retain_evaluator(examples: list[dict[str, list[int]]], pad_id: int,
     Whatever the objective, this is the language-model loss of the model's LM head, so
     before and after are comparable across methods.
     """
-    from lmtune.evaluate import perplexity
-
     def retain_loss(model: torch.nn.Module) -> float:
         return perplexity(model, examples, pad_id, batch_size)["loss"]
 

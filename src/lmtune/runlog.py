@@ -111,10 +111,11 @@ class RunLog:
         if not self._tensorboard:
             return None
         if self._writer is None:
-            try:
+            try:  # a dependency, but a large one that trimmed installs leave out: say so and go on without
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is a dependency; tolerate a trimmed install
+            except ImportError as e:
                 self._tensorboard = False
+                self.say(f"TensorBoard logging is off ({e}); pip install tensorboard to get it")
                 return None
             self._writer = SummaryWriter(log_dir=str(self.output_dir))
         return self._writer

@@ -37,7 +37,9 @@ import torch
 
 from lmtune.compile.graph import Link, write_links
 from lmtune.compile.matrix import Factors, dominant_links, factorise, graph_matrix
+from lmtune.data.examples import encode
 from lmtune.errors import InputError
+from lmtune.models.loading import save_model
 from lmtune.models.shipped import BOS, build_word_tokenizer, corpus_words, small_gpt_config
 
 MAX_VOCAB = 8192  # the matrix is dense V x V float64: 8192^2 * 8 bytes = 512 MiB
@@ -98,7 +100,6 @@ def graph_vocabulary(links: list[Link], tokenizer: Any = None,
 
 def corpus_links(lines: list[str], tokenizer: Any, where: str) -> list[Link]:
     """Bigram counts of ``lines`` as links, framed ``<bos> w1 ... wn <bos>`` as training frames them."""
-    from lmtune.data.examples import encode
 
     bos = tokenizer.bos_token_id
     counts: dict[tuple[int, int], int] = {}
@@ -227,7 +228,6 @@ def compile_graph(links: list[Link], out: str | Path, rank: int = DEFAULT_RANK, 
 
 def _publish(out: Path, model: Any, tokenizer: Any, links: list[Link], report: dict[str, Any]) -> None:
     """Write everything into a temporary sibling folder, then rename it to ``out``."""
-    from lmtune.models.loading import save_model
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))

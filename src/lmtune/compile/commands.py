@@ -9,7 +9,10 @@ from typing import Any
 from lmtune.compile.build import DEFAULT_RANK, DEFAULT_SMOOTHING, LINKS_FILE, Compiled, compile_graph, corpus_links
 from lmtune.compile.extract import new_links
 from lmtune.compile.graph import Link, make_link, merge_links, read_links, sum_duplicates, write_links
+from lmtune.data.readers import read_records
 from lmtune.errors import InputError
+from lmtune.models.loading import load_tokenizer, resolve_model_dir
+from lmtune.models.shipped import build_word_tokenizer
 
 GraphLike = str | Path | Iterable[Link | tuple[str, str, float] | Mapping[str, Any]]
 
@@ -60,14 +63,10 @@ def compile_model(graph: GraphLike | None = None, *, out: str | Path, from_corpu
     say = (lambda _msg: None) if quiet else print
     tokenizer, vocab_name = None, "the vocabulary"
     if vocab is not None:
-        from lmtune.models.loading import load_tokenizer, resolve_model_dir
 
         tokenizer = load_tokenizer(resolve_model_dir(vocab))
         vocab_name = f"the vocabulary of {vocab}"
     if from_corpus is not None:
-        from lmtune.data.readers import read_records
-        from lmtune.models.shipped import build_word_tokenizer
-
         texts = []
         for rec in read_records(from_corpus):
             if not isinstance(rec.fields.get("text"), str):

@@ -22,7 +22,11 @@ from typing import Any
 import torch
 
 from lmtune.compile.graph import Link
+from lmtune.data.batching import pad_batch
+from lmtune.data.examples import text_examples
+from lmtune.data.readers import read_records
 from lmtune.errors import InputError
+from lmtune.models.loading import context_length, load_model_and_tokenizer
 from lmtune.models.shipped import BOS
 
 BATCH = 64
@@ -57,7 +61,6 @@ def probe_matrix(model: Any, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor
 def context_matrix(model: Any, examples: list[dict[str, list[int]]], vocab_size: int,
                    pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``Q`` ``(V, V)`` averaged over the positions of ``examples``, and rows seen at least once ``(V,)``."""
-    from lmtune.data.batching import pad_batch
 
     model.eval()
     sums = torch.zeros(vocab_size, vocab_size)  # (V, V)
@@ -110,7 +113,6 @@ def new_links(model_dir: str | Path, top: int = 100, min_prob: float = 0.05,
     Raises:
         InputError: ``top`` below 1, ``min_prob`` outside (0, 1], an unloadable model or data.
     """
-    from lmtune.models.loading import context_length, load_model_and_tokenizer
 
     if top < 1:
         raise InputError(f"--top {top} must be at least 1")
@@ -120,9 +122,6 @@ def new_links(model_dir: str | Path, top: int = 100, min_prob: float = 0.05,
     if data is None:
         q, seen = probe_matrix(model, tokenizer)
     else:
-        from lmtune.data.readers import read_records
-        from lmtune.objectives.lm_task import text_examples
-
         # Truncated to the model's context: positions past it have no embedding.
         examples, _ = text_examples(read_records(data), tokenizer, max_length=context_length(folder) or 1024)
         q, seen = context_matrix(model, examples, len(tokenizer), tokenizer.pad_token_id)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmtune.data.examples import BuildStats, special_ids
-from lmtune.data.formats import DROP_EMPTY, encode_text, finish_example
+from lmtune.data.examples import BuildStats, encode, special_ids
+from lmtune.data.formats import DROP_EMPTY, finish_example
 from lmtune.data.template_sandbox import TemplateLimit, bounded_rendering
 from lmtune.errors import InputError
 
@@ -86,9 +86,12 @@ def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt
     Rendering is bounded in time and size (see ``lmtune.data.template_sandbox``).
 
     Raises:
-        InputError: the template raised, is not valid Jinja, or went over a bound; the
-            message names the template and says why.
+        InputError: the tokenizer has no chat template, or the template raised, is not valid Jinja,
+            or went over a bound; the message names the template and says why.
     """
+    if not has_chat_template(tokenizer):
+        raise InputError(f"{where}: the record is given as chat messages but the tokenizer has no chat template; "
+                         "give the texts as strings, or use a model whose tokenizer has one")
     name = f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'}"
     try:
         with bounded_rendering():
@@ -154,8 +157,8 @@ def conversation_ids(tokenizer: Any, messages: list[dict[str, str]],
             raise InputError(f"{where}: the chat template renders earlier turns differently once turn {k} is added, "
                              "so the response cannot be separated from the prompt; use a template whose "
                              "renderings of a conversation's prefixes are prefixes of each other")
-        context = encode_text(tokenizer, prompt[len(done):], where, f"prompt before turn {k}")
-        reply = encode_text(tokenizer, full[len(prompt):], where, f"assistant turn {k}")
+        context = encode(tokenizer, prompt[len(done):], f"prompt before turn {k}", where)
+        reply = encode(tokenizer, full[len(prompt):], f"assistant turn {k}", where)
         marks = [i for i, t in enumerate(reply) if t in specials and i > 0]
         if marks:
             n_trained = marks[-1] + 1  # up to and including the end-of-turn token

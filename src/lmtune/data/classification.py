@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lmtune.data.batching import pad_rows
 from lmtune.data.examples import BuildStats, encode, special_ids
 from lmtune.data.readers import Record
 from lmtune.errors import InputError
@@ -134,21 +135,12 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         ``input_ids`` (B, T), ``attention_mask`` (B, T), ``token_type_ids`` (B, T) when the
         examples have them, ``labels`` (B,), ``task`` (B,) and ``num_loss_tokens`` = B.
     """
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
-    types = torch.zeros((len(examples), width), dtype=torch.long) if "token_type_ids" in examples[0] else None
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        mask[i, :n] = 1
-        if types is not None:
-            types[i, :n] = torch.tensor(e["token_type_ids"])
+    ids, mask = pad_rows([e["input_ids"] for e in examples], pad_id)  # (B, T)
     batch = {"input_ids": ids, "attention_mask": mask,
              "labels": torch.tensor([e["label"] for e in examples]),  # (B,)
              "task": torch.tensor([e["task"] for e in examples]),  # (B,)
              "num_loss_tokens": len(examples),
              "num_tokens": int(mask.sum())}  # what tokens_trained reports
-    if types is not None:
-        batch["token_type_ids"] = types
+    if "token_type_ids" in examples[0]:
+        batch["token_type_ids"] = pad_rows([e["token_type_ids"] for e in examples], 0)[0]  # (B, T)
     return batch

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmtune.data.readers import Record
 from lmtune.errors import InputError
 
 IGNORE = -100
@@ -48,17 +49,27 @@ def special_ids(tokenizer: Any) -> tuple[int | None, int | None]:
     return bos, eos
 
 
-def encode(tokenizer: Any, text: str) -> list[int]:
+def encode(tokenizer: Any, text: str, what: str = "text", where: str | None = None) -> list[int]:
     """Token ids of ``text`` without any special tokens (framing is added explicitly).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        text: what to encode.
+        what: what the text is, for the error ("completion", "assistant turn 2").
+        where: the record's file and line, put first in the error (callers that learn it
+            later prefix it themselves).
 
     Raises:
         InputError: the tokenizer cannot encode the text (e.g. a word-level vocabulary without
-            an unknown-word token meets a new word); callers prefix the record's file and line.
+            an unknown-word token meets a new word), naming the words it cannot encode.
     """
+    if not text:
+        return []
     try:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     except Exception as e:  # tokenizers raises a bare Exception for words missing from a WordLevel vocabulary
-        raise InputError(_encode_problem(tokenizer, text, e)) from None
+        problem = f"the tokenizer cannot encode the {what}: {_encode_problem(tokenizer, text, e)}"
+        raise InputError(f"{where}: {problem}" if where else problem) from None
 
 
 def _encode_problem(tokenizer: Any, text: str, error: Exception) -> str:
@@ -71,8 +82,8 @@ def _encode_problem(tokenizer: Any, text: str, error: Exception) -> str:
         if len(bad) == 5:
             break
     if not bad:
-        return f"the tokenizer cannot encode this text ({error})"
-    return (f"words the tokenizer cannot encode (not in its vocabulary): {', '.join(repr(w) for w in bad)}; "
+        return str(error)
+    return (f"words not in its vocabulary: {', '.join(repr(w) for w in bad)}; "
             "the model knows only the words it was trained with")
 
 
@@ -91,3 +102,22 @@ def text_example(tokenizer: Any, text: str, max_length: int, stats: BuildStats) 
     if bos is not None:
         labels[0] = IGNORE  # nothing precedes BOS, so nothing predicts it
     return {"input_ids": ids, "labels": labels}
+
+
+def text_examples(records: list[Record], tokenizer: Any, max_length: int,
+                  stats: BuildStats | None = None) -> tuple[list[dict[str, list[int]]], BuildStats]:
+    """Token examples from records with a string ``text`` field."""
+    stats = stats or BuildStats()
+    examples = []
+    for rec in records:
+        text = rec.fields.get("text")
+        if not isinstance(text, str):
+            raise InputError(f"{rec.where}: field 'text' must be a string, got "
+                             f"{'nothing' if text is None else type(text).__name__}")
+        try:
+            ex = text_example(tokenizer, text, max_length, stats)
+        except InputError as e:  # the tokenizer could not encode it: say which line
+            raise InputError(f"{rec.where}: {e}") from None
+        if ex is not None:
+            examples.append(ex)
+    return examples, stats

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lmtune.data.examples import IGNORE, BuildStats, special_ids
+from lmtune.data.examples import IGNORE, BuildStats, encode, special_ids
 from lmtune.data.readers import Record
 from lmtune.errors import InputError
 
@@ -170,17 +170,6 @@ def _has_empty_response(sample: Sample) -> bool:
     return any(not m["content"].strip() for m in sample.messages if m["role"] == "assistant")
 
 
-def encode_text(tokenizer: Any, text: str, where: str, what: str) -> list[int]:
-    """Token ids of ``text`` without framing tokens; a tokenizer failure names the row."""
-    if not text:
-        return []
-    try:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    except Exception as e:  # tokenizers raises a bare Exception for out-of-vocabulary words
-        raise InputError(f"{where}: the tokenizer cannot encode the {what} ({e}); "
-                         "the data must be in the model's vocabulary") from None
-
-
 def separator(prompt: str, completion: str) -> str:
     """``" "`` between prompt and completion unless one side already has whitespace there."""
     if not prompt or prompt[-1].isspace() or completion[:1].isspace():
@@ -220,8 +209,8 @@ def prompt_completion_ids(tokenizer: Any, prompt: str, completion: str, max_leng
     if eos is None:
         raise InputError("the tokenizer has no EOS (or BOS) token, so the model could not learn to stop; "
                          "give the tokenizer an eos_token")
-    head = ([bos] if bos is not None else []) + encode_text(tokenizer, prompt, where, "prompt")
-    tail = encode_text(tokenizer, separator(prompt, completion) + completion, where, "completion") + [eos]
+    head = ([bos] if bos is not None else []) + encode(tokenizer, prompt, "prompt", where)
+    tail = encode(tokenizer, separator(prompt, completion) + completion, "completion", where) + [eos]
     return finish_example(head + tail, [False] * len(head) + [True] * len(tail), max_length, stats, loss_on)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lmtune.data.batching import count_loss_tokens
+from lmtune.data.batching import count_loss_tokens, pad_rows
 from lmtune.data.examples import IGNORE
 
 ATTENTION_NAME = "lmtune_segments"
@@ -80,16 +80,12 @@ def collate_packed(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, A
     Returns:
         ``input_ids``, ``labels``, ``position_ids`` (B, T) and ``num_loss_tokens``.
     """
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)  # (B, T)
-    positions = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        positions[i, :n] = torch.tensor(r["position_ids"])
-        positions[i, n:] = torch.arange(width - n)
+    ids, mask = pad_rows([r["input_ids"] for r in rows], pad_id)  # (B, T)
+    labels, _ = pad_rows([r["labels"] for r in rows], IGNORE)  # (B, T)
+    positions, _ = pad_rows([r["position_ids"] for r in rows], 0)  # (B, T)
+    # The padding tail counts 0, 1, ... from where its row ends: a segment of its own.
+    tail = torch.arange(ids.shape[1]) - mask.sum(1, keepdim=True)  # (B, T)
+    positions = torch.where(mask.bool(), positions, tail)  # (B, T)
     return {"input_ids": ids, "labels": labels, "position_ids": positions,
             "num_loss_tokens": count_loss_tokens(labels)}
 

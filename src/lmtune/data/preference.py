@@ -1,4 +1,4 @@
-"""Preference pairs: records -> token ids, batches of chosen+rejected, completion log-probs.
+"""Preference pairs: records -> token ids, batches of chosen+rejected, the batch layout.
 
 A record holds ``chosen`` and ``rejected`` and usually a ``prompt``; each is a string or a
 list of chat messages (``{"role", "content"}``, rendered with the tokenizer's chat template).
@@ -16,13 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from lmtune.data.batching import pad_batch
+from lmtune.data.chat import render
 from lmtune.data.examples import IGNORE, BuildStats, encode, refuse_full_prompt, special_ids
 from lmtune.data.readers import Record
 from lmtune.errors import InputError
-from lmtune.objectives.lm import CHUNK_ROWS, final_hidden, output_head
 
 IDENTICAL = "identical chosen and rejected"
 
@@ -32,11 +31,7 @@ def _is_messages(value: Any) -> bool:
 
 
 def _render(tokenizer: Any, messages: list[dict], where: str, generation_prompt: bool = False) -> list[int]:
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise InputError(f"{where}: the pair is given as chat messages but the tokenizer has no chat template; "
-                         "give prompt/chosen/rejected as strings, or use a model whose tokenizer has one")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    return encode(tokenizer, text)
+    return encode(tokenizer, render(tokenizer, messages, generation_prompt, where), "conversation", where)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -201,33 +196,3 @@ def collate_pairs(pairs: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         if key in pairs[0]:
             batch[key] = torch.tensor([p[key] for p in pairs], dtype=torch.float32)  # (B,)
     return batch
-
-
-def _chunk_logp(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = head(h).float()  # (n, V); float32 so bf16 autocast does not degrade the softmax
-    return logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (n,)
-
-
-def completion_logps(model: Any, batch: dict[str, Any], chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
-    """Summed log-probability of each row's labelled (completion) tokens, (N,).
-
-    The body runs once over all rows; the output head runs only on the positions that
-    predict a completion token, in chunks recomputed during backward, so a large vocabulary
-    never materialises B×T×V logits.
-    """
-    hidden = final_hidden(model, batch)  # (N, T, H)
-    targets = batch["labels"][:, 1:]  # (N, T-1): token t+1 is predicted at t
-    keep = targets != IGNORE  # (N, T-1)
-    rows = keep.nonzero()[:, 0]  # (M,) which sequence each kept position belongs to
-    h, y = hidden[:, :-1][keep], targets[keep]  # (M, H), (M,)
-    head = output_head(model)
-    parts = []
-    for start in range(0, h.shape[0], chunk_rows):
-        hc, yc = h[start:start + chunk_rows], y[start:start + chunk_rows]
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_chunk_logp, head, hc, yc, use_reentrant=False))
-        else:
-            parts.append(_chunk_logp(head, hc, yc))
-    token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)  # (M,)
-    sums = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
-    return sums.index_add(0, rows, token_logps)

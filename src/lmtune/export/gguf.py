@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lmtune.errors import InputError
+from lmtune.export.vocab import add_vocab, gguf_vocab
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -171,8 +172,6 @@ def write_gguf(model: nn.Module, tokenizer: Any, out: Path, dtype: str = "f16", 
         InputError: an unsupported architecture, tokenizer or dtype (checked before writing).
     """
     import gguf
-
-    from lmtune.export.vocab import add_vocab, gguf_vocab
 
     if dtype not in DTYPES:
         raise InputError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")

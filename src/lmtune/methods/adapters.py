@@ -15,8 +15,6 @@ Loading onto another base is then a sentence, not a shape-mismatch traceback.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,34 +25,28 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lmtune.errors import InputError
-from lmtune.methods.adapter_checks import check_adapter_config, check_finite_tensors
-from lmtune.methods.lora import DEFAULT, LoRALinear, LoRASpec, lora_layers
+from lmtune.methods.adapter_files import (
+    CONFIG_FILE,
+    PREFIX,
+    WEIGHTS_FILE,
+    adapter_tokenizer,
+    base_fingerprint,
+    check_base,
+    fit_embeddings,
+    pop_saved_modules,
+    read_adapter_folder,
+    write_adapter_folder,
+)
+from lmtune.methods.lora_layer import DEFAULT, LoRALinear, LoRASpec, lora_layers
+from lmtune.methods.prompt_tuning import load_prompt_adapter
 from lmtune.methods.targets import base_modules, is_linear
-from lmtune.models.loading import META_FILE, load_model_and_tokenizer, read_meta, tokenizer_fingerprint
-from lmtune.models.metadata import read_json_object
+from lmtune.models.loading import load_model_and_tokenizer, save_model, weights_fingerprint
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
 # PEFT options whose non-default values change the computation in ways lmtune does not reproduce.
 _UNSUPPORTED = {"bias": "none", "lora_bias": False, "alpha_pattern": {},
                 "use_qalora": False, "layer_replication": None, "trainable_token_indices": None,
                 "target_parameters": None, "use_bdlora": None}
-
-
-def base_fingerprint(model: nn.Module) -> str:
-    """Hash of the base weights' names and shapes, as the model was before any adapter."""
-    shapes = []
-    for name, param in model.named_parameters():
-        if ".lora_" in name or ".weight_4bit" in name:
-            continue
-        shapes.append((name.replace(".base_layer.", "."), list(param.shape)))
-    for name, layer in lora_layers(model).items():
-        if layer.quantized:  # its weight now lives in 4 bits; record the shape it had
-            shapes.append((f"{name}.weight", list(layer.base_shape)))
-    shapes.sort()
-    return hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
 
 
 def inject(model: nn.Module, names: list[str], spec: LoRASpec | dict[str, LoRASpec], adapter: str = DEFAULT,
@@ -98,11 +90,6 @@ def adapter_parameters(model: nn.Module, adapter: str = DEFAULT) -> list[nn.Para
 def adapter_names(model: nn.Module) -> list[str]:
     """Names of the adapters loaded into ``model``."""
     return list(dict.fromkeys(n for layer in lora_layers(model).values() for n in layer.lora_A))
-
-
-def has_adapter(model: nn.Module) -> bool:
-    """Whether ``model`` carries a LoRA adapter or is a prompt-tuning wrapper."""
-    return bool(adapter_names(model)) or hasattr(model, "prompt_embeddings")
 
 
 def set_active_adapter(model: nn.Module, adapter: str) -> None:
@@ -212,70 +199,6 @@ def lora_state_dict(model: nn.Module, adapter: str = DEFAULT) -> dict[str, torch
     return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
 
 
-def write_adapter_folder(out: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], tokenizer: Any,
-                         meta: dict[str, Any]) -> None:
-    """Write a PEFT adapter folder: config, safetensors weights, tokenizer, lmtune's side file."""
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-        meta = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), **meta}
-    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-
-
-def token_embedding_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The input embedding and the output head by module name: an adapter's ``modules_to_save`` after new tokens.
-
-    New tokens' rows train but live in the base's matrices, so the adapter must carry the
-    matrices whole (PEFT has no other way to store rows of a resized embedding).
-    """
-    names = {id(m): n for n, m in model.named_modules()}
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    out = {names[id(emb)]: emb}
-    if head is not None and id(head) in names:
-        out[names[id(head)]] = head
-    return out
-
-
-def add_modules_to_save(folder: Path, modules: dict[str, nn.Module], prefix: str = PREFIX) -> None:
-    """Make a saved adapter folder carry whole trained ``modules`` PEFT's way (``modules_to_save``).
-
-    Their weights go under ``<prefix><name>.<param>`` (PEFT's prefix is ``base_model.model.`` for
-    LoRA, ``base_model.`` for prompt learning). A head tied to the embedding is stored too (PEFT
-    reads a key per listed module), and ``ensure_weight_tying`` makes PEFT tie its copy to the
-    embedding's; lmtune's loader keeps the base's tie by loading both into the one tensor.
-    """
-    from safetensors.torch import load_file, save_file
-
-    config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    tensors = load_file(str(folder / WEIGHTS_FILE))
-    for name, module in modules.items():
-        for k, v in module.state_dict().items():
-            tensors[f"{prefix}{name}.{k}"] = v.detach().float().cpu().clone()  # a tied head: its own copy
-    params = [id(p) for m in modules.values() for p in m.parameters()]
-    if len(set(params)) < len(params):  # tied weights
-        config["ensure_weight_tying"] = True
-    config["modules_to_save"] = list(dict.fromkeys([*(config.get("modules_to_save") or []), *modules]))
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-
-
-def save_new_token_rows(folder: Path, model: nn.Module, added: list[str]) -> None:
-    """Add to a saved adapter the embeddings holding the rows of tokens training ``added`` (and say so).
-
-    ``model`` is the trained LoRA model or prompt-tuning wrapper; the tokenizer with the added
-    tokens is already in the folder (see :func:`adapter_tokenizer`).
-    """
-    prompt = hasattr(model, "prompt_embeddings")
-    add_modules_to_save(folder, token_embedding_modules(model.model if prompt else model),
-                        "base_model." if prompt else PREFIX)
-    meta = {**read_meta(folder), "added_tokens": added}
-    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-
-
 def save_adapter(model: nn.Module, out: Path, tokenizer: Any = None, adapter: str = DEFAULT,
                  base_folder: Path | str | None = None, meta: dict[str, Any] | None = None) -> None:
     """Save adapter ``adapter`` of ``model`` as a PEFT LoRA folder."""
@@ -285,103 +208,6 @@ def save_adapter(model: nn.Module, out: Path, tokenizer: Any = None, adapter: st
             "base_model": str(base_folder) if base_folder is not None else None, **(meta or {})}
     write_adapter_folder(Path(out), _peft_config(model, adapter, base_folder), lora_state_dict(model, adapter),
                          tokenizer, meta)
-
-
-def read_adapter_folder(folder: Path | str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    """``(adapter_config, tensors, lmtune meta)`` of an adapter folder, checked for completeness.
-
-    Raises:
-        InputError: the folder or a file is missing, a file is unreadable, weights are pickled,
-            a hyper-parameter is of the wrong type or out of range, or a tensor is not finite.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"adapter folder {folder} does not exist")
-    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / f).is_file()]
-    if missing:
-        extra = (" (it holds adapter_model.bin: lmtune reads safetensors only, because unpickling can run code)"
-                 if (folder / "adapter_model.bin").exists() else "")
-        raise InputError(f"adapter folder {folder} is missing {' and '.join(missing)}{extra}; an adapter folder "
-                         f"holds {CONFIG_FILE} and {WEIGHTS_FILE}")
-    config = check_adapter_config(read_json_object(folder / CONFIG_FILE), folder / CONFIG_FILE)
-    try:
-        tensors = load_file(folder / WEIGHTS_FILE)
-    except (SafetensorError, OSError) as e:
-        raise InputError(f"{folder / WEIGHTS_FILE}: not a readable safetensors file ({e})") from None
-    check_finite_tensors(tensors, folder / WEIGHTS_FILE)
-    return config, tensors, read_meta(folder)
-
-
-def adapter_tokenizer(folder: Path | str, tokenizer: Any) -> Any:
-    """The tokenizer to run an adapter with: its own when training added tokens to ``tokenizer``.
-
-    An SFT run on chat data adds ChatML's tokens (and a chat template) to a tokenizer without a
-    template; the adapter folder then holds that grown tokenizer. It is used only if it extends
-    ``tokenizer`` (every base token keeps its id), so ids mean the same words.
-    """
-    from lmtune.models.loading import load_tokenizer
-
-    folder = Path(folder)
-    if not read_meta(folder).get("added_tokens") or not (folder / "tokenizer_config.json").is_file():
-        return tokenizer
-    own = load_tokenizer(folder)
-    mine = own.get_vocab()
-    if any(mine.get(t) != i for t, i in tokenizer.get_vocab().items()):
-        raise InputError(f"the adapter in {folder} added tokens to another tokenizer than this model's; load it onto "
-                         f"the model it was trained from ({read_meta(folder).get('base_model')})")
-    return own
-
-
-def check_base(folder: Path, meta: dict[str, Any], model: nn.Module, tokenizer: Any = None) -> None:
-    """Refuse a base model (or tokenizer) other than the one the adapter was trained on."""
-    recorded = meta.get("base_fingerprint")
-    actual = base_fingerprint(model)
-    if recorded and recorded != actual:
-        raise InputError(f"the adapter in {folder} was trained on another base model (weights fingerprint "
-                         f"{recorded}, base model {meta.get('base_model')}); this model's is {actual}. Load it "
-                         "onto the model it was trained from.")
-    tok_recorded = meta.get("tokenizer_fingerprint")
-    if tokenizer is not None and tok_recorded and tok_recorded != tokenizer_fingerprint(tokenizer):
-        raise InputError(f"the adapter in {folder} was trained with another tokenizer ({tok_recorded}); "
-                         "its token ids would not mean the same words")
-
-
-def fit_embeddings(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = PREFIX) -> None:
-    """Grow ``model``'s embeddings to the rows of a saved embedding (tokens the adapter added).
-
-    What PEFT users do with ``base.resize_token_embeddings(len(adapter_tokenizer))`` before
-    loading; the new rows' values then come from the saved module. A tied head stays tied.
-    """
-    emb = model.get_input_embeddings()
-    name = next(n for n, m in model.named_modules() if m is emb)
-    saved = tensors.get(f"{prefix}{name}.weight")
-    if saved is not None and saved.dim() == 2 and saved.shape[0] > emb.weight.shape[0]:
-        model.resize_token_embeddings(saved.shape[0], mean_resizing=False)
-
-
-def _pop_saved_modules(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
-                       model: nn.Module, prefix: str = PREFIX) -> dict[str, dict[str, torch.Tensor]]:
-    """Take PEFT's ``modules_to_save`` tensors (whole trained modules, e.g. a classifier head) out of ``tensors``.
-
-    PEFT names a module to save by its name or a dotted suffix and stores its parameters under
-    ``base_model.model.<module>.<param>``.
-    """
-    wanted = config.get("modules_to_save") or []
-    saved: dict[str, dict[str, torch.Tensor]] = {}
-    for key in [k for k in tensors if k.startswith(prefix) and ".lora_" not in k]:
-        module, _, param = key[len(prefix):].rpartition(".")
-        if any(module == w or module.endswith("." + w) for w in wanted):
-            saved.setdefault(module, {})[param] = tensors.pop(key)
-    modules = dict(model.named_modules())
-    for module, params in saved.items():
-        own = modules[module].state_dict() if module in modules else None
-        if own is None or set(own) != set(params) or any(own[k].shape != v.shape for k, v in params.items()):
-            raise InputError(f"{folder / WEIGHTS_FILE}: saved module {module!r} ({', '.join(sorted(params))}) does "
-                             "not fit this model; the adapter belongs to another base model or head size")
-    return saved
 
 
 def _lora_tensors(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
@@ -443,15 +269,13 @@ def load_adapter(model: nn.Module, folder: Path | str, tokenizer: Any = None, ad
     if config.get("modules_to_save"):  # an embedding saved whole may have rows for added tokens
         fit_embeddings(model, tensors, "base_model." if peft_type == "PROMPT_TUNING" else PREFIX)
     if peft_type == "PROMPT_TUNING":
-        from lmtune.methods.prompt_tuning import load_prompt_adapter
-
         return load_prompt_adapter(model, folder, config, tensors, meta, tokenizer)
     if peft_type != "LORA":
         raise InputError(f"{folder / CONFIG_FILE}: peft_type {peft_type!r} is not one lmtune loads (LORA, "
                          "PROMPT_TUNING)")
     check_base(folder, meta, model, tokenizer)
     modules = base_modules(model)
-    saved = _pop_saved_modules(folder, config, tensors, model)
+    saved = pop_saved_modules(folder, config, tensors, model)
     grouped = _lora_tensors(folder, config, tensors, modules)
     alpha = float(config.get("lora_alpha", 8))
     specs = {module: LoRASpec(r=parts["lora_A"].shape[0], alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)),
@@ -535,7 +359,6 @@ def merge_command(model: str | Path | None, adapter: str | Path, out: str | Path
     Raises:
         InputError: see :func:`merged_model`, or an ``out`` that already holds a model.
     """
-    from lmtune.models.loading import save_model, weights_fingerprint
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -20,6 +20,7 @@ from torch import nn
 from lmtune.config import PromptTuningConfig
 from lmtune.data.examples import encode
 from lmtune.errors import InputError
+from lmtune.methods.adapter_files import base_fingerprint, check_base, pop_saved_modules, write_adapter_folder
 from lmtune.methods.prepared import Prepared
 
 INIT_HELP = "prompt_tuning.init must be random, vocab, or text:<words>"
@@ -92,10 +93,7 @@ def initial_prompt(model: nn.Module, tokenizer: Any, n: int, init: str, seed: in
     if init == "vocab":
         return table[torch.randint(0, table.shape[0], (n,), generator=g)].clone()
     if init.startswith("text:"):
-        try:
-            ids = encode(tokenizer, init[5:].strip())
-        except InputError as e:
-            raise InputError(f"prompt_tuning.init={init!r}: {e}") from None
+        ids = encode(tokenizer, init[5:].strip(), "text", f"prompt_tuning.init={init!r}")
         if not ids:
             raise InputError(f"prompt_tuning.init={init!r}: the text has no tokens; {INIT_HELP}")
         ids = (ids * (n // len(ids) + 1))[:n]
@@ -122,8 +120,6 @@ def _peft_config(model: PromptTuned, init: str, base_folder: Path | str | None) 
 def save_prompt_adapter(model: PromptTuned, out: Path, tokenizer: Any, init: str = "random",
                         base_folder: Path | str | None = None, meta: dict[str, Any] | None = None) -> None:
     """Write the soft prompt as a PEFT prompt-tuning folder (+ tokenizer and lmtune's side file)."""
-    from lmtune.methods.adapters import base_fingerprint, write_adapter_folder
-
     meta = {"adapter": "prompt_tuning", "base_fingerprint": base_fingerprint(model.model),
             "base_model": str(base_folder) if base_folder is not None else None, "init": init, **(meta or {})}
     tensors = {"prompt_embeddings": model.prompt_embeddings.detach().float().cpu().contiguous()}
@@ -133,10 +129,8 @@ def save_prompt_adapter(model: PromptTuned, out: Path, tokenizer: Any, init: str
 def load_prompt_adapter(model: nn.Module, folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
                         meta: dict[str, Any], tokenizer: Any = None) -> PromptTuned:
     """Wrap ``model`` with the soft prompt of a PEFT prompt-tuning folder (read by ``load_adapter``)."""
-    from lmtune.methods.adapters import _pop_saved_modules, check_base
-
     check_base(folder, meta, model, tokenizer)
-    saved = _pop_saved_modules(folder, config, tensors, model, prefix="base_model.")  # e.g. chat-token embeddings
+    saved = pop_saved_modules(folder, config, tensors, model, prefix="base_model.")  # e.g. chat-token embeddings
     if set(tensors) != {"prompt_embeddings"}:
         raise InputError(f"{folder}: a prompt-tuning adapter holds one tensor, prompt_embeddings; found "
                          f"{', '.join(sorted(tensors))}")

@@ -22,8 +22,11 @@ from torch import nn
 
 from lmtune.config import LoraConfig, QuantConfig
 from lmtune.errors import InputError
+from lmtune.methods import lora
+from lmtune.methods.lora_layer import LoRALinear, lora_layers
 from lmtune.methods.prepared import Prepared
 from lmtune.methods.targets import base_modules, is_linear
+from lmtune.models.loading import load_causal_lm
 from lmtune.quant import nf4_nbytes
 
 
@@ -39,8 +42,6 @@ def plan_quantization(model: nn.Module) -> dict[str, int]:
     quantized: its errors would land directly on the logits, and it is often tied to the input
     embeddings. Layers already in NF4 (from :func:`load_quantized`) count as quantized.
     """
-    from lmtune.methods.lora import lora_layers
-
     done = {name: layer.in_features * layer.out_features for name, layer in lora_layers(model).items()
             if layer.quantized}
     heads = _head_ids(model)
@@ -70,8 +71,6 @@ def weight_memory(model: nn.Module, quantized: dict[str, int], block_size: int, 
     """Weight bytes with the NF4 layers vs the same model in fp32 and bf16 (closed form)."""
     q_numel = sum(quantized.values())
     q_bytes = sum(nf4_nbytes(n, block_size, double_quant) for n in quantized.values())  # padding included
-    from lmtune.methods.lora import lora_layers
-
     in_nf4 = sum(layer.in_features * layer.out_features for layer in lora_layers(model).values() if layer.quantized)
     seen = {id(p): p for n, p in model.named_parameters() if "weight_4bit" not in n}
     total = sum(p.numel() for p in seen.values()) + in_nf4
@@ -120,8 +119,6 @@ def load_quantized(folder: Path, quant: QuantConfig, trust_remote_code: bool = F
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from lmtune.methods.lora import LoRALinear
-    from lmtune.models.loading import load_causal_lm
 
     trust = trust_remote_code
     if Path(folder).suffix.lower() == ".gguf":  # dequantized by transformers' GGUF reader, then quantized in place
@@ -186,8 +183,6 @@ def _release_freed_memory() -> None:
 def apply(model: Any, tokenizer: Any, base_folder: Path, lora_section: LoraConfig, quant: QuantConfig,
           seed: int) -> Prepared:
     """``method=qlora``: quantize the base's linear layers to NF4, then add a LoRA adapter."""
-    from lmtune.methods import lora
-
     block, double = quant.block_size, quant.double_quant
     quantize = checked_plan(model)
     memory = weight_memory(model, quantize, block, double)
@@ -197,9 +192,9 @@ def apply(model: Any, tokenizer: Any, base_folder: Path, lora_section: LoraConfi
                           quantize_only=set(quantize))
     modules = dict(model.named_modules())
     for name in quantize:
-        if not isinstance(modules[name], lora.LoRALinear):
+        if not isinstance(modules[name], LoRALinear):
             parent, _, child = name.rpartition(".")
-            wrapped = lora.LoRALinear(modules[name], quantize_base=True, **settings)  # quantized, no adapter
+            wrapped = LoRALinear(modules[name], quantize_base=True, **settings)  # quantized, no adapter
             setattr(model.get_submodule(parent) if parent else model, child, wrapped)
     prepared.summary.update({
         "quant_block_size": block, "quant_double_quant": double,

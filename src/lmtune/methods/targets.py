@@ -21,6 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lmtune.errors import InputError
+from lmtune.methods.lora_layer import LoRALinear
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
@@ -49,8 +50,6 @@ def is_linear(module: nn.Module) -> bool:
 
 def base_modules(model: nn.Module) -> dict[str, nn.Module]:
     """``named_modules()`` as the base model had them: a LoRA layer stands for the layer it wraps."""
-    from lmtune.methods.lora import LoRALinear
-
     out: dict[str, nn.Module] = {}
     inside: str | None = None
     for name, m in model.named_modules():  # pre-order: a wrapper's insides follow it directly

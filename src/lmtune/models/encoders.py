@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.errors import InputError
+from lmtune.models.gguf import gguf_config, is_gguf
 from lmtune.models.metadata import check_config
 
 
 def read_config(folder: Path) -> dict[str, Any]:
     """The folder's ``config.json`` (or a GGUF file's config) as a dict, sizes checked (``models.metadata``)."""
-    from lmtune.models.gguf import gguf_config, is_gguf
-
     if is_gguf(Path(folder)):
         return gguf_config(Path(folder))
     return check_config(folder)
@@ -118,19 +117,3 @@ def load_for_classification(folder: Path, num_labels: int, pad_token_id: int | N
     return model
 
 
-def random_twin(folder: Path, out: Path, seed: int = 0) -> Path:
-    """Save the same architecture and tokenizer as ``folder`` with freshly initialised weights.
-
-    The baseline that shows what pre-training contributes: fine-tune both on the same data
-    and steps, and the difference is the knowledge the pre-trained weights carried.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    from lmtune.models.loading import load_tokenizer, save_model
-
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    torch.manual_seed(seed)
-    model = (AutoModel if is_encoder(folder) else AutoModelForCausalLM).from_config(config)
-    save_model(model, load_tokenizer(folder), Path(out), {"random_twin_of": str(folder)})
-    return Path(out)

@@ -27,9 +27,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmtune.data.batching import last_token_index
+from lmtune.data.classification import check_known, collate, encode_input, label_key, record_text
 from lmtune.data.examples import BuildStats
 from lmtune.data.readers import Record
 from lmtune.errors import InputError
+from lmtune.methods.adapter_files import CONFIG_FILE, add_modules_to_save
+from lmtune.methods.adapters import load_adapter
+from lmtune.models.encoders import is_encoder, load_for_classification, read_config
+from lmtune.models.loading import (
+    META_FILE,
+    check_tokenizer,
+    context_length,
+    load_tokenizer,
+    read_meta,
+    resolve_model_dir,
+)
 
 HEADS_FILE = "classify_heads.safetensors"
 POOLS = ("cls", "mean", "last")
@@ -52,8 +65,7 @@ def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) ->
     if how == "mean":
         return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, H)
     if how == "last":
-        positions = torch.arange(hidden.shape[1], device=hidden.device)  # (T,)
-        last = (attention_mask * positions).argmax(1)  # (B,) index of the last real token
+        last = last_token_index(attention_mask)  # (B,)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
     raise ValueError(f"unknown pooling {how!r}; use one of {', '.join(POOLS)}")
 
@@ -189,7 +201,6 @@ def save_heads(clf: Classifier, folder: Path, extra: dict[str, Any] | None = Non
     """Write ``classify_heads.safetensors`` and add the ``classify`` record (+ ``extra``) to ``lmtune.json``."""
     from safetensors.torch import save_file
 
-    from lmtune.models.loading import META_FILE, read_meta
 
     folder.mkdir(parents=True, exist_ok=True)
     save_file(heads_state(clf), str(folder / HEADS_FILE))
@@ -206,7 +217,6 @@ def add_head_to_adapter(clf: Classifier, folder: Path) -> None:
     ``PeftModel.from_pretrained(AutoModelForSequenceClassification...(base), folder)`` runs the
     trained head. (Every head, the first included, is also in ``classify_heads.safetensors``.)
     """
-    from lmtune.methods.adapters import CONFIG_FILE, add_modules_to_save
 
     if clf.hf_head_name is not None:
         add_modules_to_save(folder, {clf.hf_head_name: clf.heads[0]})
@@ -221,9 +231,6 @@ def classify_meta(model_folder: Path, adapter_folder: Path | None) -> dict[str, 
     Raises:
         InputError: the folder holds neither an lmtune classifier nor a transformers one.
     """
-    from lmtune.models.encoders import read_config
-    from lmtune.models.loading import read_meta
-
     where = adapter_folder or model_folder
     meta = read_meta(where).get("classify")
     if meta:
@@ -253,9 +260,6 @@ def load_classifier(model_folder: str | Path, adapter_folder: str | Path | None 
     """
     from safetensors.torch import load_file
 
-    from lmtune.models.encoders import is_encoder, load_for_classification
-    from lmtune.models.loading import check_tokenizer, context_length, load_tokenizer, resolve_model_dir
-
     folder = resolve_model_dir(model_folder)
     adapter = Path(adapter_folder) if adapter_folder else None
     if tokenizer is None:
@@ -267,7 +271,6 @@ def load_classifier(model_folder: str | Path, adapter_folder: str | Path | None 
     first = next(iter(tasks.values()))
     hf = load_for_classification(folder, len(first), tokenizer.pad_token_id, trust_remote_code, labels=first)
     if adapter is not None:
-        from lmtune.methods.adapters import load_adapter
 
         hf = load_adapter(hf, adapter)
     clf = Classifier(hf, tasks, meta["pool"] or native_pool(hf) or "cls", is_encoder(folder))
@@ -297,7 +300,6 @@ def _pick_task(clf: Classifier, records: list[Record], task: str | None) -> int:
 def class_probs(clf: Classifier, tokenizer: Any, inputs: list[tuple[str, str | None]], task: int,
                 max_length: int = 512, batch_size: int = 32) -> torch.Tensor:
     """(N, C) class probabilities of ``(text, text_pair)`` inputs for task index ``task``."""
-    from lmtune.data.classification import collate, encode_input
 
     device = next(clf.parameters()).device
     stats, out = BuildStats(), []
@@ -334,7 +336,6 @@ def predict(model_folder: str | Path, adapter_folder: str | Path | None, records
         InputError: labels never seen in training (each named with its first line), missing
             text or label fields, or an ambiguous task.
     """
-    from lmtune.data.classification import check_known, label_key, record_text
 
     clf, tokenizer, meta = load_classifier(model_folder, adapter_folder, tokenizer)
     t = _pick_task(clf, records, task)

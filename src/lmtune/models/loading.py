@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.errors import InputError
+from lmtune.models.encoders import is_encoder, read_config, refuse_encoder
+from lmtune.models.gguf import find_gguf, gguf_config, is_gguf, load_gguf_model, load_gguf_tokenizer
 from lmtune.models.metadata import check_model_folder, check_tokenizer_folder, read_json_object
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -45,8 +47,6 @@ def resolve_model_dir(path: str | Path | None) -> Path:
         InputError: the folder is missing, has no ``config.json``, or has no safetensors
             weights (pickle-only folders are refused and never read).
     """
-    from lmtune.models.gguf import find_gguf
-
     folder = shipped_model_dir() if path is None else Path(path)
     if not folder.exists():
         raise InputError(f"model folder {folder} does not exist (give a local Hugging Face model folder or a "
@@ -94,8 +94,6 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:
     """Load the tokenizer saved in ``folder`` (or stored in a GGUF file), locally."""
     from transformers import AutoTokenizer
 
-    from lmtune.models.gguf import is_gguf, load_gguf_tokenizer
-
     if is_gguf(Path(folder)):
         tok = load_gguf_tokenizer(Path(folder))
     else:
@@ -119,9 +117,6 @@ def load_causal_lm(folder: Path, trust_remote_code: bool = False, dtype: Any = N
     """
     import torch
     from transformers import AutoModelForCausalLM
-
-    from lmtune.models.encoders import refuse_encoder
-    from lmtune.models.gguf import is_gguf, load_gguf_model
 
     refuse_encoder(folder)
     if is_gguf(Path(folder)):
@@ -183,8 +178,6 @@ def load_model_and_tokenizer(path: str | Path | None, tokenizer_path: str | Path
 
 def context_length(folder: Path) -> int | None:
     """The model's maximum sequence length from its config (``None`` if it has none)."""
-    from lmtune.models.encoders import read_config
-
     config = read_config(folder)
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):
         if isinstance(config.get(key), int):
@@ -195,8 +188,6 @@ def context_length(folder: Path) -> int | None:
 def auto_config(folder: Path, trust_remote_code: bool = False) -> Any:
     """The model's ``transformers`` config, from ``config.json`` or a GGUF file's metadata."""
     from transformers import AutoConfig
-
-    from lmtune.models.gguf import gguf_config, is_gguf
 
     if is_gguf(Path(folder)):
         config = gguf_config(Path(folder))
@@ -264,6 +255,22 @@ def save_model(model: Any, tokenizer: Any, folder: Path, extra_meta: dict[str, A
     tokenizer.save_pretrained(folder)
     meta = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), **(extra_meta or {})}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def random_twin(folder: Path, out: Path, seed: int = 0) -> Path:
+    """Save the same architecture and tokenizer as ``folder`` with freshly initialised weights.
+
+    The baseline that shows what pre-training contributes: fine-tune both on the same data
+    and steps, and the difference is the knowledge the pre-trained weights carried.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    torch.manual_seed(seed)
+    model = (AutoModel if is_encoder(folder) else AutoModelForCausalLM).from_config(config)
+    save_model(model, load_tokenizer(folder), Path(out), {"random_twin_of": str(folder)})
+    return Path(out)
 
 
 def param_counts(model: Any) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""The small word-level GPT that ships with lmtune, and ``lmtune pretrain`` that rebuilds it.
+"""The small word-level GPT that ships with lmtune (``lmtune.pretrain`` rebuilds it).
 
 The tokenizer is built the way the story builds it: the unique words of the pre-training
 corpus, sorted, plus a BOS token that both starts and ends every sentence. It is saved as a

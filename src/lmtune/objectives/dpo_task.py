@@ -14,10 +14,11 @@ from typing import Any
 import torch
 
 from lmtune.config import KEYS, DPOConfig
-from lmtune.data.preference import IDENTICAL, build_pairs, collate_pairs, completion_logps
+from lmtune.data.preference import IDENTICAL, build_pairs, collate_pairs
 from lmtune.distributed import pick_device
 from lmtune.errors import InputError
 from lmtune.objectives.dpo import REFERENCE_FREE, dpo_loss, orpo_loss, simpo_loss
+from lmtune.objectives.lm import completion_logps
 from lmtune.objectives.reference import Reference, disable_dropout
 from lmtune.objectives.task import LossFn, RunContext, Task
 

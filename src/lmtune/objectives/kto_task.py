@@ -15,10 +15,11 @@ import torch
 
 from lmtune.data.batching import pad_batch
 from lmtune.data.examples import IGNORE, BuildStats
-from lmtune.data.preference import completion_logps, split_prompt_completion
+from lmtune.data.preference import split_prompt_completion
 from lmtune.data.readers import Record
 from lmtune.errors import InputError
 from lmtune.objectives.kto import kl_reference_point, kto_loss
+from lmtune.objectives.lm import completion_logps
 from lmtune.objectives.reference import Reference, disable_dropout
 from lmtune.objectives.task import RunContext, Task
 

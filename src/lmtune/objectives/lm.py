@@ -4,7 +4,8 @@ The model body runs once; the output head and cross-entropy then run only on the
 next token has a label, in chunks, so that at most ``chunk`` rows of ``V`` logits exist at any
 moment (``head_logprobs``: a frozen head gets its input gradient in the forward pass instead of
 a checkpointed recompute). With a 32k vocabulary and a batch of 8×512 that is the difference
-between ~500 MB and ~16 MB.
+between ~500 MB and ~16 MB. ``perplexity`` is the same loss summed over a whole data set, which
+``lmtune eval`` and the retain-loss guard (``regularize``) both report.
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ from typing import Any
 
 import torch
 
+from lmtune.data.batching import pad_batch
 from lmtune.data.examples import IGNORE
+from lmtune.metrics import perplexity_from
 from lmtune.objectives.head_logprobs import CHUNK_ROWS, head_logprobs
+
+EVAL_BATCH = 16  # examples per forward when scoring perplexity
 
 
 def final_hidden(model: Any, batch: dict[str, Any]) -> torch.Tensor:
@@ -37,6 +42,21 @@ def output_head(model: Any) -> torch.nn.Module:
     return head
 
 
+def labelled_logprobs(model: Any, batch: dict[str, Any], chunk_rows: int = CHUNK_ROWS
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probability of each labelled next token, through ``head_logprobs``.
+
+    Returns:
+        ``(logps (M,), rows (M,), hidden (B, T, H))``: one entry per position whose next token
+        has a label, the batch row it belongs to, and the body's output.
+    """
+    hidden = final_hidden(model, batch)  # (B, T, H)
+    targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at t
+    keep = targets != IGNORE  # (B, T-1)
+    h, y = hidden[:, :-1][keep], targets[keep]  # (M, H), (M,) only rows that carry loss
+    return head_logprobs(output_head(model), h, y, chunk_rows), keep.nonzero()[:, 0], hidden
+
+
 def lm_loss(model: Any, batch: dict[str, Any], chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, dict[str, float]]:
     """Summed next-token cross-entropy over labelled positions.
 
@@ -50,25 +70,42 @@ def lm_loss(model: Any, batch: dict[str, Any], chunk_rows: int = CHUNK_ROWS) -> 
         ``(loss_sum, metrics)``; the loop divides by the number of loss tokens across its
         accumulation window so that 1×8 and 8×1 micro-batching give the same gradient.
     """
-    hidden = final_hidden(model, batch)  # (B, T, H)
-    targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at t
-    keep = targets != IGNORE
-    h = hidden[:, :-1][keep]  # (N, H) only rows that carry loss
-    y = targets[keep]  # (N,)
-    if h.shape[0] == 0:
+    logps, _, hidden = labelled_logprobs(model, batch, chunk_rows)  # (N,)
+    if logps.shape[0] == 0:
         return hidden.sum() * 0.0, {}
-    return -head_logprobs(output_head(model), h, y, chunk_rows).sum(), {}
+    return -logps.sum(), {}
 
 
-def per_token_logprobs(model: Any, batch: dict[str, Any]) -> torch.Tensor:
-    """Log-probability of each labelled next token, (B, T-1), zero where unlabelled.
+def completion_logps(model: Any, batch: dict[str, Any], chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """Summed log-probability of each row's labelled (completion) tokens, (N,) float32.
 
-    Used by preference objectives (sums over completion tokens) and evaluation.
+    What DPO compares between policy and reference; the body runs once over all rows and the
+    head only on the positions that predict a completion token (a frozen head, as with LoRA,
+    gets its input gradient in the forward pass: ``head_logprobs``).
     """
-    hidden = final_hidden(model, batch)  # (B, T, H)
-    logits = output_head(model)(hidden[:, :-1]).float()  # (B, T-1, V)
-    targets = batch["labels"][:, 1:]  # (B, T-1)
-    keep = targets != IGNORE
-    safe = targets.masked_fill(~keep, 0)
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return logp * keep
+    logps, rows, hidden = labelled_logprobs(model, batch, chunk_rows)  # (M,), (M,)
+    sums = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
+    return sums.index_add(0, rows, logps)
+
+
+@torch.no_grad()
+def perplexity(model: Any, examples: list[dict[str, list[int]]], pad_id: int,
+               batch_size: int = EVAL_BATCH) -> dict[str, float | int]:
+    """Token-weighted loss and perplexity: one sum over all scored tokens, one division.
+
+    Returns:
+        ``{"loss": mean nats per token, "perplexity": exp(loss), "tokens": scored tokens}``.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = pad_batch(examples[start:start + batch_size], pad_id)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        loss_sum, _ = lm_loss(model, batch)
+        total += float(loss_sum)
+        tokens += batch["num_loss_tokens"]
+    model.train(was_training)
+    return {"loss": total / max(tokens, 1), "perplexity": perplexity_from(total, tokens), "tokens": tokens}
+

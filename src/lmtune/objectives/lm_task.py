@@ -2,33 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from lmtune.data.batching import pad_batch
-from lmtune.data.examples import BuildStats, text_example
-from lmtune.data.readers import Record
+from lmtune.data.examples import text_examples
 from lmtune.errors import InputError
 from lmtune.objectives.lm import lm_loss
 from lmtune.objectives.task import RunContext, Task
-
-
-def text_examples(records: list[Record], tokenizer: Any, max_length: int,
-                  stats: BuildStats | None = None) -> tuple[list[dict[str, list[int]]], BuildStats]:
-    """Token examples from records with a string ``text`` field."""
-    stats = stats or BuildStats()
-    examples = []
-    for rec in records:
-        text = rec.fields.get("text")
-        if not isinstance(text, str):
-            raise InputError(f"{rec.where}: field 'text' must be a string, got "
-                             f"{'nothing' if text is None else type(text).__name__}")
-        try:
-            ex = text_example(tokenizer, text, max_length, stats)
-        except InputError as e:  # the tokenizer could not encode it: say which line
-            raise InputError(f"{rec.where}: {e}") from None
-        if ex is not None:
-            examples.append(ex)
-    return examples, stats
 
 
 def build_task(ctx: RunContext) -> Task:

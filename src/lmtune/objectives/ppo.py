@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from lmtune.data.batching import last_token_index
+
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` where ``mask`` is 1 (a scalar)."""
@@ -56,8 +58,7 @@ def per_token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs
     """
     kl = (logprobs - ref_logprobs) * mask  # (B, T)
     rewards = -kl_coef * kl  # (B, T)
-    positions = torch.arange(mask.shape[1], device=mask.device)  # (T,)
-    last = (positions * mask.long()).argmax(dim=-1)  # (B,) index of each last response token
+    last = last_token_index(mask)  # (B,) index of each last response token
     rows = torch.arange(mask.shape[0], device=mask.device)  # (B,)
     rewards[rows, last] += scores.to(rewards.dtype)
     return rewards, kl

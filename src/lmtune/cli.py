@@ -34,7 +34,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # (seconds), and a mistyped key should be answered at once.
     from lmtune.run import run_training
 
-    run_training(cfg)
+    run_training(cfg, show_example=args.show_example)
     return 0
 
 
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Keys and defaults: lmtune train --keys")
     p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]")
     p.add_argument("--keys", action="store_true", help="list every config key with its default")
+    p.add_argument("--show-example", action="store_true",
+                   help="objective=sft: print the first training example, tokens coloured by whether they carry loss")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("pretrain", help="word tokenizer + small GPT from scratch, with the same loop")

@@ -9,6 +9,8 @@ several examples share a row without attending to each other (``lmtune.data.pack
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import torch
 
 from lmtune.data.batching import pad_batch
 from lmtune.data.chat import chat_example_ids
+from lmtune.data.example_check import check_example, show_example
 from lmtune.data.examples import BuildStats
 from lmtune.data.formats import Conversation, PromptCompletion, parse_records, prompt_completion_ids
 from lmtune.data.packing import ATTENTION_NAME, BLOCK_MASK, collate_packed, pack_examples, packed_attention
@@ -131,6 +134,7 @@ def build_task(ctx: RunContext) -> Task:
     if not train_ex:
         raise InputError(f"{ctx.source('data.train')}: no usable examples ({stats.examples} kept, dropped: "
                          f"{stats.dropped or 'none'})")
+    example = _check_first_example(ctx, ctx.records("data.train"), max_length, choice.templated)
     eval_records = ctx.records("data.eval")
     eval_ex = (sft_examples(eval_records, fmt, tok, max_length, loss_on, templated=choice.templated)[0]
                if eval_records else None)
@@ -161,7 +165,7 @@ def build_task(ctx: RunContext) -> Task:
                 f"({100 * filled:.0f}% filled)")
     summary = {"data": stats.as_dict(), "truncated": stats.truncated,
                "dropped": sum(stats.dropped.values()), "loss_on": loss_on, "packing": packing,
-               "chat_template": choice.source,
+               "chat_template": choice.source, "example": example,
                **({"added_tokens": added} if added else {}), **prepared.summary}
     return Task(model=prepared.model, batches=ctx.batches(train_rows, sft_collate(tok.pad_token_id, cause)),
                 eval_examples=eval_ex, loss=sft_loss, save=prepared.save, summary=summary)
@@ -185,6 +189,30 @@ def _save_new_rows_too(prepared: Prepared, added: list[str], rows: int, log: Any
     trainable -= (rows // len(added)) * vocab * hidden - rows * hidden  # masked matrices: only new rows learn
     summary = {**prepared.summary, "trainable_params": trainable, "trainable_ratio": trainable / max(total, 1)}
     return Prepared(model=model, save=save, summary=summary)
+
+
+def _check_first_example(ctx: RunContext, records: list[Record], max_length: int, templated: bool) -> str:
+    """Check the first usable example against its record (``lmtune.data.example_check``); show it if asked.
+
+    Returns:
+        The example with its labelled runs in ``[[ ]]`` (for summary.json).
+    """
+    cfg, tok = ctx.cfg, ctx.tokenizer
+    for rec in records:
+        stats = BuildStats()
+        built = sft_examples([rec], cfg.data.format, tok, max_length, cfg.train.loss_on, stats, templated)[0]
+        if built:
+            break
+    sample = parse_records([rec], cfg.data.format, BuildStats())[0]
+    responses = ([m["content"] for m in sample.messages if m["role"] == "assistant"]
+                 if isinstance(sample, Conversation) else [sample.completion])
+    for warning in check_example(tok, built[0], responses, cfg.train.loss_on, bool(stats.truncated), rec.where):
+        ctx.log.say(f"warning: {warning}")
+    if ctx.show_example:
+        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        legend = "labelled tokens in green, masked dimmed" if color else "labelled tokens in [[ ]]"
+        ctx.log.say(f"first training example ({rec.where}; {legend}):\n{show_example(tok, built[0], color)}")
+    return show_example(tok, built[0], color=False)
 
 
 def _report(log: Any, stats: BuildStats, max_length: int) -> None:

@@ -50,7 +50,7 @@ def test_none_keeps_raw_text_and_refuses_chat_data():
     ex = sft_examples(records(PAIRS[:1]), "prompt_completion", tok, 128, "response")[0][0]
     raw = tok("the cat sat on the mat", add_special_tokens=False)["input_ids"]
     assert tok.decode(ex["input_ids"]) == tok.decode([tok.bos_token_id, *raw, tok.eos_token_id])
-    with pytest.raises(InputError, match="data.chat_template=none .*=messages"):
+    with pytest.raises(InputError, match="data.chat_template=none .*chat turns"):
         apply_chat_setting(tok, "none", "messages")
 
 

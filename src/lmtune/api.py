@@ -183,8 +183,8 @@ def evaluate(model: PathLikeStr | nn.Module | None = None, data: Data | None = N
             (``False``: raw text, as ``lmtune eval --no-chat``); chat records always use it.
 
     Returns:
-        Each metric's value, plus ``examples``, ``shots`` and, with perplexity, ``loss`` and
-        ``tokens``.
+        Each metric's value, plus ``examples``, ``shots``, ``chat_template`` and, with perplexity,
+        ``loss`` and ``tokens``.
 
     Raises:
         InputError: an unknown metric, a metric the data cannot support, malformed rows or file,

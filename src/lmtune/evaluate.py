@@ -211,8 +211,8 @@ def run_eval(model: str | Path | nn.Module | None, adapter: str | Path | None, d
         chat: render prompts with the model's chat template when it has one (``--no-chat``: raw text).
 
     Returns:
-        A flat dict: each metric's value, plus ``examples``, ``shots`` and, with
-        perplexity, ``loss`` and ``tokens``.
+        A flat dict: each metric's value, plus ``examples``, ``shots``, ``chat_template``
+        (whether prompts were rendered with it) and, with perplexity, ``loss`` and ``tokens``.
 
     Raises:
         InputError: unknown metric, empty or unreadable data, a metric the data cannot

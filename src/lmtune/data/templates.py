@@ -99,7 +99,7 @@ def read_template_file(path: str) -> str:
         raise InputError(f"data.chat_template={path}: cannot read the template: {e}") from None
 
 
-def apply_chat_setting(tokenizer: Any, setting: str, fmt: str) -> ChatChoice:
+def apply_chat_setting(tokenizer: Any, setting: str, fmt: str, may_add_tokens: bool = True) -> ChatChoice:
     """Set the tokenizer's chat template from ``data.chat_template`` for data of format ``fmt``.
 
     Args:
@@ -107,6 +107,8 @@ def apply_chat_setting(tokenizer: Any, setting: str, fmt: str) -> ChatChoice:
             with no usable template, ChatML's tokens added).
         setting: ``auto``, ``none``, a name of ``NAMED``, or a path to a ``.jinja`` file.
         fmt: the resolved data format (``prompt_completion``, ``alpaca``, ``messages``, ...).
+        may_add_tokens: whether ChatML's tokens may be added (PPO and GRPO do not resize the
+            embeddings: for them chat data without a usable template stays untemplated, and is refused).
 
     Raises:
         InputError: an unknown name, a missing file, a named template whose tokens the tokenizer
@@ -115,8 +117,8 @@ def apply_chat_setting(tokenizer: Any, setting: str, fmt: str) -> ChatChoice:
     chat_data = fmt == "messages"
     if setting == "none":
         if chat_data:
-            raise InputError("data.chat_template=none trains on raw text, but data.format=messages holds chat "
-                             "turns, which only a chat template can render; set data.chat_template=auto (or a "
+            raise InputError("data.chat_template=none trains on raw text, but the data holds chat turns "
+                             "(data.format=messages, or chat-message prompts), which only a chat template can render; set data.chat_template=auto (or a "
                              "template name or .jinja file), or convert the data to prompt/completion records")
         return ChatChoice(False, "none: raw text")
     if setting == "auto":
@@ -128,6 +130,8 @@ def apply_chat_setting(tokenizer: Any, setting: str, fmt: str) -> ChatChoice:
         if family is not None:
             tokenizer.chat_template = NAMED[family][0]
             return ChatChoice(True, f"{family} (detected from the tokenizer's special tokens)")
+        if not may_add_tokens:  # the caller refuses chat data it cannot render, naming the row
+            return ChatChoice(False, "none: the tokenizer has no chat template")
         added = ensure_chat_template(tokenizer)
         return ChatChoice(True, "chatml (added: the tokenizer has no chat template)", tuple(added))
     if setting.endswith(".jinja"):

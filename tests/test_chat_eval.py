@@ -12,7 +12,7 @@ from chat_helpers import ScriptedLM, chatml_tokenizer, oracle_ids
 from conftest import build_model, fails
 from lmtune.cli import main
 from lmtune.data.eval_cases import generation_cases
-from lmtune.data.examples import IGNORE, BuildStats
+from lmtune.data.examples import IGNORE
 from lmtune.data.templates import NAMED, apply_chat_setting
 from lmtune.errors import InputError
 from lmtune.evaluate import run_eval
@@ -180,3 +180,19 @@ def test_sft_trains_what_eval_scores_with_and_without_the_template(chat_model_di
     assert summary["chat_template"] == ("the tokenizer's own" if setting == "auto" else "none: raw text")
     scored = run_eval(str(out), None, str(data), chat=setting == "auto")
     assert scored["loss"] == pytest.approx(summary["eval_loss"], abs=1e-5)
+
+
+def test_an_adapter_trained_with_a_named_template_is_evaluated_and_asked_with_it(tmp_path, capsys):
+    tok = chatml_tokenizer("llama", template=False)  # ChatML's tokens, no template
+    base = tmp_path / "base"
+    save_model(build_model("llama", tok), tok, base)
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS), encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["train", f"model={base}", f"data.train={data}", f"output_dir={run}", "method=lora",
+                 "train.steps=1", "data.chat_template=chatml"]) == 0
+    capsys.readouterr()
+    assert run_eval(str(base), None, str(data))["chat_template"] is False
+    assert run_eval(str(base), str(run), str(data))["chat_template"] is True
+    assert main(["generate", "--model", str(base), "--adapter", str(run), "--prompt", "the cat", "--chat",
+                 "--max-new-tokens", "2"]) == 0

@@ -23,9 +23,8 @@ def smollm2(tmp_path_factory) -> Path:
     folder = Path(os.environ.get("LMTUNE_SMOLLM2_DIR", "/work/cache/smollm2"))
     if (folder / "config.json").is_file():
         return folder
-    from test_smollm2 import smollm2_file
-
     from lmtune.export.command import convert_command
+    from test_smollm2 import smollm2_file
 
     gguf = smollm2_file()
     if gguf is None:

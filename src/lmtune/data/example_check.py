@@ -72,7 +72,7 @@ def check_example(tokenizer: Any, example: dict[str, list[int]], responses: list
     runs = _runs(labels)
     texts = [_squash(tokenizer.decode(ids[a:b], skip_special_tokens=True)) for a, b in runs]
     wanted = [_squash(r) for r in responses]
-    for (a, b), text in zip(runs, texts):
+    for (_, b), text in zip(runs, texts):
         if ids[b - 1] not in stops and not (truncated and b == len(ids)):
             raise InputError(f"{where}: the response {text!r} carries labels but the token that ends it does not "
                              f"(last labelled token {tokenizer.convert_ids_to_tokens(ids[b - 1])!r}), so the model "

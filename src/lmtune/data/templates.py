@@ -118,8 +118,9 @@ def apply_chat_setting(tokenizer: Any, setting: str, fmt: str, may_add_tokens: b
     if setting == "none":
         if chat_data:
             raise InputError("data.chat_template=none trains on raw text, but the data holds chat turns "
-                             "(data.format=messages, or chat-message prompts), which only a chat template can render; set data.chat_template=auto (or a "
-                             "template name or .jinja file), or convert the data to prompt/completion records")
+                             "(data.format=messages, or chat-message prompts), which only a chat template can "
+                             "render; set data.chat_template=auto (or a template name or .jinja file), or convert "
+                             "the data to prompt/completion records")
         return ChatChoice(False, "none: raw text")
     if setting == "auto":
         if has_chat_template(tokenizer):

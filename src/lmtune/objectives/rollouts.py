@@ -8,8 +8,8 @@ sampling counter, so a killed run resumes on exactly the micro-batches it would 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 

@@ -148,6 +148,7 @@ def generate(model: PathLikeStr | nn.Module | None = None, tokenizer: Any = None
         InputError: no prompt, an option out of range, a prompt longer than the model's
             context, ``chat`` without a chat template, or a model that does not load.
     """
+    from lmtune.data.templates import adopt_saved_template
     from lmtune.generate import generate_text
     from lmtune.methods.adapters import load_with_adapter
 
@@ -156,13 +157,15 @@ def generate(model: PathLikeStr | nn.Module | None = None, tokenizer: Any = None
     with run_environment():
         lm, tok, _ = load_with_adapter(model if _is_module(model) else _path_str(model), _path_str(adapter),
                                        tokenizer=tokenizer)
+        adopt_saved_template(tok, _path_str(adapter))  # an adapter trained with data.chat_template=NAME carries it
         return generate_text(lm, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p, seed=seed, chat=chat)
 
 
 def evaluate(model: PathLikeStr | nn.Module | None = None, data: Data | None = None,
              metrics: str | list[str] = "perplexity", *, tokenizer: Any = None, adapter: PathLikeStr | None = None,
-             shots: int = 0, shots_file: PathLikeStr | None = None, max_new_tokens: int = 32) -> dict[str, Any]:
+             shots: int = 0, shots_file: PathLikeStr | None = None, max_new_tokens: int = 32,
+             chat: bool = True) -> dict[str, Any]:
     """Score a model on data: the numbers ``lmtune eval --json`` prints.
 
     Args:
@@ -178,10 +181,12 @@ def evaluate(model: PathLikeStr | nn.Module | None = None, data: Data | None = N
         shots: few-shot mode: this many solved examples placed before every prompt.
         shots_file: where the solved examples come from (default: ``data``).
         max_new_tokens: the generation cap for text metrics.
+        chat: render prompt/completion prompts with the model's chat template when it has one
+            (``False``: raw text, as ``lmtune eval --no-chat``); chat records always use it.
 
     Returns:
-        Each metric's value, plus ``examples``, ``shots`` and, with perplexity, ``loss`` and
-        ``tokens``.
+        Each metric's value, plus ``examples``, ``shots``, ``chat_template`` and, with perplexity,
+        ``loss`` and ``tokens``.
 
     Raises:
         InputError: an unknown metric, a metric the data cannot support, malformed rows or file,
@@ -197,7 +202,8 @@ def evaluate(model: PathLikeStr | nn.Module | None = None, data: Data | None = N
     with run_environment():
         return run_eval(model if _is_module(model) else _path_str(model), _path_str(adapter),
                         records if records is not None else files, metrics, shots=shots,
-                        shots_file=_path_str(shots_file), max_new_tokens=max_new_tokens, tokenizer=tokenizer)
+                        shots_file=_path_str(shots_file), max_new_tokens=max_new_tokens, tokenizer=tokenizer,
+                        chat=chat)
 
 
 def merge(model: PathLikeStr | None = None, *, adapter: PathLikeStr, out: PathLikeStr) -> Path:

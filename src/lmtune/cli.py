@@ -34,7 +34,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # (seconds), and a mistyped key should be answered at once.
     from lmtune.run import run_training
 
-    run_training(cfg)
+    run_training(cfg, show_example=args.show_example)
     return 0
 
 
@@ -67,11 +67,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for label, prob in classify_text(args.model, args.adapter, args.prompt, task=args.task):
             print(f"{label}\t{prob:.4f}")
         return 0
+    from lmtune.data.templates import adopt_saved_template
     from lmtune.generate import generate_text
     from lmtune.methods.adapters import load_with_adapter
 
     # With an adapter: the adapter's tokenizer, with the chat tokens training added, if any.
     model, tokenizer, _ = load_with_adapter(args.model, args.adapter)
+    adopt_saved_template(tokenizer, args.adapter)  # an adapter trained with data.chat_template=NAME carries it
     text = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                          chat=args.chat)
@@ -83,7 +85,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lmtune.evaluate import run_eval
 
     results = run_eval(model=args.model, adapter=args.adapter, data=args.data, metrics=args.metrics,
-                       shots=args.shots, shots_file=args.shots_file, max_new_tokens=args.max_new_tokens)
+                       shots=args.shots, shots_file=args.shots_file, max_new_tokens=args.max_new_tokens,
+                       chat=not args.no_chat)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -180,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Keys and defaults: lmtune train --keys")
     p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]")
     p.add_argument("--keys", action="store_true", help="list every config key with its default")
+    p.add_argument("--show-example", action="store_true",
+                   help="objective=sft: print the first training example, tokens coloured by whether they carry loss")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("pretrain", help="word tokenizer + small GPT from scratch, with the same loop")
@@ -196,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=0, help="few-shot: examples placed in each prompt")
     p.add_argument("--shots-file", help="where few-shot examples come from (default: --data)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--no-chat", action="store_true",
+                   help="raw prompts: do not render prompt/completion data with the model's chat template")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_eval)
 

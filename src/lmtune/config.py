@@ -72,6 +72,15 @@ def _power_of_two(v: Any) -> str | None:
     return None if v > 0 and (v & (v - 1)) == 0 else "must be a positive power of two (e.g. 64)"
 
 
+NAMED_CHAT_TEMPLATES = ("chatml", "llama3", "gemma", "phi3")  # defined in lmtune.data.templates
+
+
+def _chat_template(v: Any) -> str | None:
+    if v in ("auto", "none", *NAMED_CHAT_TEMPLATES) or v.endswith(".jinja"):
+        return None
+    return f"must be auto, none, one of {', '.join(NAMED_CHAT_TEMPLATES)}, or a path to a .jinja file"
+
+
 @dataclass(frozen=True)
 class DataConfig:
     train: str | list[str] | None = key(None, "training data file (JSONL/JSON/CSV/Parquet/TXT); a list: multi-task")
@@ -80,6 +89,8 @@ class DataConfig:
                                                         "preference", "unpaired_preference", "classification",
                                                         "prompts"))
     retain: str | None = key(None, "held-out pre-training text: its loss before/after = forgetting")
+    chat_template: str = key("auto", "instruction data's template: auto (the model's), none (raw), "
+                             f"{'|'.join(NAMED_CHAT_TEMPLATES)}, or a .jinja file", _chat_template)
 
 
 @dataclass(frozen=True)

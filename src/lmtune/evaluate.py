@@ -22,10 +22,12 @@ from typing import Any
 
 from torch import nn
 
-from lmtune.data.chat import has_chat_template
-from lmtune.data.examples import BuildStats, encode, special_ids, text_example
-from lmtune.data.formats import parse_records, prompt_completion_ids, separator
+from lmtune.data.chat import chat_example_ids, has_chat_template
+from lmtune.data.eval_cases import answer_stops, generation_cases, parse_case
+from lmtune.data.examples import BuildStats, text_example
+from lmtune.data.formats import prompt_completion_ids, separator
 from lmtune.data.readers import Record, read_records
+from lmtune.data.templates import adopt_saved_template
 from lmtune.distributed import pick_device
 from lmtune.errors import InputError
 from lmtune.generate import generate, max_context
@@ -57,10 +59,8 @@ def prompt_pair(record: Record, fmt: str) -> tuple[str, str]:
         InputError: a missing or non-string field (naming the record).
     """
 
-    samples = parse_records([record], fmt, BuildStats())
-    if not samples:
-        raise InputError(f"{record.where}: the reference answer is empty; drop the record or fill it in")
-    return samples[0].prompt, samples[0].completion
+    sample = parse_case(record, fmt)
+    return sample.prompt, sample.completion
 
 
 def shot_text(record: Record, fmt: str) -> str:
@@ -107,13 +107,14 @@ def few_shot_prefixes(data_records: list[Record], shots: int, shots_file: str | 
 
 
 def loss_examples(records: list[Record], fmt: str, tokenizer: Any, prefixes: list[str],
-                  max_length: int | None) -> tuple[list[dict[str, list[int]]], BuildStats]:
+                  max_length: int | None, templated: bool = False) -> tuple[list[dict[str, list[int]]], BuildStats]:
     """Token examples whose labels mark exactly the tokens perplexity is measured on.
 
     Built by the training objectives' own code, so eval scores what training trained: text
     is BOS + text + EOS with every token after BOS scored (``objective=lm``); prompt/completion,
-    alpaca and chat records score only the response (``objective=sft``). A few-shot prefix is
-    context only: it is never scored.
+    alpaca and chat records score only the response (``objective=sft``; with ``templated``,
+    prompt/completion records are rendered with the chat template as training renders them). A
+    few-shot prefix is context only: it is never scored (with a template, it opens the user turn).
 
     Raises:
         InputError: a malformed record, chat data for a tokenizer without a chat template, or
@@ -135,8 +136,12 @@ def loss_examples(records: list[Record], fmt: str, tokenizer: Any, prefixes: lis
                 prompt, target = prompt_pair(rec, fmt)
                 prompt = prefix + prompt
             # Without shots, a long example is cut as training cuts it; shots must not push it out.
-            ex = prompt_completion_ids(tokenizer, prompt, target, 10**9 if prefix else limit, stats, "response",
-                                       rec.where)
+            cut = 10**9 if prefix else limit
+            if templated and fmt != "text":
+                turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": target}]
+                ex = chat_example_ids(tokenizer, turns, cut, stats, "response", rec.where)
+            else:
+                ex = prompt_completion_ids(tokenizer, prompt, target, cut, stats, "response", rec.where)
             if prefix and ex is not None and len(ex["input_ids"]) > limit:
                 raise InputError(f"{rec.where}: {len(ex['input_ids'])} tokens with the few-shot examples, more "
                                  f"than the model's context of {limit}; use fewer --shots or shorter examples")
@@ -163,25 +168,22 @@ def _text_field(rec: Record) -> str:
     return text
 
 
-def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
+def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], stops: list[int], max_new_tokens: int,
                      batch_size: int = EVAL_BATCH) -> list[str]:
-    """Greedy continuation of every prompt, decoded without special tokens.
+    """Greedy continuation of every prompt (token ids), decoded without special tokens.
 
     Prompts are batched only with prompts of the same token length, so no row is padded
     and a batched answer is exactly the answer the prompt gets alone.
     """
 
-    bos, eos = special_ids(tokenizer)
-    encoded = [([bos] if bos is not None else []) + encode(tokenizer, p) for p in prompts]
     by_length: dict[int, list[int]] = {}
-    for i, ids in enumerate(encoded):
+    for i, ids in enumerate(prompts):
         by_length.setdefault(len(ids), []).append(i)
     answers: list[str] = [""] * len(prompts)
-    stops = [eos] if eos is not None else []
     for rows in by_length.values():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            new = generate(model, [encoded[i] for i in chunk], max_new_tokens=max_new_tokens, stop_ids=stops)
+            new = generate(model, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens, stop_ids=stops)
             for i, ids in zip(chunk, new):
                 answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
     return answers
@@ -189,8 +191,11 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tok
 
 def run_eval(model: str | Path | nn.Module | None, adapter: str | Path | None, data: str | Path | list[Record],
              metrics: str | list[str] = "perplexity", shots: int = 0, shots_file: str | None = None,
-             max_new_tokens: int = 32, tokenizer: Any = None) -> dict[str, Any]:
+             max_new_tokens: int = 32, tokenizer: Any = None, chat: bool = True) -> dict[str, Any]:
     """Evaluate ``model`` (+ ``adapter``) on ``data`` with the named metrics.
+
+    For a model with a chat template, prompt/completion and Alpaca prompts are rendered with it
+    (as ``objective=sft`` trains on them) unless ``chat`` is false; chat records always are.
 
     Args:
         model: local model folder (``None``: the shipped model), or an in-memory causal LM
@@ -203,10 +208,11 @@ def run_eval(model: str | Path | nn.Module | None, adapter: str | Path | None, d
         shots_file: where the solved examples come from (default: ``data``).
         max_new_tokens: generation length cap for text metrics.
         tokenizer: the in-memory model's tokenizer.
+        chat: render prompts with the model's chat template when it has one (``--no-chat``: raw text).
 
     Returns:
-        A flat dict: each metric's value, plus ``examples``, ``shots`` and, with
-        perplexity, ``loss`` and ``tokens``.
+        A flat dict: each metric's value, plus ``examples``, ``shots``, ``chat_template``
+        (whether prompts were rendered with it) and, with perplexity, ``loss`` and ``tokens``.
 
     Raises:
         InputError: unknown metric, empty or unreadable data, a metric the data cannot
@@ -233,17 +239,23 @@ def run_eval(model: str | Path | nn.Module | None, adapter: str | Path | None, d
     if fmt not in ("text", "messages", *SFT_FORMATS):
         raise InputError(f"{data}: lmtune eval reads text, prompt/completion, alpaca or chat records (this file "
                          f"is {fmt}); convert it, e.g. to {{\"prompt\": ..., \"completion\": ...}} lines")
-    if "text" in needs and fmt not in SFT_FORMATS:
+    if "text" in needs and fmt == "text":
         text_metrics = ", ".join(n for n in names if METRICS[n].needs == "text")
         raise InputError(f"{text_metrics} compare a generated answer with a reference, so {data} needs "
-                         f"prompt+completion (or instruction+output) records; {fmt} data supports perplexity only")
+                         "prompt+completion, instruction+output or chat records (the last assistant turn is the "
+                         "reference); text data supports perplexity only")
+    if fmt == "messages" and not chat:
+        raise InputError(f"{data} holds chat records, which only the model's chat template can render; "
+                         "leave out --no-chat (chat=False), or convert the records to prompt/completion")
 
     prefixes = few_shot_prefixes(records, shots, shots_file, None if in_memory else data)
-    pairs = [prompt_pair(r, fmt) for r in records] if "text" in needs else []  # malformed rows fail before loading
+    for rec in records if "text" in needs else []:
+        parse_case(rec, fmt)  # malformed rows fail before the model loads
     lm, tokenizer, context = _load(model, adapter, tokenizer)
-    results: dict[str, Any] = {"examples": len(records), "shots": shots}
+    templated = chat and has_chat_template(tokenizer)
+    results: dict[str, Any] = {"examples": len(records), "shots": shots, "chat_template": templated}
     if "loss" in needs:
-        examples, stats = loss_examples(records, fmt, tokenizer, prefixes, context)
+        examples, stats = loss_examples(records, fmt, tokenizer, prefixes, context, templated)
         if not examples:
             raise InputError(f"{data}: no example has a token to score (empty texts or responses)")
         scored = perplexity(lm, examples, tokenizer.pad_token_id)
@@ -251,8 +263,10 @@ def run_eval(model: str | Path | nn.Module | None, adapter: str | Path | None, d
         if stats.truncated or stats.dropped:
             results.update(truncated=stats.truncated, dropped=sum(stats.dropped.values()))
     if "text" in needs:
-        answers = generate_answers(lm, tokenizer, [p + q for p, (q, _) in zip(prefixes, pairs)], max_new_tokens)
-        references = [c for _, c in pairs]
+        cases = generation_cases(records, fmt, tokenizer, prefixes, templated)
+        answers = generate_answers(lm, tokenizer, [c.prompt_ids for c in cases], answer_stops(tokenizer, templated),
+                                   max_new_tokens)
+        references = [c.reference for c in cases]
         for name in names:
             if METRICS[name].needs == "text":
                 results[name] = METRICS[name].fn(answers, references)
@@ -263,6 +277,7 @@ def _load(model: str | Path | nn.Module | None, adapter: str | Path | None,
           tokenizer: Any) -> tuple[Any, Any, int | None]:
     """The model to score, its tokenizer and context: from folders, or the caller's own objects as they are."""
     lm, tokenizer, folder = load_with_adapter(model, adapter, tokenizer=tokenizer)
+    adopt_saved_template(tokenizer, adapter)  # an adapter trained with a named template carries it
     if folder is None:
         return lm, tokenizer, max_context(lm)
     lm.to(pick_device())

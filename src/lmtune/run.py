@@ -150,7 +150,7 @@ def resolve(cfg: RunConfig, records: list[Record] | None) -> tuple[RunConfig, Me
 
 def prepare(cfg: RunConfig, log: RunLog | None = None, model: torch.nn.Module | None = None, tokenizer: Any = None,
             train_records: list[Record] | None = None,
-            eval_records: list[Record] | None = None) -> tuple[Task, RunContext]:
+            eval_records: list[Record] | None = None, show_example: bool = False) -> tuple[Task, RunContext]:
     """Check everything, then build the task (which loads the model).
 
     ``model``/``tokenizer`` and ``train_records``/``eval_records`` are the Python API's in-memory
@@ -192,7 +192,8 @@ def prepare(cfg: RunConfig, log: RunLog | None = None, model: torch.nn.Module | 
         cfg = cfg.replace({"train.max_length": context})
     if objective.generative and model is None:
         refuse_encoder(folder)
-    ctx = RunContext(cfg, method, folder, tokenizer, out, log, base_model=model, _records=preset)
+    ctx = RunContext(cfg, method, folder, tokenizer, out, log, base_model=model, _records=preset,
+                     show_example=show_example)
     record_run(out, cfg.flat(), log)  # run.json: a resume that would not continue the same run is refused here
     guards = Guards.from_context(ctx)  # data.retain, replay, L2: read and checked before the model loads
     task = objective.build(ctx)
@@ -203,8 +204,8 @@ def prepare(cfg: RunConfig, log: RunLog | None = None, model: torch.nn.Module | 
 
 def run_training(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokenizer: Any = None,
                  train_records: list[Record] | None = None, eval_records: list[Record] | None = None,
-                 log: RunLog | None = None) -> RunResult:
-    """Run ``lmtune train`` for a validated config.
+                 log: RunLog | None = None, show_example: bool = False) -> RunResult:
+    """Run ``lmtune train`` for a validated config (``show_example``: print the first example by mask).
 
     Returns:
         The trained model (adapter attached where there is one), tokenizer, summary and output folder.
@@ -217,7 +218,7 @@ def run_training(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokeni
 
     baseline = current_rss_bytes()  # before the model loads: Python, torch, transformers, lmtune
     with lock_output_dir(check_output_dir(cfg.output_dir, cfg.train.resume)):  # one process per output_dir
-        task, ctx = prepare(cfg, log, model, tokenizer, train_records, eval_records)
+        task, ctx = prepare(cfg, log, model, tokenizer, train_records, eval_records, show_example)
         cfg = ctx.cfg
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(task.model)

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from lmtune.config import GRPOConfig, TrainConfig
-from lmtune.data.chat import end_of_turn_ids, has_chat_template
-from lmtune.data.examples import special_ids
 from lmtune.distributed import Dist
 from lmtune.errors import InputError
 from lmtune.objectives.grpo import group_advantages, grpo_loss
@@ -39,6 +38,8 @@ from lmtune.objectives.rollouts import (
     prompt_indices,
     sample_completions,
     split_micro_batches,
+    stop_ids,
+    unfinished_warning,
 )
 from lmtune.objectives.task import RunContext, Task
 
@@ -49,14 +50,12 @@ class Generations(BufferedSource):
 
     def __init__(self, policy: nn.Module, reference: Reference | None, fns: list[BatchReward],
                  reward_model: Any, weights: torch.Tensor, prompts: list[Prompt], tokenizer: Any,
-                 grpo: GRPOConfig, batch_size: int, seed: int):
+                 grpo: GRPOConfig, batch_size: int, seed: int, warn: Callable[[str], None] | None = None):
         super().__init__(policy)
         self.reference, self.fns, self.reward_model, self.weights = reference, fns, reward_model, weights
         self.prompts, self.tokenizer, self.grpo, self.batch_size, self.seed = prompts, tokenizer, grpo, batch_size, seed
-        self.stops = set(end_of_turn_ids(tokenizer)) if has_chat_template(tokenizer) else set()
-        eos = special_ids(tokenizer)[1]
-        if eos is not None:
-            self.stops.add(eos)
+        self.stops = stop_ids(tokenizer)
+        self.warn = warn  # said once, when nearly every completion of a batch hit the length cap
 
     def total_steps(self, train: TrainConfig, world: int) -> int:
         """``train.epochs`` counts passes over the prompts: each generation batch gives
@@ -84,7 +83,7 @@ class Generations(BufferedSource):
         if self.reward_model is not None:
             text_prompts = [p if isinstance(p, str) else self.tokenizer.decode(r.ids, skip_special_tokens=True)
                             for p, r in zip(prompts, rows, strict=True)]
-            per_source.append(self.reward_model(text_prompts, texts, [p.ids for p in rows], bare).double())
+            per_source.append(self.reward_model(text_prompts, texts, [p.scored_ids for p in rows], bare).double())
         return torch.stack(per_source, dim=1)  # (N, K)
 
     @torch.no_grad()
@@ -127,6 +126,11 @@ class Generations(BufferedSource):
             micro["num_tokens"] = tokens
             self.buffer.append(micro)
         self.count += 1
+        cap = f"grpo.max_completion_length={grpo.max_completion_length}"
+        warning = unfinished_warning(self.stats["completions/clipped_ratio"], cap, ", so they were scored unfinished")
+        if warning and self.warn is not None:
+            self.warn(f"warning: {warning}")
+            self.warn = None
 
 
 def check_config(grpo: GRPOConfig) -> None:
@@ -160,7 +164,7 @@ def build_task(ctx: RunContext) -> Task:
     reference = Reference(policy, ctx.method.adapter) if grpo.beta > 0 else None
     batch_size, seed = cfg.train.batch_size, cfg.train.seed
     source = Generations(policy, reference, fns, reward_model, weights, prompts, ctx.tokenizer, grpo, batch_size,
-                         seed)
+                         seed, warn=ctx.log.say)
 
     def loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         logps, _ = response_logprobs(model, batch, grpo.temperature)  # (B, R)

@@ -36,7 +36,14 @@ from lmtune.objectives.ppo import gae, masked_whiten, per_token_rewards, policy_
 from lmtune.objectives.reference import Reference, disable_dropout
 from lmtune.objectives.reward import load_reward_model, reward_scores
 from lmtune.objectives.reward_fns import resolve_callable
-from lmtune.objectives.rollouts import BufferedSource, prompt_indices, sample_completions, split_micro_batches
+from lmtune.objectives.rollouts import (
+    BufferedSource,
+    prompt_indices,
+    sample_completions,
+    split_micro_batches,
+    stop_ids,
+    unfinished_warning,
+)
 from lmtune.objectives.task import RunContext, Task
 
 Scorer = Callable[[list[str], list[str], list[list[int]], list[list[int]]], torch.Tensor]
@@ -140,11 +147,14 @@ class Rollouts(BufferedSource):
     """Samples, scores and prepares PPO micro-batches: the loop's batch source for ``objective=ppo``."""
 
     def __init__(self, model: PolicyWithValue, reference: Reference, scorer: Scorer,
-                 prompts: list[tuple[str, list[int]]], tokenizer: Any, ppo: PPOConfig, batch_size: int, seed: int):
+                 prompts: list[tuple[str, list[int], list[int]]], tokenizer: Any, ppo: PPOConfig, batch_size: int,
+                 seed: int,
+                 warn: Callable[[str], None] | None = None):
         super().__init__(model)
         self.reference, self.scorer, self.prompts = reference, scorer, prompts
         self.tokenizer, self.ppo, self.batch_size, self.seed = tokenizer, ppo, batch_size, seed
-        self.eos = special_ids(tokenizer)[1]
+        self.stops = stop_ids(tokenizer)  # a chat model ends its turn with <|im_end|> (or the like), not EOS
+        self.warn = warn  # said once, when nearly every response of a rollout missed its end token
 
     def total_steps(self, train: TrainConfig, world: int) -> int:
         """``train.epochs`` counts passes over the prompts: each rollout gives ppo.epochs passes of micro-batches.
@@ -162,16 +172,15 @@ class Rollouts(BufferedSource):
         return max(1, math.ceil(train.epochs * len(self.prompts) / size * per_rollout))
 
     def sample(self, prompt_ids: list[list[int]], temperature: float, seed: int) -> list[list[int]]:
-        """Continue prompts with the policy; each response keeps its EOS if it stopped."""
+        """Continue prompts with the policy; each response keeps its end token (end of turn or EOS) if it stopped."""
         return sample_completions(self.model.policy, prompt_ids, self.tokenizer.pad_token_id,
-                                  self.ppo.max_new_tokens, temperature, seed,
-                                  {self.eos} if self.eos is not None else ())
+                                  self.ppo.max_new_tokens, temperature, seed, self.stops)
 
     def score(self, indices: list[int], responses: list[list[int]]) -> torch.Tensor:
-        """Raw scores (B,) of the responses, EOS stripped (as reward models are trained)."""
-        bare = [r[:-1] if r and r[-1] == self.eos else r for r in responses]
+        """Raw scores (B,) of the responses, end token stripped (as reward models are trained)."""
+        bare = [r[:-1] if r and r[-1] in self.stops else r for r in responses]
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in bare]
-        return self.scorer([self.prompts[i][0] for i in indices], texts, [self.prompts[i][1] for i in indices],
+        return self.scorer([self.prompts[i][0] for i in indices], texts, [self.prompts[i][2] for i in indices],
                            bare).float()
 
     @torch.no_grad()
@@ -182,7 +191,7 @@ class Rollouts(BufferedSource):
         prompt_ids = [self.prompts[i][1] for i in indices]
         sample_seed = rank_seed(seed * 1_000_003 + self.count, ddp)
         responses = self.sample(prompt_ids, ppo.temperature, sample_seed)
-        has_eos = torch.tensor([bool(r) and r[-1] == self.eos for r in responses])  # (B,)
+        has_eos = torch.tensor([bool(r) and r[-1] in self.stops for r in responses])  # (B,): stopped by itself
         raw = self.score(indices, responses)  # (B,)
         scores = raw - ppo.missing_eos_penalty * (~has_eos).float()  # (B,)
 
@@ -211,6 +220,13 @@ class Rollouts(BufferedSource):
             micro["num_loss_tokens"] = int(micro["response_mask"].sum())
             self.buffer.append(micro)
         self.count += 1
+        penalty = f", so ppo.missing_eos_penalty={ppo.missing_eos_penalty:g} lowered their scores" \
+            if ppo.missing_eos_penalty else ""
+        warning = unfinished_warning(1 - self.stats["eos_fraction"], f"ppo.max_new_tokens={ppo.max_new_tokens}",
+                                     penalty)
+        if warning and self.warn is not None:
+            self.warn(f"warning: {warning}")
+            self.warn = None
 
 
 def layout(prompt_ids: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -229,14 +245,17 @@ def layout(prompt_ids: list[list[int]], responses: list[list[int]], pad_id: int)
             "response_mask": response_mask.float(), "response_index": index}
 
 
-def load_prompts(ctx: RunContext, key: str) -> list[tuple[str, list[int]]] | None:
-    """(text, ids) of each prompt in the file under ``key``; chat prompts are scored as their rendering."""
+def load_prompts(ctx: RunContext, key: str) -> list[tuple[str, list[int], list[int]]] | None:
+    """(text, ids the policy continues, ids a reward model scores) of each prompt in the file under ``key``.
+
+    Chat prompts are scored as their rendering; string prompts as BOS + text, as reward pairs are encoded.
+    """
     prompts = shared.load_prompts(ctx, key, "PPO")
     if prompts is None:
         return None
     tok = ctx.tokenizer
-    return [(p.value if isinstance(p.value, str) else tok.decode(p.ids, skip_special_tokens=True), p.ids)
-            for p in prompts]
+    return [(p.value if isinstance(p.value, str) else tok.decode(p.ids, skip_special_tokens=True), p.ids,
+             p.scored_ids) for p in prompts]
 
 
 def build_task(ctx: RunContext) -> Task:
@@ -256,7 +275,7 @@ def build_task(ctx: RunContext) -> Task:
     wrapper = PolicyWithValue(prepared.model)
     batch_size, seed = cfg.train.batch_size, cfg.train.seed
     rollouts = Rollouts(wrapper, Reference(prepared.model, ctx.method.adapter), scorer, prompts, ctx.tokenizer,
-                        ppo, batch_size, seed)
+                        ppo, batch_size, seed, warn=ctx.log.say)
     clip, clip_v, vf_coef, temperature = ppo.clip_range, ppo.clip_range_value, ppo.vf_coef, ppo.temperature
 
     def loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:

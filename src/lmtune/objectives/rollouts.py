@@ -8,6 +8,7 @@ sampling counter, so a killed run resumes on exactly the micro-batches it would 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +17,9 @@ import torch
 from torch import nn
 
 from lmtune.data.batching import epoch_order
-from lmtune.data.chat import has_chat_template, render
+from lmtune.data.chat import end_of_turn_ids, has_chat_template, render
 from lmtune.data.examples import encode, refuse_full_prompt, special_ids
+from lmtune.data.templates import apply_chat_setting
 from lmtune.distributed import Dist
 from lmtune.errors import InputError
 from lmtune.generate import generate
@@ -98,12 +100,18 @@ class Prompt:
     """One prompt of a PPO or GRPO prompts file."""
 
     value: str | list[dict[str, Any]]  # the file's string or chat messages
-    ids: list[int]  # BOS + prompt, or the chat template's rendering with a generation prompt
+    ids: list[int]  # the chat template's rendering with a generation prompt, or BOS + prompt (raw text)
     columns: dict[str, Any]  # the record's other fields, for reward functions
+    scored_ids: list[int] = dataclasses.field(default_factory=list)  # how a reward model saw it: BOS + raw prompt
 
 
 def load_prompts(ctx: RunContext, key: str, objective: str) -> list[Prompt] | None:
     """The prompts of the file under config ``key`` (``None`` if unset) for PPO or GRPO.
+
+    With a chat template (the model's own, or ``data.chat_template``), a string prompt is rendered
+    as one user turn plus the generation prompt, as ``objective=sft`` trains and ``lmtune generate
+    --chat`` asks; ``data.chat_template=none`` keeps it raw (BOS + text). Chat-message prompts are
+    always rendered.
 
     Raises:
         InputError: a record without a usable ``prompt``, a chat prompt for a tokenizer with no
@@ -113,6 +121,9 @@ def load_prompts(ctx: RunContext, key: str, objective: str) -> list[Prompt] | No
     if records is None:
         return None
     tok, max_length = ctx.tokenizer, ctx.cfg.train.max_length
+    chat_prompts = any(isinstance(rec.fields.get("prompt"), list) for rec in records)
+    templated = apply_chat_setting(tok, ctx.cfg.data.chat_template, "messages" if chat_prompts else "prompts",
+                                   may_add_tokens=False).templated
     bos = special_ids(tok)[0]
     prompts = []
     for rec in records:
@@ -121,7 +132,8 @@ def load_prompts(ctx: RunContext, key: str, objective: str) -> list[Prompt] | No
         if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
             if not has_chat_template(tok):
                 raise InputError(f"{rec.where}: the prompt is chat messages but the tokenizer has no chat template; "
-                                 "give the prompt as a string, or use a model whose tokenizer has one")
+                                 "give the prompt as a string, set data.chat_template, or use a model whose "
+                                 "tokenizer has one")
             ids = encode(tok, render(tok, value, True, rec.where))
         elif isinstance(value, str) and value.strip():
             try:
@@ -131,8 +143,12 @@ def load_prompts(ctx: RunContext, key: str, objective: str) -> list[Prompt] | No
         else:
             raise InputError(f"{rec.where}: a {objective} prompt must be a non-empty string or a list of chat "
                              "messages in 'prompt' (JSONL), or a line (TXT)")
+        # Reward models train on BOS + prompt + response (objective=reward); the policy sees the template.
+        scored = ids
+        if isinstance(value, str) and templated:
+            ids = encode(tok, render(tok, [{"role": "user", "content": value}], True, rec.where), "prompt", rec.where)
         refuse_full_prompt(len(ids), max_length, rec.where)
-        prompts.append(Prompt(value=value, ids=ids, columns=columns))
+        prompts.append(Prompt(value=value, ids=ids, columns=columns, scored_ids=scored))
     if not prompts:
         raise InputError(f"{ctx.source(key)}: no prompts")
     names = set(prompts[0].columns)
@@ -141,3 +157,19 @@ def load_prompts(ctx: RunContext, key: str, objective: str) -> list[Prompt] | No
             raise InputError(f"{rec.where}: has columns {sorted(p.columns)} but the first prompt has "
                              f"{sorted(names)}; every prompt needs the same extra columns")
     return prompts
+
+
+def stop_ids(tokenizer: Any) -> set[int]:
+    """Where a sampled response ends: the chat template's end-of-turn token (if any) and EOS."""
+    if has_chat_template(tokenizer):
+        return set(end_of_turn_ids(tokenizer))
+    eos = special_ids(tokenizer)[1]
+    return {eos} if eos is not None else set()
+
+
+def unfinished_warning(share: float, cap: str, then: str) -> str | None:
+    """A warning when nearly every response (over 90%) hit the length cap before its end token."""
+    if share <= 0.9:
+        return None
+    return (f"{100 * share:.0f}% of the responses reached {cap} before the end-of-turn token (or EOS){then}; "
+            "a chat model's answers take tens to hundreds of tokens: raise the cap")

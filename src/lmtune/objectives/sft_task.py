@@ -9,17 +9,21 @@ several examples share a row without attending to each other (``lmtune.data.pack
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lmtune.data.batching import pad_batch
-from lmtune.data.chat import chat_example_ids, ensure_chat_template
+from lmtune.data.chat import chat_example_ids
+from lmtune.data.example_check import check_example, show_example
 from lmtune.data.examples import BuildStats
-from lmtune.data.formats import Conversation, parse_records, prompt_completion_ids
+from lmtune.data.formats import Conversation, PromptCompletion, parse_records, prompt_completion_ids
 from lmtune.data.packing import ATTENTION_NAME, BLOCK_MASK, collate_packed, pack_examples, packed_attention
 from lmtune.data.readers import Record
+from lmtune.data.templates import apply_chat_setting
 from lmtune.errors import InputError
 from lmtune.methods.adapter_files import save_new_token_rows
 from lmtune.methods.prepared import Prepared
@@ -28,9 +32,19 @@ from lmtune.objectives.lm import lm_loss
 from lmtune.objectives.task import RunContext, Task, TrainingError
 
 
+def as_turns(sample: PromptCompletion) -> list[dict[str, str]]:
+    """A prompt/completion sample as the conversation a chat model sees: one user turn, one assistant turn."""
+    return [{"role": "user", "content": sample.prompt}, {"role": "assistant", "content": sample.completion}]
+
+
 def sft_examples(records: list[Record], fmt: str, tokenizer: Any, max_length: int, loss_on: str,
-                 stats: BuildStats | None = None) -> tuple[list[dict[str, list[int]]], BuildStats]:
+                 stats: BuildStats | None = None,
+                 templated: bool = False) -> tuple[list[dict[str, list[int]]], BuildStats]:
     """Token examples with response-only (or all-token) labels from instruction records.
+
+    With ``templated``, prompt/completion (and Alpaca) records are rendered with the tokenizer's
+    chat template as a user and an assistant turn; their labels still come from token ids
+    (``lmtune.data.chat.conversation_ids``). Chat records always are.
 
     Returns:
         The examples and the ``BuildStats`` (examples, truncated, dropped by reason).
@@ -41,8 +55,9 @@ def sft_examples(records: list[Record], fmt: str, tokenizer: Any, max_length: in
     stats = stats or BuildStats()
     examples = []
     for sample in parse_records(records, fmt, stats):
-        if isinstance(sample, Conversation):
-            ex = chat_example_ids(tokenizer, sample.messages, max_length, stats, loss_on, sample.where)
+        if isinstance(sample, Conversation) or templated:
+            turns = sample.messages if isinstance(sample, Conversation) else as_turns(sample)
+            ex = chat_example_ids(tokenizer, turns, max_length, stats, loss_on, sample.where)
         else:
             ex = prompt_completion_ids(tokenizer, sample.prompt, sample.completion, max_length, stats, loss_on,
                                        sample.where)
@@ -104,7 +119,9 @@ def build_task(ctx: RunContext) -> Task:
     if packing and cfg.method == "prompt_tuning":
         raise InputError("train.packing=true does not work with method=prompt_tuning: the soft prompt is "
                          "prepended once per row, so packed examples would share it; set train.packing=false")
-    added = ensure_chat_template(tok) if fmt == "messages" else []
+    choice = apply_chat_setting(tok, cfg.data.chat_template, fmt)
+    added = list(choice.added)
+    log.say(f"chat template: {choice.source}")
     # Every method but full keeps the embeddings frozen: the new rows then train through a gradient mask.
     if added and cfg.method != "full" and cfg.train.weight_decay > 0:
         raise InputError(f"the tokenizer needs new chat tokens ({', '.join(added)}) whose embeddings must train, "
@@ -112,12 +129,15 @@ def build_task(ctx: RunContext) -> Task:
                          "set train.weight_decay=0, use method=full, or use a model whose tokenizer has a chat "
                          "template")
     max_length = cfg.train.max_length  # already clamped to the model's context by lmtune.run
-    train_ex, stats = sft_examples(ctx.records("data.train"), fmt, tok, max_length, loss_on)
+    train_ex, stats = sft_examples(ctx.records("data.train"), fmt, tok, max_length, loss_on,
+                                   templated=choice.templated)
     if not train_ex:
         raise InputError(f"{ctx.source('data.train')}: no usable examples ({stats.examples} kept, dropped: "
                          f"{stats.dropped or 'none'})")
+    example = _check_first_example(ctx, ctx.records("data.train"), max_length, choice.templated)
     eval_records = ctx.records("data.eval")
-    eval_ex = sft_examples(eval_records, fmt, tok, max_length, loss_on)[0] if eval_records else None
+    eval_ex = (sft_examples(eval_records, fmt, tok, max_length, loss_on, templated=choice.templated)[0]
+               if eval_records else None)
     _report(log, stats, max_length)
 
     model = ctx.load_causal_lm()
@@ -145,6 +165,7 @@ def build_task(ctx: RunContext) -> Task:
                 f"({100 * filled:.0f}% filled)")
     summary = {"data": stats.as_dict(), "truncated": stats.truncated,
                "dropped": sum(stats.dropped.values()), "loss_on": loss_on, "packing": packing,
+               "chat_template": choice.source, "example": example,
                **({"added_tokens": added} if added else {}), **prepared.summary}
     return Task(model=prepared.model, batches=ctx.batches(train_rows, sft_collate(tok.pad_token_id, cause)),
                 eval_examples=eval_ex, loss=sft_loss, save=prepared.save, summary=summary)
@@ -168,6 +189,30 @@ def _save_new_rows_too(prepared: Prepared, added: list[str], rows: int, log: Any
     trainable -= (rows // len(added)) * vocab * hidden - rows * hidden  # masked matrices: only new rows learn
     summary = {**prepared.summary, "trainable_params": trainable, "trainable_ratio": trainable / max(total, 1)}
     return Prepared(model=model, save=save, summary=summary)
+
+
+def _check_first_example(ctx: RunContext, records: list[Record], max_length: int, templated: bool) -> str:
+    """Check the first usable example against its record (``lmtune.data.example_check``); show it if asked.
+
+    Returns:
+        The example with its labelled runs in ``[[ ]]`` (for summary.json).
+    """
+    cfg, tok = ctx.cfg, ctx.tokenizer
+    for rec in records:
+        stats = BuildStats()
+        built = sft_examples([rec], cfg.data.format, tok, max_length, cfg.train.loss_on, stats, templated)[0]
+        if built:
+            break
+    sample = parse_records([rec], cfg.data.format, BuildStats())[0]
+    responses = ([m["content"] for m in sample.messages if m["role"] == "assistant"]
+                 if isinstance(sample, Conversation) else [sample.completion])
+    for warning in check_example(tok, built[0], responses, cfg.train.loss_on, bool(stats.truncated), rec.where):
+        ctx.log.say(f"warning: {warning}")
+    if ctx.show_example:
+        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        legend = "labelled tokens in green, masked dimmed" if color else "labelled tokens in [[ ]]"
+        ctx.log.say(f"first training example ({rec.where}; {legend}):\n{show_example(tok, built[0], color)}")
+    return show_example(tok, built[0], color=False)
 
 
 def _report(log: Any, stats: BuildStats, max_length: int) -> None:

@@ -129,6 +129,7 @@ class RunContext:
     output_dir: Path
     log: Any  # a ``RunLog``
     base_model: torch.nn.Module | None = None  # an in-memory model given to the Python API
+    show_example: bool = False  # print the first training example coloured by its loss mask (--show-example)
     _records: dict[str, list[Record]] = field(default_factory=dict)
 
     def records(self, key: str) -> list[Record] | None:

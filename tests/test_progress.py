@@ -60,6 +60,22 @@ def test_input_tokens_are_every_non_padding_token_and_tokens_only_the_loss_carry
     assert s == json.loads((out / "summary.json").read_text())
 
 
+def test_kto_counts_its_mismatched_rows_as_input(gpt2_dir, tmp_path):
+    from lmtune.data.readers import records_from_rows
+    from lmtune.objectives.kto_task import build_examples
+
+    rows = [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+            for p in PAIRS for side in ("chosen", "rejected")]
+    result = lmtune.train(gpt2_dir, data=rows, output_dir=tmp_path / "run", objective="kto",
+                          train={"steps": 2, "batch_size": len(rows)})
+    examples, _ = build_examples(records_from_rows(rows), result.tokenizer, 64)
+    # One batch holds every example; its mismatched rows pair each prompt with another example's
+    # completion, so they hold the same tokens again: twice the examples' tokens per step.
+    per_step = 2 * sum(len(e["prompt_ids"]) + len(e["completion_ids"]) for e in examples)
+    assert [r["input_tokens"] for r in records(tmp_path / "run")] == [per_step, 2 * per_step]
+    assert result.summary["tokens_trained"] == 2 * sum(len(e["completion_ids"]) for e in examples)
+
+
 def test_records_carry_utc_time_and_elapsed_continues_across_a_resume(gpt2_dir, tmp_path, monkeypatch):
     import lmtune.runlog as runlog
 

@@ -24,7 +24,7 @@ def test_train_from_yaml_with_overrides(gpt2_dir, corpus, tmp_path, capsys):
     assert main(["train", str(config), f"output_dir={out}", "train.steps=3"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3  # the override wins over the file
-    assert "step    1 / 3 | loss" in capsys.readouterr().out
+    assert "step 1/3 | loss" in capsys.readouterr().out
 
 
 def test_every_example_config_is_valid():
@@ -101,6 +101,6 @@ def test_demo_tells_the_story(tmp_path, capsys):
     assert (tmp_path / "demo" / "loss.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["steps"] == 20
     printed = capsys.readouterr().out
-    for line in ("vocab size:", "loaded pre-trained model:", "fine-tuning sentences:", "step    1 / 20 | loss",
+    for line in ("vocab size:", "loaded pre-trained model:", "fine-tuning sentences:", "step 1/20 | loss",
                  "samples before fine-tuning:", "samples after fine-tuning:"):
         assert line in printed

@@ -78,8 +78,10 @@ def assert_equal_runs(common: list[str], batch: int, tmp_path: Path) -> tuple[li
     torch.testing.assert_close(torch.tensor([m["loss"] for m in mb]), torch.tensor([m["loss"] for m in ma]),
                                rtol=1e-5, atol=1e-6)
     assert [m["tokens"] for m in ma] == [m["tokens"] for m in mb]  # tokens summed over ranks
+    assert [m["input_tokens"] for m in ma] == [m["input_tokens"] for m in mb]  # and every token read
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (one, two))
     assert sa["steps"] == sb["steps"] and sa["tokens_trained"] == sb["tokens_trained"]
+    assert sa["input_tokens_processed"] == sb["input_tokens_processed"] >= sa["tokens_trained"]
     return ma, mb
 
 

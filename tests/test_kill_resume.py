@@ -193,8 +193,14 @@ class Run:
         return self.output()
 
 
+WALL_CLOCK = ("time", "elapsed_s")  # when a step ran differs between runs; everything else must not
+
+
 def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [r["elapsed_s"] for r in rows]
+    assert elapsed == sorted(elapsed), "elapsed_s goes on from the checkpoint after a resume, never back"
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in rows]
 
 
 def _assert_same_as_uninterrupted(out: Path, ref: Path) -> None:

@@ -43,7 +43,7 @@ def test_accumulation_1x8_equals_8x1(model_dir, corpus, tmp_path):
 
     def grads(micro):
         task.model.zero_grad(set_to_none=True)
-        loss, units, _ = accumulate_gradients(task, micro, "fp32", torch.device("cpu"))  # LM: tokens are units
+        loss, units, _, _ = accumulate_gradients(task, micro, "fp32", torch.device("cpu"))  # LM: tokens are units
         return loss, units, {n: p.grad.clone() for n, p in task.model.named_parameters() if p.grad is not None}
 
     loss_a, units_a, ga = grads([task.batches.collate(examples)])

@@ -87,11 +87,12 @@ def check_output_dir(output_dir: str | None, resume: bool) -> Path:
     return out
 
 
-def check_keys_apply(cfg: RunConfig, method: Method, objective: Objective) -> None:
+def check_keys_apply(cfg: RunConfig, method: Method, objective: Objective, eval_rows: bool = False) -> None:
     """Refuse a key that would be accepted and then do nothing (or cannot be honoured) in this run.
 
     A section or key that a registry entry declares it ``reads`` applies only when that
-    method/objective is chosen; ``refuses`` lists what an entry cannot honour.
+    method/objective is chosen; ``refuses`` lists what an entry cannot honour. ``eval_rows``:
+    the Python API was given held-out rows in memory, which stand in for ``data.eval``.
 
     Raises:
         InputError: naming the key, who reads it, and what to change.
@@ -114,18 +115,20 @@ def check_keys_apply(cfg: RunConfig, method: Method, objective: Objective) -> No
                 raise InputError(f"{name} does not work with {kind}={entry.name}: {entry.refuses[name]}; "
                                  "remove it")
     train, data = cfg.train, cfg.data
+    has_eval = data.eval is not None or eval_rows
     if train.steps is not None and train.epochs != KEYS["train.epochs"].default:
         raise InputError(f"train.steps={train.steps} and train.epochs={train.epochs} both set the run's length; "
                          "set one of them")
-    if train.patience and data.eval is None:
+    if train.patience and not has_eval:
         raise InputError(f"train.patience={train.patience} stops on the eval loss, which needs data.eval "
                          "(a held-out file); set data.eval or remove train.patience")
-    if train.eval_every and data.eval is None and data.retain is None:
+    if train.eval_every and not has_eval and data.retain is None:
         raise InputError(f"train.eval_every={train.eval_every} evaluates data.eval (and data.retain), and neither "
                          "is set; set one or remove train.eval_every")
 
 
-def resolve(cfg: RunConfig, records: list[Record] | None) -> tuple[RunConfig, Method, Objective]:
+def resolve(cfg: RunConfig, records: list[Record] | None,
+            eval_rows: bool = False) -> tuple[RunConfig, Method, Objective]:
     """Fill in the data format and objective from the data; check the method/objective pair and the keys."""
     if isinstance(cfg.data.train, list):  # several files (multi-task classification): the objective reads them
         fmt = cfg.data.format if cfg.data.format != "auto" else "classification"
@@ -143,7 +146,7 @@ def resolve(cfg: RunConfig, records: list[Record] | None) -> tuple[RunConfig, Me
     if objective.methods is not None and method.name not in objective.methods:
         allowed = " or ".join(f"method={m}" for m in objective.methods)
         raise InputError(f"objective={objective.name} trains with {allowed}; got method={method.name}")
-    check_keys_apply(cfg, method, objective)
+    check_keys_apply(cfg, method, objective, eval_rows)
     check_strategy(cfg)
     return cfg, method, objective
 
@@ -178,7 +181,7 @@ def prepare(cfg: RunConfig, log: RunLog | None = None, model: torch.nn.Module | 
     if records is None and not isinstance(cfg.data.train, list):
         records = read_records(cfg.data.train)
         preset["data.train"] = records
-    cfg, method, objective = resolve(cfg, records)
+    cfg, method, objective = resolve(cfg, records, eval_records is not None)
     if model is not None and not objective.generative:
         raise InputError(f"objective={objective.name} loads its model from a folder (it adds a head); "
                          "pass model= as a folder path")

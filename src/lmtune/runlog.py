@@ -30,6 +30,49 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+# Metrics the console line shows when a step's record has them (label, format): what a
+# practitioner watches for each objective. metrics.jsonl holds them all.
+CONSOLE_METRICS = {
+    "rewards/accuracies": ("acc", ".2f"), "rewards/margins": ("margin", ".3f"),  # DPO family, KTO
+    "score": ("score", ".3f"), "kl": ("kl", ".3f"),  # PPO (KTO: its KL reference point)
+    "reward": ("reward", ".3f"),  # GRPO
+    "eval_loss": ("eval_loss", ".4f"), "eval_reward_accuracy": ("eval_acc", ".2f"),
+    "eval_reward_margin": ("eval_margin", ".3f"), "eval_score": ("eval_score", ".3f"),
+    "eval_reward": ("eval_reward", ".3f"),
+}
+
+
+def clock_time(seconds: float) -> str:
+    """``H:MM:SS`` (hours run past 24 rather than turning into days)."""
+    s = max(0, round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def console_line(record: dict[str, Any], total: int, since: dict[str, Any] | None) -> str:
+    """``step 20/200 | loss 2.3100 | lr 1.0e-04 | 1,234 tok/s | 0:00:41 | ETA 0:06:10`` plus the objective's metrics.
+
+    Throughput (input tokens per second) and the ETA are measured from ``since``, an earlier
+    record of this process (so a first step's warm-up, or a resume, does not skew them); from
+    the run's start when there is none.
+    """
+    step = record["step"]
+    parts = [f"step {step}/{total}", f"loss {record['loss']:.4f}"]
+    if "lr" in record:
+        parts.append(f"lr {record['lr']:.1e}")
+    elapsed = record.get("elapsed_s")
+    if elapsed is not None:
+        base = since if since is not None and since["step"] < step else {"step": 0, "elapsed_s": 0.0, "input_tokens": 0}
+        seconds = elapsed - base["elapsed_s"]
+        if "input_tokens" in record and seconds > 0:
+            parts.append(f"{(record['input_tokens'] - base.get('input_tokens', 0)) / seconds:,.0f} tok/s")
+        parts.append(clock_time(elapsed))
+        parts.append(f"ETA {clock_time(seconds / (step - base['step']) * (total - step))}")
+    for key, (label, fmt) in CONSOLE_METRICS.items():
+        if isinstance(record.get(key), (int, float)):
+            parts.append(f"{label} {record[key]:{fmt}}")
+    return " | ".join(parts)
+
+
 class _NoBar:
     def update(self, n: int) -> None:
         pass
@@ -52,6 +95,7 @@ class RunLog:
         self._writer: Any = None
         self._bar_active = False
         self._with_first_step: dict[str, Any] = {}  # JSON files to write once the run has a first step
+        self._since: dict[str, Any] | None = None  # this process's first record: rates and ETA count from it
 
     def say(self, message: str) -> None:
         if not self.quiet:
@@ -85,12 +129,11 @@ class RunLog:
         self._with_first_step.clear()
         with (self.output_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        line = f"step {record['step']:4d} / {total} | loss {record['loss']:.4f}"
-        if "eval_loss" in record:
-            line += f" | eval_loss {record['eval_loss']:.4f}"
         every = self.console_every
         if every is None or record["step"] in (1, total) or record["step"] % every == 0:
-            self._console(line)
+            self._console(console_line(record, total, self._since))
+        if self._since is None:
+            self._since = dict(record)
         writer = self._tb()
         if writer is not None:
             for k, v in record.items():

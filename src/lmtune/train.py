@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import math
 import signal
 import time
@@ -26,7 +27,7 @@ from lmtune.engine import Engine
 from lmtune.errors import Interrupted
 from lmtune.models.loading import param_counts
 from lmtune.objectives.task import Task, TrainingError
-from lmtune.runlog import RunLog, peak_rss_mb
+from lmtune.runlog import RunLog, clock_time, peak_rss_mb
 
 
 @dataclass
@@ -34,13 +35,15 @@ class TrainState:
     """Everything about the loop's progress that a checkpoint saves and a resume restores."""
 
     step: int = 0
-    tokens: int = 0
+    tokens: int = 0  # loss-carrying tokens (the objective's ``num_tokens``)
+    input_tokens: int = 0  # every non-padding token the trained model read
+    elapsed_s: float = 0.0  # wall time of the loop, summed over the run's processes (a resume continues it)
     last_loss: float | None = None
     eval_loss: float | None = None
     best_eval: float | None = None  # early stopping: the best eval loss so far, and how many since
     bad_evals: int = 0
     stopped_early_at: int | None = None  # a resume of a run early stopping ended is refused (lmtune.runrecord)
-    before: dict[str, float] = dataclasses.field(default_factory=dict)  # evaluators before training
+    before: dict[str, float] = dataclasses.field(default_factory=dict)  # evaluators' metrics before training
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -83,6 +86,27 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def input_tokens(batch: dict[str, Any]) -> int:
+    """Non-padding tokens the trained model reads in ``batch`` (prompts included, loss or not).
+
+    A collate that knows better says so in ``num_input_tokens`` (packed rows carry no attention
+    mask; KTO also reads mismatched rows); otherwise the attention mask's ones are counted.
+    """
+    if "num_input_tokens" in batch:
+        return int(batch["num_input_tokens"])
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+def measure(evaluators: dict[str, Any], model: torch.nn.Module) -> dict[str, float]:
+    """Every evaluator's metrics: one that returns a number is named by its key, a dict by its own keys."""
+    out: dict[str, float] = {}
+    for name, fn in evaluators.items():
+        value = fn(model)
+        out.update(value if isinstance(value, dict) else {name: value})
+    return out
+
+
 @torch.no_grad()
 def evaluate_loss(task: Task, settings: TrainConfig, device: torch.device, engine: Engine | None = None) -> float:
     """Mean loss per loss unit over the task's eval examples (token-weighted for LM objectives).
@@ -100,6 +124,15 @@ def evaluate_loss(task: Task, settings: TrainConfig, device: torch.device, engin
             units += batch["num_loss_tokens"]
     task.model.train(was_training)
     return total / max(units, 1)
+
+
+def throughput_line(summary: dict[str, Any]) -> str:
+    """The end-of-run line: steps, elapsed time, input tokens per second next to loss-carrying ones."""
+    line = f"trained {summary['steps']} steps in {clock_time(summary['elapsed_s'])}"
+    if summary["input_tokens_per_second"] is not None:
+        line += (f" | {summary['input_tokens_per_second']:,.0f} input tok/s "
+                 f"({summary['tokens_per_second']:,.0f} loss-carrying tok/s)")
+    return line
 
 
 class _StopSignal:
@@ -167,16 +200,18 @@ def _train(task: Task, settings: TrainConfig, output_dir: Path, ddp: distributed
         if settings.compile:
             # The loss calls the body (base_model) and the head apart: compile the body, where the time goes.
             getattr(model, "base_model", model).compile()
-        clock = _Clock(state.tokens)
+        clock = _Clock(state)
         with _StopSignal() as stop, log.progress(steps, state.step) as bar:
             while state.step < steps:
                 clock.start()
                 record = _optimizer_step(task, settings, optimizer, state, steps, device, ddp, output_dir, engine)
-                clock.stop(state.tokens)
+                clock.stop(state)
                 stop_early = False
                 if _due(state.step, settings.eval_every, steps):
                     stop_early, best = _evaluate(task, settings, device, state, record, best,
                                                  output_dir if main else None, engine)
+                state.elapsed_s = record["elapsed_s"] = clock.elapsed()  # saved with the checkpoint below
+                record["time"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
                 if state.step % settings.log_every == 0 or state.step in (1, steps) or "eval_loss" in record:
                     log.step(record, steps)
                 bar.update(1)
@@ -223,8 +258,8 @@ def _start(task: Task, settings: TrainConfig, optimizer: torch.optim.Optimizer, 
             best = load_file(output_dir / "best.safetensors")
         log.truncate_after(state.step)
         log.say(f"resumed from {found} at step {state.step}")
-    for name, fn in task.evaluators.items():
-        state.before.setdefault(name, fn(task.model))
+    if task.evaluators and not state.before:  # a resume keeps the first process's "before"
+        state.before = measure(task.evaluators, task.model)
     return state, best
 
 
@@ -236,7 +271,7 @@ def _optimizer_step(task: Task, settings: TrainConfig, optimizer: torch.optim.Op
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, settings, steps)
     micro = [task.batches.next(step, ddp) for _ in range(settings.grad_accum)]
-    loss, tokens, metrics = accumulate_gradients(task, micro, settings.precision, device, step, ddp, engine)
+    loss, tokens, inputs, metrics = accumulate_gradients(task, micro, settings.precision, device, step, ddp, engine)
     params = engine.trainable()
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
@@ -251,13 +286,14 @@ def _optimizer_step(task: Task, settings: TrainConfig, optimizer: torch.optim.Op
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     state.step, state.tokens, state.last_loss = step + 1, state.tokens + tokens, loss
+    state.input_tokens += inputs
     return {"step": state.step, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "tokens": state.tokens,
-            **metrics}
+            "input_tokens": state.input_tokens, **metrics}
 
 
 def accumulate_gradients(task: Task, micro: list[dict[str, Any] | None], precision: str, device: torch.device,
                          step: int = 0, ddp: distributed.Dist | None = None,
-                         engine: Engine | None = None) -> tuple[float, int, dict[str, float]]:
+                         engine: Engine | None = None) -> tuple[float, int, int, dict[str, float]]:
     """Backward over one accumulation window; gradients equal those of one big batch.
 
     Each micro-batch's summed loss is divided by the loss units of the *whole* window (over all
@@ -267,14 +303,16 @@ def accumulate_gradients(task: Task, micro: list[dict[str, Any] | None], precisi
     units, over every rank's real micro-batches.
 
     Returns:
-        ``(mean loss, tokens trained, metrics)`` of the window.
+        ``(mean loss, tokens trained, input tokens read, metrics)`` of the window: tokens trained
+        carry loss; input tokens are every non-padding token of the real micro-batches.
     """
     engine = engine or Engine(task.model, task.loss, task.regularizers, None, 0.0, precision)
     real = [b for b in micro if b is not None and not b.get("filler")]
     units = sum(b["num_loss_tokens"] for b in real)
     tokens = sum(b.get("num_tokens", b["num_loss_tokens"]) for b in real)
-    if ddp:
-        units, tokens = (int(v) for v in ddp.sum(units, tokens))  # every rank divides by the global count
+    inputs = sum(input_tokens(b) for b in real)
+    if ddp:  # every rank divides by the global count
+        units, tokens, inputs = (int(v) for v in ddp.sum(units, tokens, inputs))
     if units == 0:
         raise TrainingError(f"step {step + 1}: the batch has no tokens that carry loss (every label is "
                             "masked); check train.loss_on, train.max_length and the data's responses")
@@ -307,7 +345,7 @@ def accumulate_gradients(task: Task, micro: list[dict[str, Any] | None], precisi
     metrics = {k: v / weight for k, v in sums.items()} if weight else {}
     if reg_loss is not None:
         metrics["reg_loss"] = reg_loss
-    return loss_total / units, tokens, metrics
+    return loss_total / units, tokens, inputs, metrics
 
 
 def _due(step: int, every: int, total: int) -> bool:
@@ -322,8 +360,7 @@ def _evaluate(task: Task, settings: TrainConfig, device: torch.device, state: Tr
     Returns:
         (stop now, the best weights so far).
     """
-    for name, fn in task.evaluators.items():
-        record[name] = fn(task.model)
+    record.update(measure(task.evaluators, task.model))
     if not task.eval_examples:
         return False, best
     record["eval_loss"] = state.eval_loss = evaluate_loss(task, settings, device, engine)
@@ -355,27 +392,39 @@ def _save_checkpoint(task: Task, settings: TrainConfig, optimizer: torch.optim.O
 
 
 class _Clock:
-    """Wall time of the run and of its steps; the first step (compilation, warm-up) is kept apart."""
+    """Wall time of the run and of its steps; the first step (compilation, warm-up) is kept apart.
 
-    def __init__(self, tokens_at_start: int):
-        self.begun = time.perf_counter()
+    Rates count the loss-carrying tokens and the input tokens of the steps after the first
+    (the first alone when it is the only one). ``elapsed`` goes on from the checkpoint's.
+    """
+
+    def __init__(self, state: TrainState):
+        self.begun, self.elapsed_before = time.perf_counter(), state.elapsed_s
         self.first_step: float | None = None
-        self.steps_time, self.tokens_from, self._t0 = 0.0, tokens_at_start, 0.0
+        self.steps_time, self._t0 = 0.0, 0.0
+        self._from = self._after_first = (state.tokens, state.input_tokens)
 
     def start(self) -> None:
         self._t0 = time.perf_counter()
 
-    def stop(self, tokens: int) -> None:
+    def stop(self, state: TrainState) -> None:
         took = time.perf_counter() - self._t0
         if self.first_step is None:
-            self.first_step, self._first_tokens = took, tokens
+            self.first_step, self._after_first = took, (state.tokens, state.input_tokens)
         else:
             self.steps_time += took
-            self.tokens_from = self._first_tokens
+            self._from = self._after_first
 
-    def tokens_per_second(self, tokens: int) -> float | None:
+    def rates(self, state: TrainState) -> tuple[float | None, float | None]:
+        """(loss-carrying, input) tokens per second of this process's steps."""
         seconds = self.steps_time or self.first_step or 0.0
-        return (tokens - self.tokens_from) / seconds if seconds > 0 else None
+        if seconds <= 0:
+            return None, None
+        return (state.tokens - self._from[0]) / seconds, (state.input_tokens - self._from[1]) / seconds
+
+    def elapsed(self) -> float:
+        """Seconds of the run so far, over every process that worked on it (downtime between them excluded)."""
+        return self.elapsed_before + time.perf_counter() - self.begun
 
 
 def _own_batch_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], ddp: distributed.Dist | None,
@@ -408,17 +457,21 @@ def _finish(task: Task, state: TrainState, best: dict[str, torch.Tensor] | None,
     if main:
         task.save(output_dir)
     total, trainable = param_counts(model)
+    per_second, inputs_per_second = clock.rates(state)
     summary = {
         "total_params": total, "trainable_params": trainable, "trainable_ratio": trainable / max(total, 1),
         "steps": state.step, "tokens_trained": state.tokens, "final_loss": state.last_loss, "eval_loss": eval_loss,
         "stopped_early_at": state.stopped_early_at,
-        "tokens_per_second": clock.tokens_per_second(state.tokens), "peak_rss_mb": peak_rss_mb(),
-        "wall_seconds": time.perf_counter() - clock.begun, **task.summary, "first_step_seconds": clock.first_step,
+        "tokens_per_second": per_second, "input_tokens_processed": state.input_tokens,
+        "input_tokens_per_second": inputs_per_second, "peak_rss_mb": peak_rss_mb(),
+        "wall_seconds": time.perf_counter() - clock.begun, "elapsed_s": clock.elapsed(), **task.summary,
+        "first_step_seconds": clock.first_step,
     }
-    for name, fn in task.evaluators.items():
+    for name, after in measure(task.evaluators, model).items():
         summary[f"{name}_before"] = state.before[name]
-        summary[f"{name}_after"] = fn(model)
-        summary[f"{name}_change"] = summary[f"{name}_after"] - summary[f"{name}_before"]
+        summary[f"{name}_after"] = after
+        summary[f"{name}_change"] = after - state.before[name]
+    log.say(throughput_line(summary))
     log.finish(summary)
     if main:
         (output_dir / "best.safetensors").unlink(missing_ok=True)

@@ -78,7 +78,8 @@ def collate_packed(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, A
     and padding after the last example is a separate segment no real token attends to.
 
     Returns:
-        ``input_ids``, ``labels``, ``position_ids`` (B, T) and ``num_loss_tokens``.
+        ``input_ids``, ``labels``, ``position_ids`` (B, T), ``num_loss_tokens`` and
+        ``num_input_tokens`` (the real tokens, padding tail excluded).
     """
     ids, mask = pad_rows([r["input_ids"] for r in rows], pad_id)  # (B, T)
     labels, _ = pad_rows([r["labels"] for r in rows], IGNORE)  # (B, T)
@@ -87,7 +88,8 @@ def collate_packed(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, A
     tail = torch.arange(ids.shape[1]) - mask.sum(1, keepdim=True)  # (B, T)
     positions = torch.where(mask.bool(), positions, tail)  # (B, T)
     return {"input_ids": ids, "labels": labels, "position_ids": positions,
-            "num_loss_tokens": count_loss_tokens(labels)}
+            "num_loss_tokens": count_loss_tokens(labels),
+            "num_input_tokens": int(mask.sum())}  # no attention mask to count them from: the padding tail is not read
 
 
 def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:

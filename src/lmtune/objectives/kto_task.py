@@ -63,7 +63,7 @@ def collate_unpaired(examples: list[dict[str, Any]], pad_id: int, max_length: in
     Returns:
         ``input_ids``, ``attention_mask``, ``labels`` (B, T) with labels on completion tokens;
         the same prefixed ``kl_`` for the mismatched rows; ``label`` (B,) bool;
-        ``num_loss_tokens`` = B (an example is the loss unit); ``num_tokens``.
+        ``num_loss_tokens`` = B (an example is the loss unit); ``num_tokens``; ``num_input_tokens``.
     """
     def rows(completions: list[list[int]]) -> list[dict[str, Any]]:
         out = []
@@ -80,6 +80,8 @@ def collate_unpaired(examples: list[dict[str, Any]], pad_id: int, max_length: in
     batch["label"] = torch.tensor([e["label"] for e in examples])  # (B,)
     batch["num_tokens"] = sum(map(len, completions))
     batch["num_loss_tokens"] = len(examples)
+    # The policy reads the mismatched rows too (for the KL estimate): both count as input.
+    batch["num_input_tokens"] = int(batch["attention_mask"].sum() + batch["kl_attention_mask"].sum())
     return batch
 
 

@@ -105,7 +105,8 @@ class Task:
     unit is not a token, the batch also says how many tokens it trained on (``num_tokens``).
     ``eval_examples`` (collated like training examples) give ``eval_loss`` and early stopping;
     ``evaluators`` are measured before training, at every eval, and after (``<name>_before``,
-    ``<name>_after`` in summary.json); ``regularizers`` add a penalty to every step's loss.
+    ``<name>_after`` in summary.json); one may return a dict of metrics, each then named by its
+    own key; ``regularizers`` add a penalty to every step's loss.
     """
 
     model: torch.nn.Module
@@ -113,7 +114,7 @@ class Task:
     loss: LossFn
     save: Callable[[Path], None]
     eval_examples: list[Any] | None = None
-    evaluators: dict[str, Callable[[torch.nn.Module], float]] = field(default_factory=dict)
+    evaluators: dict[str, Callable[[torch.nn.Module], float | dict[str, float]]] = field(default_factory=dict)
     regularizers: list[Callable[[torch.nn.Module], torch.Tensor]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)  # method/objective facts for summary.json
 

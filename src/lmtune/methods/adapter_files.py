@@ -96,6 +96,20 @@ def add_modules_to_save(folder: Path, modules: dict[str, nn.Module], prefix: str
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
+def save_heads_in_adapter(folder: Path, heads: dict[str, nn.Module]) -> None:
+    """Make a saved LoRA folder a sequence-classification adapter carrying its fully trained ``heads``.
+
+    PEFT keeps them next to the LoRA tensors as ``modules_to_save`` (weights under
+    ``base_model.model.<name>.*``) and, with ``task_type`` ``SEQ_CLS``,
+    ``PeftModel.from_pretrained(AutoModelForSequenceClassification...(base), folder)`` runs them.
+    """
+    if heads:
+        add_modules_to_save(folder, heads)
+    config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    config["task_type"] = "SEQ_CLS"
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
 def save_new_token_rows(folder: Path, model: nn.Module, added: list[str]) -> None:
     """Add to a saved adapter the embeddings holding the rows of tokens training ``added`` (and say so).
 

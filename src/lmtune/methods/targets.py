@@ -46,6 +46,7 @@ ATTENTION_NAMES: tuple[tuple[str, ...], ...] = (
     ("in_proj",),  # DeBERTa (v1)
     ("key", "value", "receptance", "output"),  # RWKV: no attention; its time-mixing projections
 )
+SEQ_CLS_HEADS = ("score", "classifier")  # PEFT's SEQ_CLS_HEAD_NAMES
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.]+")
 
 
@@ -74,10 +75,21 @@ def linear_names(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in base_modules(model).items() if is_linear(m)))
 
 
+def head_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers that produce the model's outputs: the LM head, a classifier's ``score``/``classifier``.
+
+    ``all-linear`` leaves them out (as PEFT does, with PEFT's names for a classification head),
+    and so does QLoRA's NF4: a classification head trains in full instead.
+    """
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads = [out] if out is not None else []
+    heads += [m for m in (getattr(model, n, None) for n in SEQ_CLS_HEADS) if isinstance(m, nn.Module)]
+    return [getattr(h, "base_layer", h) for h in heads]
+
+
 def _head_names(model: nn.Module) -> set[str]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    base = getattr(head, "base_layer", head)
-    return {name for name, m in base_modules(model).items() if head is not None and m is base}
+    heads = {id(h) for h in head_layers(model)}
+    return {name for name, m in base_modules(model).items() if id(m) in heads}
 
 
 def _not_found(what: str, model: nn.Module) -> InputError:

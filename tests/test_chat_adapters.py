@@ -177,3 +177,13 @@ def test_qlora_chat_adapter_saves_and_reloads_the_new_rows(llama_dir, tmp_path):
         torch.testing.assert_close(token_row_layers(ours)[name].token_rows, layer.token_rows, atol=0, rtol=0)
     hidden = trained.get_input_embeddings().weight.shape[1]
     assert summary["trainable_params"] == summary["adapter_params"] + 2 * 5 * hidden
+
+
+def test_inspect_counts_the_new_rows_as_summary_json_does(chat_run, tmp_path):
+    from lmtune.footprint import run_inspect
+
+    base, _, _, summary = chat_run
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": TURN}) + "\n", encoding="utf-8")
+    row = run_inspect(str(base), [f"data.train={data}", "method=lora"])["methods"]["lora"]
+    assert (row["total_params"], row["trainable_params"]) == (summary["total_params"], summary["trainable_params"])

@@ -56,6 +56,29 @@ def test_lmtune_loads_peft_made_adapter_with_equal_logits(tmp_path, arch, dora):
     torch.testing.assert_close(logits(ours, x), logits(peft_model, x), atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ARCHS)  # GPT-2: the head is tied to the embedding; Llama: untied
+def test_lmtune_loads_peft_made_trainable_token_rows(tmp_path, arch):
+    from peft import LoraConfig, get_peft_model
+
+    def grown():
+        model = build_model(arch, word_tokenizer())
+        model.resize_token_embeddings(len(word_tokenizer()) + 3, mean_resizing=False)
+        return model
+
+    new = list(range(len(word_tokenizer()), len(word_tokenizer()) + 3))
+    indices = new if arch == "gpt2" else {"embed_tokens": new, "lm_head": new}
+    peft_model = get_peft_model(grown(), LoraConfig(r=4, trainable_token_indices=indices))
+    randomize_adapters(peft_model, seed=3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn(p.shape) * 0.5)  # rows unlike the base's
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(build_model(arch, word_tokenizer()), tmp_path / "peft")  # lmtune grows the base itself
+    x = torch.cat([ids(), torch.tensor([new + new[:1] * 4] * 2)], dim=1)  # (2, 14) with the new ids
+    torch.testing.assert_close(logits(ours, x), logits(peft_model.eval(), x), atol=TOL, rtol=0)
+
+
 def test_saved_config_has_peft_fields(tmp_path):
     folder, _ = saved_adapter(tmp_path, "gpt2", rslora=True)
     config = json.loads((folder / "adapter_config.json").read_text())

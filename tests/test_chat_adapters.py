@@ -1,8 +1,9 @@
 """Adapters trained on chat data with a tokenizer that needed ChatML's tokens: the new rows travel with them.
 
-The adapter folder carries the resized embedding (and an untied head) as PEFT ``modules_to_save``,
-plus the grown tokenizer; PEFT, loading it the usual way (resize the base to the adapter's
-tokenizer, then ``PeftModel.from_pretrained``), is the oracle.
+A LoRA adapter trains and carries only the new tokens' rows of the embedding (and of an untied
+head) as PEFT ``trainable_token_indices``; a prompt-tuning adapter carries the embeddings whole
+(``modules_to_save``). Both carry the grown tokenizer. PEFT, loading the adapter the usual way
+(resize the base to the adapter's tokenizer, then ``PeftModel.from_pretrained``), is the oracle.
 """
 
 from __future__ import annotations
@@ -61,19 +62,21 @@ def logits(model, x: torch.Tensor) -> torch.Tensor:
     return out if torch.is_tensor(out) else out.logits
 
 
-def test_adapter_folder_lists_the_embeddings_as_modules_to_save(chat_run):
+def test_adapter_folder_holds_only_the_new_rows(chat_run):
     base, out, model, _ = chat_run
     config = json.loads((out / "adapter_config.json").read_text())
-    keys = set(load_file(out / "adapter_model.safetensors"))
-    emb = model.get_input_embeddings()
-    tied = model.get_output_embeddings().weight is emb.weight
-    embedding = "transformer.wte" if tied else "model.embed_tokens"
-    assert config["modules_to_save"] == [embedding, "lm_head"]
-    assert config.get("ensure_weight_tying", False) is tied  # GPT-2: PEFT ties its head copy to the embedding's
-    assert {f"base_model.model.{embedding}.weight", "base_model.model.lm_head.weight"} <= keys
-    rows = load_file(out / "adapter_model.safetensors")[f"base_model.model.{embedding}.weight"].shape[0]
+    tensors = load_file(out / "adapter_model.safetensors")
     tok = adapter_tokenizer(out, load_model_and_tokenizer(base)[1])
-    assert tok.chat_template and len(tok) == rows and "<|im_end|>" in tok.get_vocab()
+    new_ids = sorted(tok.convert_tokens_to_ids(json.loads((out / "lmtune.json").read_text())["added_tokens"]))
+    hidden = model.get_input_embeddings().weight.shape[1]
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    embedding = "transformer.wte" if tied else "model.embed_tokens"
+    expected = {embedding: new_ids, **({} if tied else {"lm_head": new_ids})}  # PEFT re-ties a tied head itself
+    assert config["trainable_token_indices"] == expected and not config.get("modules_to_save")
+    assert len(new_ids) == 5 and new_ids[-1] == len(tok) - 1
+    rows = {k: v.shape for k, v in tensors.items() if "lora_" not in k}
+    assert rows == {f"base_model.model.{m}.token_adapter.trainable_tokens_delta": (5, hidden) for m in expected}
+    assert tok.chat_template and "<|im_end|>" in tok.get_vocab()
 
 
 def test_lmtune_reloads_the_chat_adapter_with_the_trained_logits(chat_run):
@@ -106,6 +109,30 @@ def test_peft_loads_the_chat_adapter_after_resizing_the_base(chat_run):
     torch.testing.assert_close(logits(peft_model, x), logits(trained, x), atol=TOL, rtol=0)
 
 
+def test_merged_chat_adapter_gives_the_trained_logits(chat_run):
+    from lmtune.methods.adapters import merged_model
+
+    base, out, trained, _ = chat_run
+    merged, tok, _ = merged_model(base, out)
+    x = probe_ids(tok)
+    assert type(merged.get_input_embeddings()) is type(load_model_and_tokenizer(base)[0].get_input_embeddings())
+    torch.testing.assert_close(logits(merged.eval(), x), logits(trained, x), atol=TOL, rtol=0)
+
+
+def test_gradients_reach_only_the_adapter_and_the_new_rows(chat_run):
+    base, out, trained, _ = chat_run
+    original = load_model_and_tokenizer(base)[0].get_input_embeddings().weight
+    emb = trained.get_input_embeddings()
+    assert not emb.weight.requires_grad and torch.equal(emb.weight[:original.shape[0]], original)  # old rows unchanged
+    trained.zero_grad()
+    x = probe_ids(adapter_tokenizer(out, load_model_and_tokenizer(base)[1]))
+    trained(x).logits.sum().backward()
+    grads = {n for n, p in trained.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all(".lora_" in n or n.endswith(".token_rows") for n in grads), grads
+    assert any(n.endswith(".token_rows") for n in grads)
+    trained.zero_grad()
+
+
 def test_trainable_params_count_the_adapter_and_the_new_rows_only(chat_run):
     _, _, model, summary = chat_run
     hidden = model.get_input_embeddings().weight.shape[1]
@@ -136,3 +163,27 @@ def test_peft_reads_the_prompt_tuning_chat_adapter_embeddings(prompt_run):
     theirs, _ = peft_loaded(base, out)
     copy = theirs.base_model.get_input_embeddings().modules_to_save["default"].weight
     torch.testing.assert_close(copy, trained.get_input_embeddings().weight, atol=0, rtol=0)
+
+
+def test_qlora_chat_adapter_saves_and_reloads_the_new_rows(llama_dir, tmp_path):
+    from lmtune.methods.token_rows import token_row_layers
+
+    base, out, trained, summary = train_on_chat(llama_dir, tmp_path, "qlora")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert set(config["trainable_token_indices"]) == {"model.embed_tokens", "lm_head"}
+    model, tok, _ = load_model_and_tokenizer(base)
+    ours = load_adapter(model, out, adapter_tokenizer(out, tok))
+    for name, layer in token_row_layers(trained).items():
+        torch.testing.assert_close(token_row_layers(ours)[name].token_rows, layer.token_rows, atol=0, rtol=0)
+    hidden = trained.get_input_embeddings().weight.shape[1]
+    assert summary["trainable_params"] == summary["adapter_params"] + 2 * 5 * hidden
+
+
+def test_inspect_counts_the_new_rows_as_summary_json_does(chat_run, tmp_path):
+    from lmtune.footprint import run_inspect
+
+    base, _, _, summary = chat_run
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": TURN}) + "\n", encoding="utf-8")
+    row = run_inspect(str(base), [f"data.train={data}", "method=lora"])["methods"]["lora"]
+    assert (row["total_params"], row["trainable_params"]) == (summary["total_params"], summary["trainable_params"])

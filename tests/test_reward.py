@@ -152,11 +152,11 @@ def test_margin_column_enters_the_loss(gpt2_dir, tmp_path):
     assert first["loss"] > 2.5
 
 
-def test_reward_with_an_adapter_method_exits_2(gpt2_dir, tmp_path, capsys):
+def test_reward_with_prompt_tuning_exits_2(gpt2_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
-    assert run(f"model={gpt2_dir}", "objective=reward", "method=lora", f"data.train={data}",
+    assert run(f"model={gpt2_dir}", "objective=reward", "method=prompt_tuning", f"data.train={data}",
                f"output_dir={tmp_path / 'run'}") == 2
-    assert "method=full or method=freeze" in capsys.readouterr().err
+    assert "method=full or method=freeze or method=lora or method=qlora" in capsys.readouterr().err
 
 
 def test_a_causal_lm_folder_is_not_a_reward_model(gpt2_dir):

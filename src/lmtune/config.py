@@ -99,7 +99,7 @@ class LoraConfig:
     alpha: float = key(16.0, "scale numerator: update is (alpha/r)·BA", _positive)
     dropout: float = key(0.0, "dropout on the adapter input", _unit_open_right)
     target_modules: str | list[str] | None = key(
-        None, "module names, dotted suffixes, a regex, or 'all-linear' (default: per architecture)")
+        None, "module names, dotted suffixes, a regex, or 'all-linear' (default: attention q/v, found by name)")
     rslora: bool = key(False, "scale by alpha/sqrt(r) (rank-stabilised LoRA)")
     dora: bool = key(False, "weight-decomposed LoRA (trainable magnitude)")
     init: str = key("default", "B=0 with Kaiming A, or gaussian A", choices=("default", "gaussian"))

@@ -19,13 +19,16 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from lmtune.config import load_config
+from lmtune.data.readers import read_records
+from lmtune.data.templates import apply_chat_setting
 from lmtune.errors import InputError
 from lmtune.methods.adapters import inject
 from lmtune.methods.freeze import freeze_layers
 from lmtune.methods.lora_layer import LoRASpec
 from lmtune.methods.qlora import checked_plan, weight_memory
 from lmtune.methods.targets import resolve_targets
-from lmtune.models.loading import auto_config, param_counts, resolve_model_dir
+from lmtune.methods.token_rows import wrap_token_rows
+from lmtune.models.loading import auto_config, load_tokenizer, param_counts, resolve_model_dir
 
 if TYPE_CHECKING:
     from lmtune.config import RunConfig
@@ -59,10 +62,17 @@ def _counts(model: nn.Module) -> tuple[int, int]:
     return param_counts(model)
 
 
-def method_row(model_fn: Any, method: str, cfg: RunConfig) -> dict[str, Any]:
-    """Parameters and memory of one method on a fresh (meta) model from ``model_fn()``."""
+def method_row(model_fn: Any, method: str, cfg: RunConfig, new_tokens: int = 0) -> dict[str, Any]:
+    """Parameters and memory of one method on a fresh (meta) model from ``model_fn()``.
+
+    ``new_tokens``: tokens a run adds (ChatML's, for chat data on a tokenizer without a template):
+    the embeddings grow by that many rows, and LoRA/QLoRA train those rows only, as a run does.
+    """
 
     model = model_fn()
+    if new_tokens:
+        vocab = model.get_input_embeddings().weight.shape[0]
+        model.resize_token_embeddings(vocab + new_tokens, mean_resizing=False)
     row: dict[str, Any] = {}
     quantized_bytes, quantized_numel = 0, 0
     if method in ("full", "freeze"):
@@ -84,6 +94,8 @@ def method_row(model_fn: Any, method: str, cfg: RunConfig) -> dict[str, Any]:
         targets = resolve_targets(model, cfg.lora.target_modules, dora=spec.dora)
         inject(model, targets, spec)
         row.update(lora_target_modules=len(targets))
+        if new_tokens:
+            wrap_token_rows(model, list(range(vocab, vocab + new_tokens)))
     elif method == "prompt_tuning":
         hidden = model.get_input_embeddings().weight.shape[1]
         total, _ = _counts(model)
@@ -92,7 +104,8 @@ def method_row(model_fn: Any, method: str, cfg: RunConfig) -> dict[str, Any]:
     if "total_params" not in row:
         total, trainable = _counts(model)
         if method in ("lora", "qlora"):
-            trainable = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+            trainable = sum(p.numel() for n, p in model.named_parameters()
+                            if ".lora_" in n or n.endswith(".token_rows"))
         row.update(total_params=total, trainable_params=trainable)
     total, trainable = row["total_params"], row["trainable_params"]
     full_precision = total - quantized_numel
@@ -112,14 +125,14 @@ def method_row(model_fn: Any, method: str, cfg: RunConfig) -> dict[str, Any]:
     return row
 
 
-def inspect_model(model_fn: Any, cfg: RunConfig) -> dict[str, dict[str, Any]]:
+def inspect_model(model_fn: Any, cfg: RunConfig, new_tokens: int = 0) -> dict[str, dict[str, Any]]:
     """Rows for full, (freeze,) lora, qlora and prompt_tuning under ``cfg``'s settings."""
     methods = ["full"] + (["freeze"] if cfg.freeze.layers or cfg.method == "freeze" else [])
     methods += ["lora", "qlora", "prompt_tuning"]
     rows = {}
     for method in methods:
         try:
-            rows[method] = method_row(model_fn, method, cfg)
+            rows[method] = method_row(model_fn, method, cfg, new_tokens)
         except InputError as e:
             if method == cfg.method:
                 raise
@@ -213,6 +226,19 @@ def predicted_peak_mb(folder: Path, cfg: RunConfig, baseline_bytes: float) -> fl
     return predict_peak(row, architecture(model.config), **_shape(cfg), baseline_bytes=baseline_bytes)["total"] / MB
 
 
+def added_chat_tokens(folder: Path, cfg: RunConfig) -> int:
+    """How many tokens a run of ``cfg`` adds to the tokenizer (ChatML's, for chat data without a template)."""
+    fmt, train = cfg.data.format, cfg.data.train
+    if fmt == "auto" and isinstance(train, str) and Path(train).is_file():
+        fields = set(read_records(train)[0].fields)  # as lmtune.run.detect_format reads it
+        fmt = "messages" if {"messages", "conversations"} & fields else fmt
+    if fmt != "messages":
+        return 0
+    # The same choice training makes: a template the tokenizer has, a detected family, or ChatML added.
+    choice = apply_chat_setting(load_tokenizer(folder, cfg.trust_remote_code), cfg.data.chat_template, fmt)
+    return len(choice.added)
+
+
 def _shape(cfg: RunConfig) -> dict[str, Any]:
     return {"method": cfg.method, "objective": cfg.objective, "batch_size": cfg.train.batch_size,
             "seq_len": cfg.train.max_length, "precision": cfg.train.precision,
@@ -277,9 +303,10 @@ def run_inspect(model: str | Path | nn.Module | None, overrides: list[str] | dic
         folder = resolve_model_dir(model if model is not None else cfg.model)
         trust = cfg.trust_remote_code
         where, model_fn = str(folder), lambda: _meta_model(folder, trust)
+    new_tokens = added_chat_tokens(folder, cfg) if not isinstance(model, nn.Module) else 0
     probe = model_fn()
     baseline = current_rss_bytes()  # this process has imported what a run imports: the baseline on this machine
-    rows = inspect_model(model_fn, cfg)
+    rows = inspect_model(model_fn, cfg, new_tokens)
     arch = architecture(probe.config)
     for method, row in rows.items():
         if "error" not in row:

@@ -19,6 +19,7 @@ from torch import nn
 from lmtune.errors import InputError
 from lmtune.methods.adapter_checks import check_adapter_config, check_finite_tensors
 from lmtune.methods.lora_layer import lora_layers
+from lmtune.methods.token_rows import token_rows_config_and_tensors
 from lmtune.models.loading import META_FILE, load_tokenizer, read_meta, tokenizer_fingerprint
 from lmtune.models.metadata import read_json_object
 
@@ -35,7 +36,7 @@ def base_fingerprint(model: nn.Module) -> str:
     """Hash of the base weights' names and shapes, as the model was before any adapter."""
     shapes = []
     for name, param in model.named_parameters():
-        if ".lora_" in name or ".weight_4bit" in name:
+        if ".lora_" in name or ".weight_4bit" in name or name.endswith(".token_rows"):
             continue
         shapes.append((name.replace(".base_layer.", "."), list(param.shape)))
     for name, layer in lora_layers(model).items():
@@ -96,15 +97,41 @@ def add_modules_to_save(folder: Path, modules: dict[str, nn.Module], prefix: str
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def save_new_token_rows(folder: Path, model: nn.Module, added: list[str]) -> None:
-    """Add to a saved adapter the embeddings holding the rows of tokens training ``added`` (and say so).
+def save_heads_in_adapter(folder: Path, heads: dict[str, nn.Module]) -> None:
+    """Make a saved LoRA folder a sequence-classification adapter carrying its fully trained ``heads``.
 
-    ``model`` is the trained LoRA model or prompt-tuning wrapper; the tokenizer with the added
-    tokens is already in the folder (see :func:`adapter_tokenizer`).
+    PEFT keeps them next to the LoRA tensors as ``modules_to_save`` (weights under
+    ``base_model.model.<name>.*``) and, with ``task_type`` ``SEQ_CLS``,
+    ``PeftModel.from_pretrained(AutoModelForSequenceClassification...(base), folder)`` runs them.
     """
-    prompt = hasattr(model, "prompt_embeddings")
-    add_modules_to_save(folder, token_embedding_modules(model.model if prompt else model),
-                        "base_model." if prompt else PREFIX)
+    if heads:
+        add_modules_to_save(folder, heads)
+    config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    config["task_type"] = "SEQ_CLS"
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def save_new_token_rows(folder: Path, model: nn.Module, added: list[str]) -> None:
+    """Add to a saved adapter the rows of the tokens training ``added`` (and say so).
+
+    ``model`` is the trained LoRA model, whose new rows are ``TokenRows`` (saved as PEFT's
+    ``trainable_token_indices``), or a prompt-tuning wrapper, whose embeddings go whole
+    (``modules_to_save``: PEFT's prompt learning has no other way). The tokenizer with the
+    added tokens is already in the folder (see :func:`adapter_tokenizer`).
+    """
+    from safetensors.torch import load_file, save_file
+
+    indices, rows = token_rows_config_and_tensors(model)
+    if indices:
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        config["trainable_token_indices"] = indices
+        save_file({**load_file(str(folder / WEIGHTS_FILE)), **rows}, str(folder / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    else:
+        prompt = hasattr(model, "prompt_embeddings")
+        add_modules_to_save(folder, token_embedding_modules(model.model if prompt else model),
+                            "base_model." if prompt else PREFIX)
     meta = {**read_meta(folder), "added_tokens": added}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 

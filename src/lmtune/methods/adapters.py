@@ -40,12 +40,13 @@ from lmtune.methods.adapter_files import (
 from lmtune.methods.lora_layer import DEFAULT, LoRALinear, LoRASpec, lora_layers
 from lmtune.methods.prompt_tuning import load_prompt_adapter
 from lmtune.methods.targets import base_modules, is_linear
+from lmtune.methods.token_rows import load_token_rows, merge_token_rows, new_rows_vocab
 from lmtune.models.loading import load_model_and_tokenizer, save_model, weights_fingerprint
 
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
 # PEFT options whose non-default values change the computation in ways lmtune does not reproduce.
 _UNSUPPORTED = {"bias": "none", "lora_bias": False, "alpha_pattern": {},
-                "use_qalora": False, "layer_replication": None, "trainable_token_indices": None,
+                "use_qalora": False, "layer_replication": None,
                 "target_parameters": None, "use_bdlora": None}
 
 
@@ -152,12 +153,16 @@ def unmerge_adapter(model: nn.Module) -> None:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Replace each LoRA layer by its base layer (after :func:`merge_adapter`: a plain model)."""
+    """Replace each LoRA layer by its base layer (after :func:`merge_adapter`: a plain model).
+
+    Trained rows of added tokens are written into the embedding and head as they unwrap.
+    """
     for name, layer in lora_layers(model).items():
         if layer.quantized:
             raise InputError("this model's base is 4-bit; load the adapter onto the full-precision base to merge")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+    merge_token_rows(model)
     return model
 
 
@@ -273,9 +278,16 @@ def load_adapter(model: nn.Module, folder: Path | str, tokenizer: Any = None, ad
     if peft_type != "LORA":
         raise InputError(f"{folder / CONFIG_FILE}: peft_type {peft_type!r} is not one lmtune loads (LORA, "
                          "PROMPT_TUNING)")
+    indices = config.get("trainable_token_indices")
+    if indices:  # rows of tokens the adapter added: the base grows to the adapter's vocabulary first
+        vocab = max(new_rows_vocab(indices), len(tokenizer) if tokenizer is not None else 0)
+        if vocab > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(vocab, mean_resizing=False)
     check_base(folder, meta, model, tokenizer)
-    modules = base_modules(model)
     saved = pop_saved_modules(folder, config, tensors, model)
+    if indices:
+        load_token_rows(model, indices, tensors, str(folder / WEIGHTS_FILE), trainable)
+    modules = base_modules(model)
     grouped = _lora_tensors(folder, config, tensors, modules)
     alpha = float(config.get("lora_alpha", 8))
     specs = {module: LoRASpec(r=parts["lora_A"].shape[0], alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)),

@@ -25,22 +25,22 @@ from lmtune.errors import InputError
 from lmtune.methods import lora
 from lmtune.methods.lora_layer import LoRALinear, lora_layers
 from lmtune.methods.prepared import Prepared
-from lmtune.methods.targets import base_modules, is_linear
+from lmtune.methods.targets import base_modules, head_layers, is_linear
 from lmtune.models.loading import load_causal_lm
 from lmtune.quant import nf4_nbytes
 
 
 def _head_ids(model: nn.Module) -> set[int]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {id(getattr(head, "base_layer", head))} if head is not None else set()
+    return {id(h) for h in head_layers(model)}
 
 
 def plan_quantization(model: nn.Module) -> dict[str, int]:
     """Which linear layers go to NF4 (name -> weight count): every one but the output head.
 
-    Any size quantizes (``lmtune.quant`` pads the last blocks). The output head is never
-    quantized: its errors would land directly on the logits, and it is often tied to the input
-    embeddings. Layers already in NF4 (from :func:`load_quantized`) count as quantized.
+    Any size quantizes (``lmtune.quant`` pads the last blocks). The output head (or a reward
+    model's ``score``) is never quantized: its errors would land directly on the logits, it is
+    often tied to the input embeddings, and a classification head trains in full. Layers already
+    in NF4 (from :func:`load_quantized`) count as quantized.
     """
     done = {name: layer.in_features * layer.out_features for name, layer in lora_layers(model).items()
             if layer.quantized}

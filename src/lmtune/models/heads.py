@@ -32,7 +32,7 @@ from lmtune.data.classification import check_known, collate, encode_input, label
 from lmtune.data.examples import BuildStats
 from lmtune.data.readers import Record
 from lmtune.errors import InputError
-from lmtune.methods.adapter_files import CONFIG_FILE, add_modules_to_save
+from lmtune.methods.adapter_files import save_heads_in_adapter
 from lmtune.methods.adapters import load_adapter
 from lmtune.models.encoders import is_encoder, load_for_classification, read_config
 from lmtune.models.loading import (
@@ -210,19 +210,12 @@ def save_heads(clf: Classifier, folder: Path, extra: dict[str, Any] | None = Non
 
 
 def add_head_to_adapter(clf: Classifier, folder: Path) -> None:
-    """Make a saved LoRA adapter folder carry the first task's head PEFT's way.
+    """Make a saved LoRA adapter folder carry the first task's head PEFT's way (``modules_to_save``).
 
-    PEFT keeps a fully trained module next to the LoRA tensors when the config lists it in
-    ``modules_to_save``; its weights sit under ``base_model.model.<name>.*``. With that,
-    ``PeftModel.from_pretrained(AutoModelForSequenceClassification...(base), folder)`` runs the
-    trained head. (Every head, the first included, is also in ``classify_heads.safetensors``.)
+    With that, ``PeftModel.from_pretrained(AutoModelForSequenceClassification...(base), folder)``
+    runs the trained head. (Every head, the first included, is also in ``classify_heads.safetensors``.)
     """
-
-    if clf.hf_head_name is not None:
-        add_modules_to_save(folder, {clf.hf_head_name: clf.heads[0]})
-    config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    config["task_type"] = "SEQ_CLS"
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    save_heads_in_adapter(folder, {clf.hf_head_name: clf.heads[0]} if clf.hf_head_name is not None else {})
 
 
 def classify_meta(model_folder: Path, adapter_folder: Path | None) -> dict[str, Any]:

@@ -42,7 +42,7 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
               reads=("train.packing", "train.loss_on", "data.chat_template")),
     Objective("dpo", dpo_task.build_task, default_for=("preference",), reads=("dpo",)),
     Objective("kto", kto_task.build_task, default_for=("unpaired_preference",), reads=("kto",)),
-    Objective("reward", reward_task.build_task, reads=("reward",), methods=("full", "freeze")),
+    Objective("reward", reward_task.build_task, reads=("reward",), methods=("full", "freeze", "lora", "qlora")),
     Objective("ppo", ppo_task.build_task, default_for=("prompts",), reads=("ppo", "data.chat_template"),
               refuses={"train.compile": "rollouts sample token by token outside the compiled body"}),
     Objective("grpo", grpo_task.build_task, reads=("grpo", "data.chat_template"),

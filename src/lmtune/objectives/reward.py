@@ -3,7 +3,8 @@
 A reward model scores a whole text with one number, read from the final hidden state of the
 last real token. It is a plain ``transformers`` ``*ForSequenceClassification`` model with one
 label, so ``AutoModelForSequenceClassification.from_pretrained(folder)`` loads what
-``objective=reward`` writes, and PPO loads it back with ``load_reward_model``.
+``objective=reward`` writes, and PPO loads it back with ``load_reward_model`` — also a LoRA
+reward model's adapter folder (the base named in it, the adapter and the trained head on top).
 
 Which token is "last" is decided by the attention mask, so right and left padding both work.
 Texts are scored *without* a trailing EOS: lmtune's tokenizers usually pad with the EOS id,
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 
 from lmtune.data.batching import last_token_index
 from lmtune.errors import InputError
+from lmtune.methods.adapter_files import CONFIG_FILE, read_adapter_folder
+from lmtune.methods.adapters import load_adapter
 from lmtune.models.loading import check_tokenizer, load_tokenizer, resolve_model_dir
 from lmtune.objectives.lm import final_hidden
 
@@ -92,15 +95,14 @@ def load_reward_model(path: str | Path, trust_remote_code: bool = False) -> tupl
 
     Raises:
         InputError: the folder is missing or is not a one-label sequence-classification model
-            (e.g. a causal LM or an adapter folder), naming what it holds instead.
+            (e.g. a causal LM, or a language model's adapter), naming what it holds instead.
     """
     from transformers import AutoModelForSequenceClassification
 
 
     folder = Path(path)
-    if folder.is_dir() and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        raise InputError(f"ppo.reward_model={folder} is an adapter folder, not a reward model; give the folder a "
-                         "run with objective=reward wrote")
+    if folder.is_dir() and (folder / CONFIG_FILE).is_file() and not (folder / "config.json").is_file():
+        return _load_reward_adapter(folder, trust_remote_code)
     folder = resolve_model_dir(folder)
     if folder.is_file():
         raise InputError(f"ppo.reward_model={folder} is a GGUF language model, not a reward model; give the folder a "
@@ -120,5 +122,22 @@ def load_reward_model(path: str | Path, trust_remote_code: bool = False) -> tupl
     model = AutoModelForSequenceClassification.from_pretrained(
         folder, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code,
         dtype=torch.float32)
+    model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def _load_reward_adapter(folder: Path, trust_remote_code: bool) -> tuple[Any, Any]:
+    """A LoRA reward model: the base it names as a one-label classifier, the adapter and head loaded on it."""
+    config, _, meta = read_adapter_folder(folder)
+    if config.get("task_type") != "SEQ_CLS" or "score" not in (config.get("modules_to_save") or []):
+        raise InputError(f"ppo.reward_model={folder} is the adapter of a language model (task_type "
+                         f"{config.get('task_type')}), not a reward model; give the folder a run with objective=reward "
+                         "wrote")
+    base = meta.get("base_model") or config.get("base_model_name_or_path")
+    if not base:
+        raise InputError(f"{folder}: the reward adapter names no base model (lmtune.json base_model)")
+    tokenizer = load_tokenizer(folder, trust_remote_code)  # saved with the adapter, fingerprint checked below
+    model = new_reward_model(resolve_model_dir(base), tokenizer.pad_token_id, trust_remote_code)
+    model = load_adapter(model, folder, tokenizer)
     model.eval().requires_grad_(False)
     return model, tokenizer

@@ -2,17 +2,23 @@
 
 The model is the base LM's body with a fresh one-output head (``*ForSequenceClassification``),
 fully or partially fine-tuned; the saved folder loads with
-``transformers.AutoModelForSequenceClassification`` and serves as ``ppo.reward_model``.
+``transformers.AutoModelForSequenceClassification`` and serves as ``ppo.reward_model``. With LoRA
+(or QLoRA) the body gets the adapter and the head trains in full, as for classification: the
+adapter folder carries it as PEFT's ``modules_to_save`` with ``task_type`` ``SEQ_CLS``, so
+``PeftModel.from_pretrained(AutoModelForSequenceClassification...(base), folder)`` loads it, and
+so does ``ppo.reward_model``.
 Held-out pairs (``data.eval``) give ``eval_loss`` and ``pairwise_accuracy`` before/after.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from lmtune.data.preference import collate_pairs
+from lmtune.methods.adapter_files import save_heads_in_adapter
 from lmtune.objectives.dpo_task import load_pairs
 from lmtune.objectives.reference import disable_dropout
 from lmtune.objectives.reward import bradley_terry_loss, new_reward_model, reward_scores
@@ -45,6 +51,13 @@ def build_task(ctx: RunContext) -> Task:
     model = new_reward_model(ctx.model_folder, tok.pad_token_id, cfg.trust_remote_code)
     disable_dropout(model)
     prepared = ctx.apply_method(model)
+    save = prepared.save
+    if ctx.method.adapter:  # the fresh head trains in full; the adapter folder carries it (modules_to_save)
+        model.score.requires_grad_(True)
+
+        def save(out: Path) -> None:
+            prepared.save(out)
+            save_heads_in_adapter(Path(out), {"score": model.score})
     pad_id, batch_size = tok.pad_token_id, cfg.train.batch_size
 
     def loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -56,5 +69,5 @@ def build_task(ctx: RunContext) -> Task:
     if eval_pairs:
         evaluators["pairwise_accuracy"] = lambda m: pairwise_accuracy(m, eval_pairs, pad_id, batch_size)
     return Task(model=prepared.model, batches=ctx.batches(train_pairs, lambda ps: collate_pairs(ps, pad_id)),
-                eval_examples=eval_pairs, loss=loss, save=prepared.save, evaluators=evaluators,
+                eval_examples=eval_pairs, loss=loss, save=save, evaluators=evaluators,
                 summary={"data": stats, "reward": {"margin": margin, "center_coef": center}, **prepared.summary})

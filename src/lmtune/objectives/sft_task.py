@@ -27,6 +27,7 @@ from lmtune.data.templates import apply_chat_setting
 from lmtune.errors import InputError
 from lmtune.methods.adapter_files import save_new_token_rows
 from lmtune.methods.prepared import Prepared
+from lmtune.methods.token_rows import wrap_token_rows
 from lmtune.models.loading import param_counts
 from lmtune.objectives.lm import lm_loss
 from lmtune.objectives.task import RunContext, Task, TrainingError
@@ -122,8 +123,10 @@ def build_task(ctx: RunContext) -> Task:
     choice = apply_chat_setting(tok, cfg.data.chat_template, fmt)
     added = list(choice.added)
     log.say(f"chat template: {choice.source}")
-    # Every method but full keeps the embeddings frozen: the new rows then train through a gradient mask.
-    if added and cfg.method != "full" and cfg.train.weight_decay > 0:
+    # LoRA and QLoRA train the new rows as their own tensors (PEFT's trainable_token_indices); freeze
+    # and prompt tuning keep the embeddings frozen and let the new rows train through a gradient mask.
+    own_rows = ctx.method.adapter and cfg.method != "prompt_tuning"
+    if added and cfg.method != "full" and not own_rows and cfg.train.weight_decay > 0:
         raise InputError(f"the tokenizer needs new chat tokens ({', '.join(added)}) whose embeddings must train, "
                          f"but method={cfg.method} keeps the other rows frozen only without weight decay; "
                          "set train.weight_decay=0, use method=full, or use a model whose tokenizer has a chat "
@@ -147,13 +150,20 @@ def build_task(ctx: RunContext) -> Task:
         log.say(f"no chat template: using ChatML; added {', '.join(added)} to the tokenizer and resized the "
                 f"embeddings {rows_before} -> {len(tok)}")
     prepared = ctx.apply_method(model)
-    if added:
+    if added and own_rows:
+        tensors = wrap_token_rows(prepared.model, tok.convert_tokens_to_ids(added))
+        log.say(f"method={cfg.method}: training the rows of the new chat tokens only ({len(tensors)} × {len(added)} "
+                "rows, saved as PEFT trainable_token_indices with the tokenizer and its chat template)")
+        prepared = _save_new_rows_too(prepared, added)
+    elif added:
         rows = train_new_token_rows(prepared.model, tok.convert_tokens_to_ids(added), len(tok))
         if rows:
             log.say(f"method={cfg.method} freezes the embeddings: training only the {rows} embedding rows of "
                     "the new chat tokens (the other rows get no gradient)")
         if ctx.method.adapter:  # the saved output is an adapter: it must carry the new rows
-            prepared = _save_new_rows_too(prepared, added, rows, log)
+            log.say("the adapter will also carry the input embedding and output head (PEFT modules_to_save) with "
+                    "the new chat tokens' rows, and the tokenizer with the chat template")
+            prepared = _save_new_rows_too(prepared, added, rows)
 
     cause = (f"every label is -100 (train.loss_on={loss_on}, train.max_length={max_length}); "
              "check that the data's responses are non-empty and fit")
@@ -171,22 +181,23 @@ def build_task(ctx: RunContext) -> Task:
                 eval_examples=eval_ex, loss=sft_loss, save=prepared.save, summary=summary)
 
 
-def _save_new_rows_too(prepared: Prepared, added: list[str], rows: int, log: Any) -> Prepared:
-    """An adapter method's output carries the embeddings as PEFT ``modules_to_save`` (the new rows live there).
+def _save_new_rows_too(prepared: Prepared, added: list[str], masked_rows: int = 0) -> Prepared:
+    """An adapter method's output carries the new tokens' rows (see ``save_new_token_rows``).
 
-    ``trainable_params`` counts what trains: the adapter and the new rows, not whole matrices.
+    ``trainable_params`` counts what trains: the adapter and the new rows. Rows trained through a
+    gradient mask (``masked_rows`` of them) sit in whole matrices that count only those rows.
     """
     model = prepared.model
-    log.say("the adapter will also carry the input embedding and output head (PEFT modules_to_save) with the "
-            "new chat tokens' rows, and the tokenizer with the chat template")
 
     def save(out: Path) -> None:
         prepared.save(out)
         save_new_token_rows(Path(out), model, added)
 
+    if not masked_rows:
+        return Prepared(model=model, save=save, summary=prepared.summary)
     vocab, hidden = model.get_input_embeddings().weight.shape
     total, trainable = param_counts(model)
-    trainable -= (rows // len(added)) * vocab * hidden - rows * hidden  # masked matrices: only new rows learn
+    trainable -= (masked_rows // len(added)) * vocab * hidden - masked_rows * hidden  # only the new rows learn
     summary = {**prepared.summary, "trainable_params": trainable, "trainable_ratio": trainable / max(total, 1)}
     return Prepared(model=model, save=save, summary=summary)
 

@@ -175,3 +175,22 @@ def test_a_hung_rank_times_out_naming_the_rank_with_exit_2(gpt2_dir, corpus, tmp
     assert "lmtune: error: rank 0 of 2:" in text and "train.distributed.timeout=5s" in text, text[-3000:]
     assert "exitcode  : 2" in proc.stderr  # rank 0 exited 2 (torchrun itself reports failure as 1)
     assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
+
+
+def test_per_row_seeds_sample_each_row_alike_in_any_batch(gpt2_dir):
+    # What lets a rank sample its share of a rollout as one process would: row i's tokens depend
+    # on its own seed only, not on which rows share its batch.
+    from lmtune.errors import InputError
+    from lmtune.generate import generate
+    from lmtune.models.loading import load_causal_lm
+    from lmtune.objectives.rollouts import sample_completions
+
+    model = load_causal_lm(gpt2_dir)
+    prompts, seeds = [[2, 3, 4], [5, 6], [7, 8, 9]], [11, 12, 13]
+    whole = sample_completions(model, prompts, 0, 6, 1.0, seeds, width=3)
+    split = (sample_completions(model, prompts[:1], 0, 6, 1.0, seeds[:1], width=3)
+             + sample_completions(model, prompts[1:], 0, 6, 1.0, seeds[1:], width=3))
+    assert whole == split
+    assert whole != sample_completions(model, prompts, 0, 6, 1.0, [21, 22, 23], width=3)
+    with pytest.raises(InputError, match="2 seeds for 3 prompts"):
+        generate(model, [[2, 3], [4, 5], [6, 7]], 2, temperature=1.0, seed=[1, 2])

@@ -194,3 +194,15 @@ def test_per_row_seeds_sample_each_row_alike_in_any_batch(gpt2_dir):
     assert whole != sample_completions(model, prompts, 0, 6, 1.0, [21, 22, 23], width=3)
     with pytest.raises(InputError, match="2 seeds for 3 prompts"):
         generate(model, [[2, 3], [4, 5], [6, 7]], 2, temperature=1.0, seed=[1, 2])
+
+
+def test_fewer_preference_pairs_than_ranks_exits_2_leaving_no_folder(gpt2_dir, tmp_path):
+    # test_distributed.py checks plain text; this is another data format, and the stricter promise:
+    # the output folder is not even created (the lock's folder is removed when the run fails).
+    pairs = _jsonl(tmp_path / "pairs.jsonl", PAIRS[:1])
+    out = tmp_path / "out"
+    proc = launch_cli("none", -1, [f"model={gpt2_dir}", f"data.train={pairs}", f"output_dir={out}"], tmp_path)
+    assert proc.returncode != 0
+    assert "lmtune: error: data.train has 1 examples for 2 ranks" in proc.stderr
+    assert "exitcode  : 2" in proc.stderr
+    assert not out.exists()

@@ -85,7 +85,8 @@ def main() -> None:
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, flags {' '.join(flags)}; "
         f"contended: shared with other sessions (1-minute load {load:.1f} at the end), so figures are noisy and "
-        f"2 processes compete for the same {os.cpu_count()} cores; read the ratios, not the absolute rates. GPT-2 4×256, per-rank batch 8 × 17 tokens, {a.steps} steps, gloo, OMP_NUM_THREADS=1.",
+        f"2 processes compete for the same {os.cpu_count()} cores; read the ratios, not the absolute rates. "
+        f"GPT-2 4×256, per-rank batch 8 × 17 tokens, {a.steps} steps, gloo, OMP_NUM_THREADS=1.",
         "",
         f"Command: `PYTHONPATH=src python benchmarks/ddp_overlap.py --steps {a.steps} --out benchmarks/ddp_overlap.md`",
         "",

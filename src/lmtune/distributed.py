@@ -24,7 +24,7 @@ from lmtune.config import DistributedConfig
 from lmtune.errors import InputError
 
 T = TypeVar("T")
-RANK_SEED_STRIDE = 1_000_003  # rank r draws dropout/sampling noise from seed + r·stride (rank 0: the seed)
+RANK_SEED_STRIDE = 1_000_003  # rank r draws dropout noise from seed + r·stride (rank 0: the seed)
 
 
 class DistributedError(InputError):
@@ -79,7 +79,10 @@ def pick_device() -> torch.device:
 
 
 def rank_seed(seed: int, d: Dist | None) -> int:
-    """The RNG seed of this rank's dropout and sampling: ``seed`` on rank 0, offset on the others."""
+    """The global-RNG seed of this rank (its dropout): ``seed`` on rank 0, offset on the others.
+
+    PPO/GRPO sampling does not use it: each rollout row has its own seed (``rollouts.row_seeds``).
+    """
     return seed + (d.rank * RANK_SEED_STRIDE if d else 0)
 
 

@@ -75,14 +75,20 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                 text=True).stdout.strip())
-    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile")
-             if f in Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0]]
+    cpu_flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni") if f in cpu_flags]
+    flags.append("AMX" if "amx_tile" in cpu_flags else "no AMX")
+    load = os.getloadavg()[0]
     lines = [
         f"# DDP: tokens/s of 1 vs 2 processes, overlap on and off (commit {commit}{' DIRTY' if dirty else ''})",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, flags {' '.join(flags)}; "
-        "shared with other jobs (load ~15 on 2 cores), so figures are noisy and 2 processes compete for the same "
-        f"2 cores. GPT-2 4×256, per-rank batch 8 × 17 tokens, {a.steps} steps, gloo, OMP_NUM_THREADS=1.",
+        f"contended: shared with other sessions (1-minute load {load:.1f} at the end), so figures are noisy and "
+        f"2 processes compete for the same {os.cpu_count()} cores; read the ratios, not the absolute rates. "
+        f"GPT-2 4×256, per-rank batch 8 × 17 tokens, {a.steps} steps, gloo, OMP_NUM_THREADS=1.",
+        "",
+        f"Command: `PYTHONPATH=src python benchmarks/ddp_overlap.py --steps {a.steps} --out benchmarks/ddp_overlap.md`",
         "",
         "| arm | tokens/s | vs 1 process |",
         "|---|---:|---:|",

@@ -24,7 +24,7 @@ from lmtune.config import DistributedConfig
 from lmtune.errors import InputError
 
 T = TypeVar("T")
-RANK_SEED_STRIDE = 1_000_003  # rank r draws dropout/sampling noise from seed + r·stride (rank 0: the seed)
+RANK_SEED_STRIDE = 1_000_003  # rank r draws dropout noise from seed + r·stride (rank 0: the seed)
 
 
 class DistributedError(InputError):
@@ -40,6 +40,7 @@ class Dist:
     device: torch.device
     strategy: str = "ddp"
     timeout: float = 300.0
+    owns_group: bool = True  # lmtune joined the process group itself, so it is the one to destroy it
 
     @property
     def main(self) -> bool:
@@ -78,7 +79,10 @@ def pick_device() -> torch.device:
 
 
 def rank_seed(seed: int, d: Dist | None) -> int:
-    """The RNG seed of this rank's dropout and sampling: ``seed`` on rank 0, offset on the others."""
+    """The global-RNG seed of this rank (its dropout): ``seed`` on rank 0, offset on the others.
+
+    PPO/GRPO sampling does not use it: each rollout row has its own seed (``rollouts.row_seeds``).
+    """
     return seed + (d.rank * RANK_SEED_STRIDE if d else 0)
 
 
@@ -101,8 +105,12 @@ def from_env(settings: DistributedConfig) -> Dist | None:
     if backend == "nccl" and device.type != "cuda":
         raise InputError("train.distributed.backend=nccl needs GPUs and none is visible; use gloo (the default "
                          "on CPU)")
-    d = Dist(rank=rank, world=world, device=device, strategy=settings.strategy, timeout=settings.timeout)
-    if not dist.is_initialized():
+    # A caller (a script running several trainings in one job) may have joined the group already:
+    # then lmtune uses it, with the caller's timeout, and leaves it to the caller to destroy.
+    owns = not dist.is_initialized()
+    d = Dist(rank=rank, world=world, device=device, strategy=settings.strategy, timeout=settings.timeout,
+             owns_group=owns)
+    if owns:
         d.guard("joining the process group", lambda: dist.init_process_group(
             backend=backend, timeout=datetime.timedelta(seconds=settings.timeout),
             device_id=device if device.type == "cuda" else None))
@@ -110,8 +118,11 @@ def from_env(settings: DistributedConfig) -> Dist | None:
 
 
 def shutdown(d: Dist | None) -> None:
-    """Leave the process group (all ranks reach this together, so no rank is aborted mid-collective)."""
-    if d is not None and dist.is_initialized():
+    """Leave the process group lmtune created (all ranks reach this together: none is aborted mid-collective).
+
+    A group the caller created stays: the caller may run more collectives on it.
+    """
+    if d is not None and d.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -121,6 +132,47 @@ def shard(indices: list[T], d: Dist | None) -> list[T]:
         return indices
     per = -(-len(indices) // d.world)  # ceil
     return indices[d.rank * per:(d.rank + 1) * per]
+
+
+def reduce_metrics(parts: list[tuple[dict[str, float], float]]) -> dict[str, float]:
+    """Combine ``(metric sums, weight)`` parts (micro-batches, ranks) into one record.
+
+    A ``min_``/``max_`` metric (the part's own extreme) combines by min/max; every other metric
+    arrives as ``value × weight`` and becomes the weighted mean, as over one big batch.
+    """
+    weight = sum(w for _, w in parts)
+    out: dict[str, float] = {}
+    for sums, _ in parts:
+        for k, v in sums.items():
+            if k.startswith(("min_", "max_")):
+                pick = min if k.startswith("min_") else max
+                out[k] = pick(out[k], v) if k in out else v
+            else:
+                out[k] = out.get(k, 0.0) + v
+    return {k: v if k.startswith(("min_", "max_")) else v / weight for k, v in out.items()} if weight else {}
+
+
+def gather_rows(rows: dict[str, torch.Tensor], d: Dist | None, pad: dict[str, float] | None = None
+                ) -> dict[str, torch.Tensor]:
+    """Every rank's rows of a batch, concatenated in rank order (collective; ``rows`` may be empty).
+
+    2-D tensors are right-padded to the widest rank's width (``pad[key]``, default 0), so the
+    result is laid out as one process would lay out the whole batch. Each tensor goes back to
+    the device it came from.
+    """
+    if d is None:
+        return rows
+    device = next((v.device for v in rows.values()), d.device)
+    every = [r for r in d.gather({k: v.cpu() for k, v in rows.items()}) if r]
+    out = {}
+    for key in every[0]:
+        parts = [r[key] for r in every]
+        if parts[0].dim() == 2:
+            width = max(p.shape[1] for p in parts)
+            value = (pad or {}).get(key, 0)
+            parts = [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=value) for p in parts]
+        out[key] = torch.cat(parts).to(device)
+    return out
 
 
 def check_data_size(examples: int, d: Dist | None, what: str) -> None:

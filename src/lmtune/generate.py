@@ -184,7 +184,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    seed: int | None = None,
+    seed: int | list[int] | None = None,
     stop_ids: Iterable[int] = (),
     attention_mask: Tensor | None = None,
 ) -> list[list[int]]:
@@ -199,7 +199,9 @@ def generate(
         temperature: 0 for greedy decoding, otherwise the sampling temperature.
         top_k: Sample only among the k most likely tokens.
         top_p: Sample only within the nucleus of cumulative probability p.
-        seed: Seed for sampling; the same seed gives the same output.
+        seed: Seed for sampling; the same seed gives the same output. A list gives each row
+            its own seed (and generator): a row's tokens then do not depend on the other rows
+            of the batch, so a batch split across processes samples what one process would.
         stop_ids: Token ids that end a row; the stop id is kept in the output.
         attention_mask: (B, T) mask with 0 on padding; defaults to all ones.
 
@@ -210,8 +212,12 @@ def generate(
         InputError: For invalid options, malformed prompts, or a prompt longer
             than the model's context.
     """
-    _check_options(max_new_tokens, temperature, top_k, top_p, seed)
+    seeds = seed if isinstance(seed, list) else [seed]
+    for one in seeds:
+        _check_options(max_new_tokens, temperature, top_k, top_p, one)
     ids = _as_batch(input_ids)  # (B, T)
+    if isinstance(seed, list) and len(seed) != ids.shape[0]:
+        raise InputError(f"seed is a list of {len(seed)} seeds for {ids.shape[0]} prompts; give one per prompt.")
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     ids = ids.to(device)
@@ -244,11 +250,18 @@ def generate(
             "be generated from; pass prompts of equal length without padding."
         )
     generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    if isinstance(seed, list):
+        rows = [torch.Generator(device=device).manual_seed(s) for s in seed]
 
-    def pick(logits: Tensor) -> Tensor:
-        return sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        def pick(logits: Tensor) -> Tensor:  # each row draws from its own generator
+            return torch.cat([sample_next(logits[i:i + 1], temperature, top_k, top_p, g)
+                              for i, g in enumerate(rows)])  # (B,)
+    else:
+        if seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+
+        def pick(logits: Tensor) -> Tensor:
+            return sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
 
     was_training = model.training
     model.eval()

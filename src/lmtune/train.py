@@ -111,17 +111,26 @@ def measure(evaluators: dict[str, Any], model: torch.nn.Module) -> dict[str, flo
 def evaluate_loss(task: Task, settings: TrainConfig, device: torch.device, engine: Engine | None = None) -> float:
     """Mean loss per loss unit over the task's eval examples (token-weighted for LM objectives).
 
-    Under torchrun every rank evaluates all of them (through ``engine``, so FSDP2 gathers weights).
+    Under torchrun each eval batch of ``batch_size × world`` examples is split across the ranks
+    (through ``engine``, so FSDP2 gathers weights) and the sums are reduced: no example is
+    evaluated twice. A rank with no share of a batch runs a zero-weight stand-in, so every rank
+    makes the same forward calls.
     """
+    ddp = engine.dist if engine is not None else None
     was_training = task.model.training
     task.model.eval()
-    total, units, bs, examples = 0.0, 0, settings.batch_size, task.eval_examples
+    world = ddp.world if ddp else 1
+    total, units, bs, examples = 0.0, 0, settings.batch_size * world, task.eval_examples
     with autocast(settings.precision, device):
         for start in range(0, len(examples), bs):
-            batch = to_device(task.batches.collate(examples[start:start + bs]), device)
+            mine = distributed.shard(examples[start:start + bs], ddp)
+            batch = to_device(task.batches.collate(mine or examples[start:start + 1]), device)
             loss_sum = engine(batch, False)[0] if engine else task.loss(task.model, batch)[0]
-            total += float(loss_sum)
-            units += batch["num_loss_tokens"]
+            if mine:
+                total += float(loss_sum)
+                units += batch["num_loss_tokens"]
+    if ddp:
+        total, units = ddp.sum(total, units)
     task.model.train(was_training)
     return total / max(units, 1)
 
@@ -317,7 +326,7 @@ def accumulate_gradients(task: Task, micro: list[dict[str, Any] | None], precisi
         raise TrainingError(f"step {step + 1}: the batch has no tokens that carry loss (every label is "
                             "masked); check train.loss_on, train.max_length and the data's responses")
     runs = [b for b in micro if b is not None]
-    loss_total, sums, weight, reg_loss = 0.0, {}, 0.0, None
+    loss_total, parts, reg_loss = 0.0, [], None
     for i, batch in enumerate(runs):
         last, filler = i == len(runs) - 1, bool(batch.get("filler"))
         batch = to_device(batch, device)
@@ -329,20 +338,19 @@ def accumulate_gradients(task: Task, micro: list[dict[str, Any] | None], precisi
                 # Every rank adds the penalty's gradient and the reduction sums them: each adds 1/world.
                 total = total + reg / (ddp.world if ddp else 1)
                 reg_loss = float(reg.detach())
-            total.backward()
+            if ddp:  # DDP reduces gradients inside backward: a dead peer surfaces here
+                ddp.guard("reducing gradients in backward", total.backward)
+            else:
+                total.backward()
         if filler:
             continue
         loss_total += float(loss_sum.detach())
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + v * batch["num_loss_tokens"]
-        weight += batch["num_loss_tokens"]
+        w = batch["num_loss_tokens"]
+        parts.append(({k: v if k.startswith(("min_", "max_")) else v * w for k, v in m.items()}, w))
     if ddp:
-        every = ddp.gather((loss_total, sums, weight))
-        loss_total, weight, sums = sum(e[0] for e in every), sum(e[2] for e in every), {}
-        for _, part, _ in every:
-            for k, v in part.items():
-                sums[k] = sums.get(k, 0.0) + v
-    metrics = {k: v / weight for k, v in sums.items()} if weight else {}
+        every = ddp.gather((loss_total, parts))
+        loss_total, parts = sum(e[0] for e in every), [p for e in every for p in e[1]]
+    metrics = distributed.reduce_metrics(parts)
     if reg_loss is not None:
         metrics["reg_loss"] = reg_loss
     return loss_total / units, tokens, inputs, metrics

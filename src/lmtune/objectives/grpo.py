@@ -93,11 +93,12 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
         raise ValueError("beta > 0 needs the reference log-probs")
     high = epsilon if epsilon_high is None else epsilon_high
     adv = advantages.unsqueeze(1)  # (B, 1): one advantage for every token of a completion
-    ratio = torch.exp(logps - old_logps)  # (B, T)
+    # Masked to 0 outside the completions: padding's log-probs are arbitrary, exp() of them must stay finite.
+    ratio = torch.exp((logps - old_logps) * mask)  # (B, T)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + high)  # (B, T)
     per_token = -torch.min(ratio * adv, clipped * adv)  # (B, T)
     if beta != 0.0:
-        q = ref_logps - logps  # (B, T)
+        q = (ref_logps - logps) * mask  # (B, T)
         per_token_kl = torch.exp(q) - q - 1  # (B, T) ≥ 0, unbiased for KL(π‖π_ref) under samples of π
         per_token = per_token + beta * per_token_kl
     masked = per_token * mask  # (B, T)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lmtune.config import GRPOConfig, TrainConfig
-from lmtune.distributed import Dist
+from lmtune.distributed import Dist, gather_rows, shard
 from lmtune.errors import InputError
 from lmtune.objectives.grpo import group_advantages, grpo_loss
 from lmtune.objectives.ppo_task import layout, model_scorer, response_logprobs
@@ -36,8 +36,9 @@ from lmtune.objectives.rollouts import (
     Prompt,
     load_prompts,
     prompt_indices,
+    rank_micro_batches,
+    row_seeds,
     sample_completions,
-    split_micro_batches,
     stop_ids,
     unfinished_warning,
 )
@@ -59,18 +60,20 @@ class Generations(BufferedSource):
 
     def total_steps(self, train: TrainConfig, world: int) -> int:
         """``train.epochs`` counts passes over the prompts: each generation batch gives
-        ``grpo.num_iterations`` passes of micro-batches over its completions."""
+        ``grpo.num_iterations`` passes of micro-batches over its completions (under torchrun a
+        micro-batch is ``train.batch_size × world`` completions of the gathered batch)."""
         grpo = self.grpo
         completions = grpo.generation_batch_size * grpo.num_generations
-        per_batch = grpo.num_iterations * math.ceil(completions / train.batch_size) / train.grad_accum
+        per_batch = grpo.num_iterations * math.ceil(completions / (train.batch_size * world)) / train.grad_accum
         batches = train.epochs * len(self.prompts) / grpo.generation_batch_size
         return max(1, math.ceil(batches * per_batch))
 
-    def sample(self, prompt_ids: list[list[int]], temperature: float, seed: int) -> list[list[int]]:
+    def sample(self, prompt_ids: list[list[int]], temperature: float, seed: int | list[int],
+               width: int | None = None) -> list[list[int]]:
         top_k, top_p = self.grpo.top_k, self.grpo.top_p
         return sample_completions(self.model, prompt_ids, self.tokenizer.pad_token_id,
                                   self.grpo.max_completion_length, temperature, seed, self.stops,
-                                  top_k=top_k or None, top_p=top_p if top_p < 1 else None)
+                                  top_k=top_k or None, top_p=top_p if top_p < 1 else None, width=width)
 
     def score(self, indices: list[int], completions: list[list[int]]) -> torch.Tensor:
         """(N, K) rewards of each source (functions, then the reward model) for each completion."""
@@ -86,28 +89,44 @@ class Generations(BufferedSource):
             per_source.append(self.reward_model(text_prompts, texts, [p.scored_ids for p in rows], bare).double())
         return torch.stack(per_source, dim=1)  # (N, K)
 
+    def _generate(self, indices: list[int], rows: list[int], base: int) -> dict[str, torch.Tensor]:
+        """Sample, score and measure completions ``rows`` (positions in ``indices``): one rank's share."""
+        temperature = self.grpo.temperature
+        prompt_ids = [self.prompts[indices[j]].ids for j in rows]
+        width = max(len(self.prompts[i].ids) for i in indices)
+        completions = self.sample(prompt_ids, temperature, row_seeds(base, rows), width)
+        per_source = self.score([indices[j] for j in rows], completions)  # (n, K)
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in layout(prompt_ids, completions, self.tokenizer.pad_token_id).items()}
+        mask = batch["response_mask"]
+        old_logps, _ = response_logprobs(self.model, batch, temperature)  # (n, R)
+        local = {**batch, "old_logps": old_logps * mask, "per_source": per_source.to(device),
+                 "stopped": torch.tensor([bool(c) and c[-1] in self.stops for c in completions], device=device)}
+        if self.reference is not None:
+            with self.reference.model(device) as ref:
+                local["ref_logps"] = response_logprobs(ref, batch, temperature)[0] * mask  # (n, R)
+        return local
+
     @torch.no_grad()
     def refill(self, ddp: Dist | None = None) -> None:
+        """Generate the next batch: under torchrun each rank samples its share, then all gather it.
+
+        Every completion samples with its own seed (``row_seeds``); group advantages are taken
+        over the gathered batch, so the micro-batches are one process's.
+        """
         grpo, seed, g = self.grpo, self.seed, self.grpo.num_generations
         picked = prompt_indices(self.count, grpo.generation_batch_size, len(self.prompts), seed)
         indices = [i for i in picked for _ in range(g)]  # (N = P·G) a group's completions are consecutive
-        prompt_ids = [self.prompts[i].ids for i in indices]
-        temperature = grpo.temperature
-        completions = self.sample(prompt_ids, temperature, seed * 1_000_003 + self.count)
-        per_source = self.score(indices, completions)  # (N, K)
+        base = seed * 1_000_003 + self.count
+        mine = shard(list(range(len(indices))), ddp)
+        local = self._generate(indices, mine, base) if mine else {}
+        rollout = gather_rows(local, ddp, {"input_ids": self.tokenizer.pad_token_id})
+        per_source, stopped = rollout.pop("per_source").cpu(), rollout.pop("stopped").cpu()
         rewards = per_source @ self.weights  # (N,)
         advantages, tied = group_advantages(rewards, g, grpo.scale_rewards)  # (N,), (P,)
+        rollout["advantages"] = advantages.to(rollout["old_logps"].device, torch.float32)
 
-        device = next(self.model.parameters()).device
-        batch = {k: v.to(device) for k, v in layout(prompt_ids, completions, self.tokenizer.pad_token_id).items()}
-        old_logps, _ = response_logprobs(self.model, batch, temperature)  # (N, R)
-        rollout = {**batch, "old_logps": old_logps, "advantages": advantages.to(device, torch.float32)}
-        if self.reference is not None:
-            with self.reference.model(device) as ref:
-                rollout["ref_logps"], _ = response_logprobs(ref, batch, temperature)  # (N, R)
-
-        lengths = batch["response_mask"].sum(1)  # (N,)
-        stopped = torch.tensor([bool(c) and c[-1] in self.stops for c in completions])  # (N,)
+        lengths = rollout["response_mask"].sum(1)  # (N,)
         names = [f.name for f in self.fns] + (["reward_model"] if self.reward_model is not None else [])
         self.stats = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
                       "frac_reward_zero_std": tied.float().mean().item(),
@@ -117,9 +136,9 @@ class Generations(BufferedSource):
         for k, name in enumerate(names):
             self.stats[f"rewards/{name}/mean"] = per_source[:, k].mean().item()
             self.stats[f"rewards/{name}/std"] = per_source[:, k].std().item()
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + self.count)
+        generator = torch.Generator().manual_seed(base)
         per_token = grpo.loss_type == "dapo"
-        for micro in split_micro_batches(rollout, grpo.num_iterations, self.batch_size, generator):
+        for micro in rank_micro_batches(rollout, grpo.num_iterations, self.batch_size, generator, ddp):
             tokens = int(micro["response_mask"].sum())
             # The loop divides the summed loss by the window's units: tokens for DAPO, sequences otherwise.
             micro["num_loss_tokens"] = tokens if per_token else int(micro["response_mask"].shape[0])

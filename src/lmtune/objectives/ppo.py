@@ -98,7 +98,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         ``(loss, metrics)`` with ``clip_fraction`` (share of tokens whose clipped term won)
         and ``approx_kl`` (½·mean (log ρ)², how far this update moved from the rollout policy).
     """
-    log_ratio = logprobs - old_logprobs  # (B, T)
+    # Masked to 0 outside the responses: padding's log-probs are arbitrary, exp() of them must stay finite.
+    log_ratio = (logprobs - old_logprobs) * mask  # (B, T)
     ratio = torch.exp(log_ratio)  # (B, T)
     unclipped = -advantages * ratio  # (B, T)
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)  # (B, T)

@@ -27,7 +27,7 @@ from torch import nn
 from lmtune.config import PPOConfig, TrainConfig
 from lmtune.data.batching import pad_rows
 from lmtune.data.examples import encode, special_ids
-from lmtune.distributed import Dist, rank_seed, shard
+from lmtune.distributed import Dist, gather_rows, shard
 from lmtune.errors import InputError
 from lmtune.models.loading import tokenizer_fingerprint
 from lmtune.objectives import rollouts as shared
@@ -39,8 +39,9 @@ from lmtune.objectives.reward_fns import resolve_callable
 from lmtune.objectives.rollouts import (
     BufferedSource,
     prompt_indices,
+    rank_micro_batches,
+    row_seeds,
     sample_completions,
-    split_micro_batches,
     stop_ids,
     unfinished_warning,
 )
@@ -159,22 +160,18 @@ class Rollouts(BufferedSource):
     def total_steps(self, train: TrainConfig, world: int) -> int:
         """``train.epochs`` counts passes over the prompts: each rollout gives ppo.epochs passes of micro-batches.
 
-        Under torchrun each rank rolls out ``rollout_batch_size / world`` of the prompts.
-
-        Raises:
-            InputError: ``ppo.rollout_batch_size`` does not divide by the number of ranks.
+        Under torchrun a micro-batch is ``train.batch_size × world`` rows of the gathered rollout,
+        so the count is one process's with that batch, whatever ``ppo.rollout_batch_size`` is.
         """
         size = self.ppo.rollout_batch_size
-        if size % world:
-            raise InputError(f"ppo.rollout_batch_size={size} does not divide among {world} ranks, so they would "
-                             f"train on different numbers of micro-batches; use a multiple of {world}")
-        per_rollout = self.ppo.epochs * math.ceil(size // world / train.batch_size) / train.grad_accum
+        per_rollout = self.ppo.epochs * math.ceil(size / (train.batch_size * world)) / train.grad_accum
         return max(1, math.ceil(train.epochs * len(self.prompts) / size * per_rollout))
 
-    def sample(self, prompt_ids: list[list[int]], temperature: float, seed: int) -> list[list[int]]:
+    def sample(self, prompt_ids: list[list[int]], temperature: float, seed: int | list[int],
+               width: int | None = None) -> list[list[int]]:
         """Continue prompts with the policy; each response keeps its end token (end of turn or EOS) if it stopped."""
         return sample_completions(self.model.policy, prompt_ids, self.tokenizer.pad_token_id,
-                                  self.ppo.max_new_tokens, temperature, seed, self.stops)
+                                  self.ppo.max_new_tokens, temperature, seed, self.stops, width=width)
 
     def score(self, indices: list[int], responses: list[list[int]]) -> torch.Tensor:
         """Raw scores (B,) of the responses, end token stripped (as reward models are trained)."""
@@ -183,40 +180,53 @@ class Rollouts(BufferedSource):
         return self.scorer([self.prompts[i][0] for i in indices], texts, [self.prompts[i][2] for i in indices],
                            bare).float()
 
-    @torch.no_grad()
-    def refill(self, ddp: Dist | None = None) -> None:
-        """Roll out this rank's share of the next prompts (each rank samples with its own seed)."""
-        ppo, seed = self.ppo, self.seed
-        indices = shard(prompt_indices(self.count, ppo.rollout_batch_size, len(self.prompts), seed), ddp)
+    def _roll_out(self, picked: list[int], rows: list[int], base: int) -> dict[str, torch.Tensor]:
+        """Sample, score and measure ``rows`` (positions in ``picked``): one rank's share of the rollout."""
+        ppo = self.ppo
+        indices = [picked[j] for j in rows]
         prompt_ids = [self.prompts[i][1] for i in indices]
-        sample_seed = rank_seed(seed * 1_000_003 + self.count, ddp)
-        responses = self.sample(prompt_ids, ppo.temperature, sample_seed)
+        width = max(len(self.prompts[i][1]) for i in picked)
+        responses = self.sample(prompt_ids, ppo.temperature, row_seeds(base, rows), width)
         has_eos = torch.tensor([bool(r) and r[-1] in self.stops for r in responses])  # (B,): stopped by itself
         raw = self.score(indices, responses)  # (B,)
-        scores = raw - ppo.missing_eos_penalty * (~has_eos).float()  # (B,)
-
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in layout(prompt_ids, responses, self.tokenizer.pad_token_id).items()}
-        temperature = ppo.temperature
-        logp, hidden = response_logprobs(self.model.policy, batch, temperature)  # (B, R), (B, R, H)
+        logp, hidden = response_logprobs(self.model.policy, batch, ppo.temperature)  # (B, R), (B, R, H)
         values = self.model.value_head(hidden).squeeze(-1)  # (B, R)
         with self.reference.model(device) as ref:
-            ref_logp, _ = response_logprobs(ref, batch, temperature)  # (B, R)
+            ref_logp, _ = response_logprobs(ref, batch, ppo.temperature)  # (B, R)
         mask = batch["response_mask"]
-        rewards, kl = per_token_rewards(scores.to(device), logp, ref_logp, mask, ppo.kl_coef)
-        advantages, returns = gae(rewards, values * mask, mask, ppo.gamma, ppo.lam)
-        advantages = masked_whiten(advantages, mask)  # per rank: each rank's share of the rollout
+        return {**batch, "old_logprobs": logp * mask, "old_values": values * mask, "ref_logprobs": ref_logp * mask,
+                "raw": raw.to(device), "has_eos": has_eos.to(device)}
+
+    @torch.no_grad()
+    def refill(self, ddp: Dist | None = None) -> None:
+        """Roll out the next prompts: under torchrun each rank samples its share, then all gather the rollout.
+
+        Every row samples with its own seed (``row_seeds``) and the advantages are whitened over
+        the whole gathered rollout, so the micro-batches are one process's.
+        """
+        ppo, seed = self.ppo, self.seed
+        picked = prompt_indices(self.count, ppo.rollout_batch_size, len(self.prompts), seed)
+        base = seed * 1_000_003 + self.count
+        mine = shard(list(range(len(picked))), ddp)
+        local = self._roll_out(picked, mine, base) if mine else {}
+        r = gather_rows(local, ddp, {"input_ids": self.tokenizer.pad_token_id})
+        raw, has_eos, mask = r.pop("raw"), r.pop("has_eos"), r["response_mask"]
+        scores = raw - ppo.missing_eos_penalty * (~has_eos).float()  # (B,)
+        rewards, kl = per_token_rewards(scores, r["old_logprobs"], r.pop("ref_logprobs"), mask, ppo.kl_coef)
+        advantages, returns = gae(rewards, r["old_values"], mask, ppo.gamma, ppo.lam)
+        advantages = masked_whiten(advantages, mask)  # over the whole rollout, every rank's rows
 
         kl_per_seq = kl.sum(1)  # (B,)
         self.stats = {"score": raw.mean().item(), "kl": kl_per_seq.mean().item(),
                       "non_score_reward": (-ppo.kl_coef * kl_per_seq).mean().item(),
-                      "total_reward": (scores.to(device) - ppo.kl_coef * kl_per_seq).mean().item(),
+                      "total_reward": (scores - ppo.kl_coef * kl_per_seq).mean().item(),
                       "response_length": mask.sum(1).float().mean().item(),
                       "eos_fraction": has_eos.float().mean().item()}
-        rollout = {**batch, "old_logprobs": logp, "old_values": values * mask, "advantages": advantages,
-                   "returns": returns}
-        g = torch.Generator().manual_seed(sample_seed)
-        for micro in split_micro_batches(rollout, ppo.epochs, self.batch_size, g):
+        rollout = {**r, "advantages": advantages, "returns": returns}
+        g = torch.Generator().manual_seed(base)
+        for micro in rank_micro_batches(rollout, ppo.epochs, self.batch_size, g, ddp):
             micro["num_loss_tokens"] = int(micro["response_mask"].sum())
             self.buffer.append(micro)
         self.count += 1

@@ -48,7 +48,9 @@ def build_task(ctx: RunContext) -> Task:
     # No EOS: the score is read at the last real token, where transformers reads it too.
     train_pairs, stats = load_pairs(ctx, "data.train", add_eos=False, margin=margin)
     eval_pairs, _ = load_pairs(ctx, "data.eval", add_eos=False, margin=margin)
-    model = new_reward_model(ctx.model_folder, tok.pad_token_id, cfg.trust_remote_code)
+    with torch.random.fork_rng(devices=[]):  # the new score head follows train.seed, not what ran before
+        torch.manual_seed(cfg.train.seed)  # (every rank of a torchrun job, and one process, start equal)
+        model = new_reward_model(ctx.model_folder, tok.pad_token_id, cfg.trust_remote_code)
     disable_dropout(model)
     prepared = ctx.apply_method(model)
     save = prepared.save

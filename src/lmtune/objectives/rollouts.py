@@ -20,17 +20,22 @@ from lmtune.data.batching import epoch_order
 from lmtune.data.chat import end_of_turn_ids, has_chat_template, render
 from lmtune.data.examples import encode, refuse_full_prompt, special_ids
 from lmtune.data.templates import apply_chat_setting
-from lmtune.distributed import Dist
+from lmtune.distributed import Dist, shard
 from lmtune.errors import InputError
 from lmtune.generate import generate
 from lmtune.objectives.task import RunContext
 
 
 def sample_completions(policy: nn.Module, prompt_ids: list[list[int]], pad_id: int, max_new_tokens: int,
-                       temperature: float, seed: int, stop_ids: Iterable[int] = (), top_k: int | None = None,
-                       top_p: float | None = None) -> list[list[int]]:
-    """Continue prompts (left-padded into one batch); a completion keeps its stop token if it stopped."""
-    width = max(map(len, prompt_ids))
+                       temperature: float, seed: int | list[int], stop_ids: Iterable[int] = (),
+                       top_k: int | None = None, top_p: float | None = None,
+                       width: int | None = None) -> list[list[int]]:
+    """Continue prompts (left-padded into one batch); a completion keeps its stop token if it stopped.
+
+    ``seed``: one seed, or one per prompt (``row_seeds``); ``width``: pad to at least this many
+    tokens (the widest prompt of the whole rollout, so a rank's share meets the same context limit).
+    """
+    width = max(width or 0, *map(len, prompt_ids))
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompt_ids])  # (B, P)
     mask = (torch.arange(width) >= width - torch.tensor([[len(p)] for p in prompt_ids])).long()  # (B, P)
     return generate(policy, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -41,6 +46,14 @@ def prompt_indices(count: int, size: int, n: int, seed: int) -> list[int]:
     """Prompts of the ``count``-th sampling round of ``size``, walking seeded permutations epoch by epoch."""
     start = count * size
     return [epoch_order(n, seed, i // n)[i % n] for i in range(start, start + size)]
+
+
+def row_seeds(base: int, rows: list[int]) -> list[int]:
+    """The sampling seed of each rollout row, from the round's ``base`` seed and the row's global index.
+
+    Row ``i`` draws the same tokens whichever rank samples it and whatever else is in its batch.
+    """
+    return [(base * 1_000_003 + i) % 2**63 for i in rows]
 
 
 def split_micro_batches(rollout: dict[str, torch.Tensor], passes: int, batch_size: int,
@@ -54,6 +67,28 @@ def split_micro_batches(rollout: dict[str, torch.Tensor], passes: int, batch_siz
             rows = rows.to(device)
             micro.append({k: v[rows] for k, v in rollout.items()})
     return micro
+
+
+def rank_micro_batches(rollout: dict[str, torch.Tensor], passes: int, batch_size: int, generator: torch.Generator,
+                       ddp: Dist | None) -> list[dict[str, Any]]:
+    """This rank's shares of the global micro-batches over a gathered rollout (every rank holds it all).
+
+    The global micro-batches are one process's: ``batch_size × world`` rows, the same shuffle.
+    A rank with no share of a short one gets its first row marked ``filler`` (trained with weight
+    0), so every rank runs as many backward passes.
+    """
+    world = ddp.world if ddp else 1
+    out = []
+    for micro in split_micro_batches(rollout, passes, batch_size * world, generator):
+        rows = next(iter(micro.values())).shape[0]
+        mine = shard(list(range(rows)), ddp)
+        filler = not mine
+        take = torch.tensor(mine or [0], device=next(iter(micro.values())).device)
+        share = {k: v[take] for k, v in micro.items()}
+        if filler:
+            share["filler"] = True
+        out.append(share)
+    return out
 
 
 class BufferedSource:

@@ -106,13 +106,28 @@ def from_env(settings: DistributedConfig) -> Dist | None:
         d.guard("joining the process group", lambda: dist.init_process_group(
             backend=backend, timeout=datetime.timedelta(seconds=settings.timeout),
             device_id=device if device.type == "cuda" else None))
+        _CREATED.append(dist.group.WORLD)
     return d
 
 
+_CREATED: list[Any] = []  # the process group lmtune itself joined (a caller's own group is left to the caller)
+
+
 def shutdown(d: Dist | None) -> None:
-    """Leave the process group (all ranks reach this together, so no rank is aborted mid-collective)."""
-    if d is not None and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group lmtune joined, all ranks together.
+
+    A barrier first: a rank that destroys the group while a peer is still inside a collective
+    (FSDP2's last gathers, rank 0 writing the result) makes gloo abort that peer. A group the
+    caller created before calling lmtune stays up (a script may train several times in one job).
+    """
+    if d is None or not dist.is_initialized() or not _CREATED:
+        return
+    try:
+        d.barrier()
+    except DistributedError:  # a peer is gone already: leave anyway, the error that stopped it is reported
+        pass
+    _CREATED.clear()
+    dist.destroy_process_group()
 
 
 def shard(indices: list[T], d: Dist | None) -> list[T]:

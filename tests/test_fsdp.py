@@ -80,6 +80,8 @@ def _runs(tmp: Path, gpt2: Path, llama: Path, corpus: Path) -> dict[str, tuple[l
         "lora_dropout_ddp": ([*lora, "train.distributed.strategy=ddp"], 8),
         "dpo_lora": ([f"model={llama}", f"data.train={pairs}", "method=lora", "lora.r=4", "train.steps=3", FSDP], 4),
         "dpo_full": ([f"model={gpt2}", f"data.train={pairs}", "train.steps=2", FSDP], 4),
+        "lora_bf16": ([f"model={llama}", f"data.train={corpus}", "method=lora", "lora.r=4", "train.steps=2",
+                       "train.precision=bf16", FSDP], 8),
         "classify": ([f"model={gpt2}", f"data.train={topics}", "objective=classify", "train.steps=3", FSDP], 8),
     }
 
@@ -127,6 +129,15 @@ def test_lora_with_dropout_equals_ddp(job):
     fsdp, ddp = tmp / "lora_dropout_fsdp", tmp / "lora_dropout_ddp"
     _close(_tensors(ddp), _tensors(fsdp))
     torch.testing.assert_close(_losses(fsdp), _losses(ddp), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_policy_trains_and_saves_fp32_master_weights(job):
+    # bf16 compute (MixedPrecisionPolicy) does not round what is saved: the adapter is the fp32 masters.
+    tmp, _ = job
+    saved = _tensors(tmp / "lora_bf16")
+    assert {v.dtype for v in saved.values()} == {torch.float32}
+    assert any(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)  # B starts at 0: it trained
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in _metrics(tmp / "lora_bf16"))
 
 
 @pytest.mark.parametrize(("args", "needles"), [

@@ -113,19 +113,22 @@ def from_env(settings: DistributedConfig) -> Dist | None:
 _CREATED: list[Any] = []  # the process group lmtune itself joined (a caller's own group is left to the caller)
 
 
-def shutdown(d: Dist | None) -> None:
-    """Leave the process group lmtune joined, all ranks together.
+def shutdown(d: Dist | None, wait: bool = True) -> None:
+    """Leave the process group lmtune joined.
 
-    A barrier first: a rank that destroys the group while a peer is still inside a collective
-    (FSDP2's last gathers, rank 0 writing the result) makes gloo abort that peer. A group the
-    caller created before calling lmtune stays up (a script may train several times in one job).
+    ``wait``: every rank is leaving here (a finished or interrupted run), so they first meet in a
+    barrier: a rank that destroys the group while a peer is still inside a collective (FSDP2's
+    last gathers, rank 0 writing the result) makes gloo abort that peer. A rank leaving on an error
+    of its own does not wait (its peers would not come); destroying the group tells them at once.
+    A group the caller created before calling lmtune stays up (a script may train several times).
     """
     if d is None or not dist.is_initialized() or not _CREATED:
         return
-    try:
-        d.barrier()
-    except DistributedError:  # a peer is gone already: leave anyway, the error that stopped it is reported
-        pass
+    if wait:
+        try:
+            d.barrier()
+        except DistributedError:  # a peer is gone already: leave anyway, the error that stopped it is reported
+            pass
     _CREATED.clear()
     dist.destroy_process_group()
 

@@ -138,10 +138,16 @@ def train(task: Task, settings: TrainConfig, output_dir: Path, device: torch.dev
         Interrupted: SIGINT/SIGTERM arrived; a checkpoint of the finished step was saved.
     """
     ddp = distributed.from_env(settings.distributed)
+    together = False  # whether every rank is leaving at this point (then they wait for each other first)
     try:
-        return _train(task, settings, output_dir, ddp, ddp.device if ddp else (device or torch.device("cpu")), log)
+        summary = _train(task, settings, output_dir, ddp, ddp.device if ddp else (device or torch.device("cpu")), log)
+        together = True
+        return summary
+    except Interrupted:
+        together = True  # the stop flag is summed over ranks: all of them stop after the same step
+        raise
     finally:
-        distributed.shutdown(ddp)  # every rank gets here (collectives keep them in step): none is aborted
+        distributed.shutdown(ddp, wait=together)
 
 
 def _train(task: Task, settings: TrainConfig, output_dir: Path, ddp: distributed.Dist | None, device: torch.device,

@@ -68,6 +68,8 @@ def _runs(tmp: Path, gpt2: Path, llama: Path, corpus: Path) -> dict[str, tuple[l
     """name -> (arguments without batch size and output_dir, global batch)."""
     sft = write_jsonl(tmp / "sft.jsonl", SFT)
     pairs = write_jsonl(tmp / "pairs.jsonl", PAIRS)
+    kto = write_jsonl(tmp / "kto.jsonl", [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
+                                          for p in PAIRS for k in ("chosen", "rejected")])
     topics = write_jsonl(tmp / "topic.jsonl", topic_records(14))
     lora = ["method=lora", "lora.r=4", "lora.dropout=0.1", "train.steps=3", f"data.train={corpus}", f"model={gpt2}"]
     return {
@@ -79,6 +81,7 @@ def _runs(tmp: Path, gpt2: Path, llama: Path, corpus: Path) -> dict[str, tuple[l
         "lora_dropout_fsdp": ([*lora, FSDP], 8),
         "lora_dropout_ddp": ([*lora, "train.distributed.strategy=ddp"], 8),
         "dpo_lora": ([f"model={llama}", f"data.train={pairs}", "method=lora", "lora.r=4", "train.steps=3", FSDP], 4),
+        "kto_lora": ([f"model={llama}", f"data.train={kto}", "method=lora", "lora.r=4", "train.steps=3", FSDP], 4),
         "dpo_full": ([f"model={gpt2}", f"data.train={pairs}", "train.steps=2", FSDP], 4),
         "lora_bf16": ([f"model={llama}", f"data.train={corpus}", "method=lora", "lora.r=4", "train.steps=2",
                        "train.precision=bf16", FSDP], 8),
@@ -117,7 +120,8 @@ def _equal_to_one_process(job, name: str) -> None:
     assert [m["tokens"] for m in _metrics(one)] == [m["tokens"] for m in _metrics(two)]
 
 
-@pytest.mark.parametrize("name", ["freeze_sft", "lora_sft", "qlora_lm", "dpo_lora", "dpo_full", "classify"])
+@pytest.mark.parametrize("name", ["freeze_sft", "lora_sft", "qlora_lm", "dpo_lora", "dpo_full", "kto_lora",
+                                  "classify"])
 def test_fsdp_equals_one_process(job, name):
     _equal_to_one_process(job, name)
 
@@ -144,6 +148,7 @@ def test_bf16_policy_trains_and_saves_fp32_master_weights(job):
     (["method=prompt_tuning"], ["method=prompt_tuning is not supported with train.distributed.strategy=fsdp"]),
     (["train.compile=true"], ["train.compile is not supported with train.distributed.strategy=fsdp"]),
     (["objective=reward"], ["objective=reward is not supported with train.distributed.strategy=fsdp"]),
+    (["objective=ppo"], ["objective=ppo is not supported with train.distributed.strategy=fsdp (its rollouts"]),
 ])
 def test_what_fsdp_cannot_do_is_refused_before_the_model_loads(capsys, gpt2_dir, corpus, tmp_path, args, needles):
     out = tmp_path / "out"

@@ -15,15 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from classify_helpers import topic_records, write_jsonl
 from lmtune.config import load_config
 from lmtune.distributed import RANK_SEED_STRIDE, Dist, rank_seed
-from lmtune.engine import Engine, transformer_blocks
-from lmtune.errors import InputError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 PAIRS = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in [
@@ -120,13 +117,6 @@ def test_classification_equals_one_process(gpt2_dir, tmp_path):
                       8, tmp_path)
 
 
-def test_fsdp_is_refused_before_the_model_loads_until_it_is_finished():
-    from lmtune.engine import check_strategy
-
-    with pytest.raises(InputError, match="strategy=fsdp is not finished"):
-        check_strategy(load_config(train={"distributed": {"strategy": "fsdp"}}))
-
-
 def test_more_ranks_than_examples_is_refused_with_exit_2_and_nothing_written(gpt2_dir, tmp_path):
     data = tmp_path / "one.txt"
     data.write_text("the cat can run .\n")
@@ -136,23 +126,6 @@ def test_more_ranks_than_examples_is_refused_with_exit_2_and_nothing_written(gpt
     assert "exitcode  : 2" in proc.stderr  # each rank exited 2 (torchrun itself reports failure as 1)
     assert not (tmp_path / "out" / "model.safetensors").exists()
     assert not (tmp_path / "out" / "metrics.jsonl").exists() or not (tmp_path / "out" / "metrics.jsonl").read_text()
-
-
-@pytest.mark.parametrize("method", ["qlora", "prompt_tuning"])
-def test_fsdp_refuses_methods_it_cannot_shard(gpt2_dir, method):
-    from lmtune.models.loading import load_causal_lm
-
-    d = Dist(rank=0, world=2, device=torch.device("cpu"), strategy="fsdp")
-    with pytest.raises(InputError, match=f"method={method} is not supported with it: use "
-                                         "train.distributed.strategy=ddp"):
-        Engine(load_causal_lm(gpt2_dir), None, [], d, 25.0, "fp32", method)
-
-
-def test_fsdp_finds_the_transformer_blocks(gpt2_dir):
-    from lmtune.models.loading import load_causal_lm
-
-    model = load_causal_lm(gpt2_dir)
-    assert transformer_blocks(model) == list(model.transformer.h)
 
 
 def test_each_rank_draws_its_own_dropout_stream():

@@ -119,9 +119,12 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> 
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
-def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    loop_state: dict[str, Any], keep: int, task_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer | dict[str, Any], loop_state: dict[str, Any], keep: int,
+                    task_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Atomically write the checkpoint for ``step`` and keep only the newest ``keep``.
+
+    ``optimizer`` is the optimizer or its state dict (FSDP2: gathered to full size, lmtune.fsdp).
 
     Raises:
         CheckpointError: the write failed (disk full, permissions); earlier checkpoints are intact.
@@ -147,10 +150,10 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
     return final
 
 
-def _write_files(tmp: Path, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+def _write_files(tmp: Path, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | dict,
                  loop_state: dict[str, Any], task_tensors: dict[str, torch.Tensor]) -> None:
     """Tensors, then JSON state, then the manifest of both: a manifest means the rest is whole."""
-    opt_tensors, opt_plain = _split_optimizer(optimizer.state_dict())
+    opt_tensors, opt_plain = _split_optimizer(optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
     rng_tensors, rng_meta = rng_state()
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in weights.items()}
     tensors.update(opt_tensors)

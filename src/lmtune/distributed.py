@@ -117,13 +117,23 @@ def from_env(settings: DistributedConfig) -> Dist | None:
     return d
 
 
-def shutdown(d: Dist | None) -> None:
-    """Leave the process group lmtune created (all ranks reach this together: none is aborted mid-collective).
+def shutdown(d: Dist | None, wait: bool = True) -> None:
+    """Leave the process group lmtune joined.
 
-    A group the caller created stays: the caller may run more collectives on it.
+    ``wait``: every rank is leaving here (a finished or interrupted run), so they first meet in a
+    barrier: a rank that destroys the group while a peer is still inside a collective (FSDP2's
+    last gathers, rank 0 writing the result) makes gloo abort that peer. A rank leaving on an error
+    of its own does not wait (its peers would not come); destroying the group tells them at once.
+    A group the caller created before calling lmtune stays up (a script may train several times).
     """
-    if d is not None and d.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+    if d is None or not d.owns_group or not dist.is_initialized():
+        return
+    if wait:
+        try:
+            d.barrier()
+        except DistributedError:  # a peer is gone already: leave anyway, the error that stopped it is reported
+            pass
+    dist.destroy_process_group()
 
 
 def shard(indices: list[T], d: Dist | None) -> list[T]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from lmtune import checkpoint as ckpt
-from lmtune import distributed
+from lmtune import distributed, fsdp
 from lmtune.config import TrainConfig
 from lmtune.engine import Engine
 from lmtune.errors import Interrupted
@@ -180,10 +180,16 @@ def train(task: Task, settings: TrainConfig, output_dir: Path, device: torch.dev
         Interrupted: SIGINT/SIGTERM arrived; a checkpoint of the finished step was saved.
     """
     ddp = distributed.from_env(settings.distributed)
+    together = False  # whether every rank is leaving at this point (then they wait for each other first)
     try:
-        return _train(task, settings, output_dir, ddp, ddp.device if ddp else (device or torch.device("cpu")), log)
+        summary = _train(task, settings, output_dir, ddp, ddp.device if ddp else (device or torch.device("cpu")), log)
+        together = True
+        return summary
+    except Interrupted:
+        together = True  # the stop flag is summed over ranks: all of them stop after the same step
+        raise
     finally:
-        distributed.shutdown(ddp)  # every rank gets here (collectives keep them in step): none is aborted
+        distributed.shutdown(ddp, wait=together)
 
 
 def _train(task: Task, settings: TrainConfig, output_dir: Path, ddp: distributed.Dist | None, device: torch.device,
@@ -199,13 +205,15 @@ def _train(task: Task, settings: TrainConfig, output_dir: Path, ddp: distributed
         distributed.check_data_size(len(source.examples), ddp, "data.train")
     model = task.model = task.model.to(device).train()
     steps = settings.steps or task.batches.total_steps(settings, ddp.world if ddp else 1)
-    engine = Engine(model, task.loss, task.regularizers, ddp, settings.distributed.bucket_mb, settings.precision,
-                    task.summary.get("method"))
+    engine = Engine(model, task.loss, task.regularizers, ddp, settings.distributed.bucket_mb, settings.precision)
+    if engine.sharded:
+        log.say(f"FSDP2: sharded {len(fsdp.transformer_blocks(model))} transformer blocks and the rest of the model "
+                f"over {ddp.world} ranks")
     optimizer = make_optimizer(model, settings, engine.trainable())
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG stays
         # Each rank its own dropout/sampling stream (rank 0: the one-process stream); data order is seeded apart.
         torch.manual_seed(distributed.rank_seed(settings.seed, ddp))
-        state, best = _start(task, settings, optimizer, output_dir, log, ddp)
+        state, best = _start(task, settings, optimizer, output_dir, log, ddp, engine)
         if settings.compile:
             # The loss calls the body (base_model) and the head apart: compile the body, where the time goes.
             getattr(model, "base_model", model).compile()
@@ -229,7 +237,7 @@ def _train(task: Task, settings: TrainConfig, output_dir: Path, ddp: distributed
                     stopping = ddp.sum(stopping)[0] > 0
                     stop.received = stop.received or (signal.SIGTERM if stopping else None)
                 if (settings.save_every and state.step % settings.save_every == 0) or stopping:
-                    _save_checkpoint(task, settings, optimizer, state, output_dir, ddp)
+                    _save_checkpoint(task, settings, optimizer, state, output_dir, ddp, engine)
                 if stopping:
                     log.say(f"received signal {stop.received}: checkpoint saved at step {state.step}; "
                             "continue with train.resume=true")
@@ -243,7 +251,8 @@ def _train(task: Task, settings: TrainConfig, output_dir: Path, ddp: distributed
 
 
 def _start(task: Task, settings: TrainConfig, optimizer: torch.optim.Optimizer, output_dir: Path,
-           log: RunLog, ddp: distributed.Dist | None = None) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
+           log: RunLog, ddp: distributed.Dist | None = None,
+           engine: Engine | None = None) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
     """A fresh state, or the newest good checkpoint's when resuming; evaluators measured before training."""
     ckpt_root = output_dir / "checkpoints"
     state, best = TrainState(), None
@@ -255,8 +264,12 @@ def _start(task: Task, settings: TrainConfig, optimizer: torch.optim.Optimizer, 
     else:
         weights, optim_state, meta = ckpt.load_checkpoint(found)
         ckpt.check_fits(found, trainable_state(task.model), weights, optimizer, optim_state)
-        _load_trainable(task.model, weights, found)
-        optimizer.load_state_dict(optim_state)
+        if engine is not None and engine.sharded:  # full-size tensors in the file, a shard of each on this rank
+            fsdp.load_trainable(task.model, weights)
+            fsdp.load_optimizer(optimizer, optim_state)
+        else:
+            _load_trainable(task.model, weights, found)
+            optimizer.load_state_dict(optim_state)
         state = TrainState(**meta["loop"]["state"])
         ckpt.set_rng_state(meta["rng_tensors"], meta["rng"])
         tensors, batches = _own_batch_state(meta["task_tensors"], meta["loop"]["batches"], ddp, found)
@@ -385,8 +398,16 @@ def _evaluate(task: Task, settings: TrainConfig, device: torch.device, state: Tr
 
 
 def _save_checkpoint(task: Task, settings: TrainConfig, optimizer: torch.optim.Optimizer, state: TrainState,
-                     output_dir: Path, ddp: distributed.Dist | None = None) -> None:
-    """Rank 0 writes the checkpoint; under torchrun it holds every rank's batch source and RNG state."""
+                     output_dir: Path, ddp: distributed.Dist | None = None, engine: Engine | None = None) -> None:
+    """Rank 0 writes the checkpoint; under torchrun it holds every rank's batch source and RNG state.
+
+    Under FSDP2 the weights and optimizer moments are gathered to full size first (every rank
+    joins), so the checkpoint is the one a single process would write.
+    """
+    weights, optim = trainable_state(task.model), optimizer
+    if engine is not None and engine.sharded:
+        weights = fsdp.gather_trainable(task.model, ddp.main)
+        optim = fsdp.gather_optimizer(optimizer, ddp.main)
     tensors, meta = task.batches.state_dict()
     if ddp:  # PPO rollouts and dropout streams differ per rank: keep each rank's
         own = {**{k: v.cpu() for k, v in tensors.items()}, "_rng_torch": torch.get_rng_state()}
@@ -395,7 +416,7 @@ def _save_checkpoint(task: Task, settings: TrainConfig, optimizer: torch.optim.O
         meta = {"per_rank": [m for _, m in every]}
         if not ddp.main:
             return
-    ckpt.save_checkpoint(output_dir / "checkpoints", state.step, trainable_state(task.model), optimizer,
+    ckpt.save_checkpoint(output_dir / "checkpoints", state.step, weights, optim,
                          {"state": dataclasses.asdict(state), "batches": meta}, settings.keep_checkpoints, tensors)
 
 

@@ -4,6 +4,7 @@ Each arm runs ``lmtune``'s own training path (``lmtune.run.run_training``) in a 
 subprocess, so ``ru_maxrss`` is that arm's peak alone:
 
 - ``lora-fp32``: LoRA on the fp32 base (lmtune's default loading);
+- ``lora-freeheap``: ``lora-fp32`` with the malloc setting a qlora run makes (what NF4 alone saves);
 - ``lora-bf16``: LoRA on the base loaded in bf16 (adapters stay fp32);
 - ``lora-nf4base``: LoRA on the fp32 base whose quantized linear weights were round-tripped
   through NF4 first (the same numbers QLoRA computes with, held in fp32): QLoRA's loss oracle;
@@ -35,7 +36,6 @@ import importlib
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,9 +44,15 @@ from pathlib import Path
 
 THREADS = "1"  # 2 OpenMP threads on a 2-core machine shared by ~8 jobs spin-wait: 10x slower
 EVAL_LINES = 48
-ARMS = ("lora-fp32", "lora-bf16", "lora-nf4base", "qlora", "qlora-keepheap", "qlora-trim")
+ARMS = ("lora-fp32", "lora-freeheap", "lora-bf16", "lora-nf4base", "qlora", "qlora-keepheap", "qlora-trim")
 DEFAULT_ARMS = "lora-fp32,lora-nf4base,qlora"
 HERE = Path(__file__).resolve().parent
+
+
+def peak_mb() -> float:
+    """This process's own peak resident set in MB (``VmHWM``: ``ru_maxrss`` would include the parent's peak)."""
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024
 
 
 def rss_mb() -> float:
@@ -172,6 +178,8 @@ def run_arm(arm: str, base: Path, out: Path, steps: int, lr: float) -> dict:
         return out
 
     train_module.accumulate_gradients = measured
+    if arm == "lora-freeheap":
+        allocator.return_large_frees()
     if arm == "qlora-keepheap":  # glibc's defaults: the run leaves the thresholds alone
         allocator.return_large_frees = lambda: False
     if arm == "qlora-trim":  # thresholds left alone; the free heap handed back after every step instead
@@ -195,7 +203,7 @@ def run_arm(arm: str, base: Path, out: Path, steps: int, lr: float) -> dict:
     summary = run_module.run_training(cfg, log=RunLog(out, quiet=True, tensorboard=False)).summary
     step_s = summary["tokens_trained"] / summary["tokens_per_second"] / summary["steps"]
     steady = sorted(after_step[1:] or after_step)
-    return {"arm": arm, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"arm": arm, "peak_rss_mb": peak_mb(),
             "steady_rss_mb": steady[len(steady) // 2], "predicted_peak_mb": summary.get("predicted_peak_mb"),
             "weights_rss_mb": loaded["weights_rss_mb"], "eval_loss": summary["eval_loss"],
             "base_eval_loss": loaded["base_eval_loss"],
@@ -298,13 +306,14 @@ def header(command: str, steps: int, lr: float) -> str:
         f"Every arm: LoRA r=16, alpha=32 on all linear layers; lr {lr:g} constant; batch 8 × ≤64 tokens; {steps} "
         f"steps; train.seed 0; shipped questions (train) and the first {EVAL_LINES} of questions_eval (eval).", "",
         "RSS includes Python, torch and transformers. Steady = median RSS after each step's forward/backward from "
-        "step 2 on; peak = `ru_maxrss` of the arm's own process; predicted = summary.json `predicted_peak_mb` (what "
-        "`lmtune inspect` predicts). 'weights in RSS' is what loading added after touching every weight once. Eval "
-        "loss before = the untrained model (adapter B = 0) on the eval lines. lora-nf4base: LoRA on the fp32 base "
-        "whose quantized weights were round-tripped through NF4 (QLoRA's numbers in fp32). qlora: lmtune as shipped "
-        "(a qlora run fixes glibc's mmap and trim thresholds at 128 KiB, `lmtune.allocator`); qlora-keepheap: "
-        "without that; qlora-trim: `malloc_trim(0)` after every optimizer step instead. Step times: one run each "
-        "on a contended machine; ratios are within one run.",
+        "step 2 on; peak = `VmHWM` of the arm's own process (not `ru_maxrss`, which carries the parent's peak); "
+        "predicted = summary.json `predicted_peak_mb` (what `lmtune inspect` predicts). 'weights in RSS' is what "
+        "loading added after touching every weight once. Eval loss before = the untrained model (adapter B = 0) on "
+        "the eval lines. lora-nf4base: LoRA on the fp32 base whose quantized weights were round-tripped through "
+        "NF4 (QLoRA's numbers in fp32). qlora: lmtune as shipped (a qlora run fixes glibc's mmap and trim "
+        "thresholds at 128 KiB, `lmtune.allocator`); qlora-keepheap: without that; lora-freeheap: LoRA with that "
+        "setting too; qlora-trim: `malloc_trim(0)` after every optimizer step instead. Step times: one run each on "
+        "a contended machine; ratios are within one run.",
         ""]) + "\n"
 
 

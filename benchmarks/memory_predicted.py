@@ -106,7 +106,7 @@ def header(command: str) -> str:
         f"CPU flags: {' '.join(shown) or 'none of avx2/avx512'} (no avx512_bf16/AMX unless listed)  ",
         f"Versions: Python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}  ",
-        "Peak = `ru_maxrss` of the arm's own fresh process (summary.json `peak_rss_mb`); predicted = summary.json "
+        "Peak = `VmHWM` of the arm's own fresh process (summary.json `peak_rss_mb`); predicted = summary.json "
         "`predicted_peak_mb`, the number `lmtune inspect` prints for the same config. Step times come from one "
         "run each on a contended machine: compare within a table only.", ""]) + "\n"
 

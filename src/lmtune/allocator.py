@@ -3,13 +3,15 @@
 glibc keeps freed heap memory mapped for reuse, and its mmap threshold is *dynamic*: once a large
 block (an activation, a gradient, a dequantized row block) has been freed, blocks up to that size
 come from the heap from then on, and the heap never shrinks below its highest live chunk. A QLoRA
-run allocates and frees such blocks in every forward and backward, so its resident set stayed
-~70 MB above what NF4 saves on a 150M Llama (benchmarks/QLORA.md, before this module).
+run allocates and frees such blocks in every forward and backward (and many more while streaming
+the weights into NF4): without this module SmolLM2-135M's QLoRA run held 969 MB steady and peaked
+at 1,930 MB, 635 MB above LoRA's peak; with it, 702 MB and 856 MB (benchmarks/QLORA.md).
 
 :func:`return_large_frees` fixes the thresholds instead (``mallopt``): every allocation of
 :data:`LARGE` bytes or more is its own ``mmap`` and goes back to the OS when freed, and the heap's
 free top is trimmed beyond :data:`LARGE`. The cost is fresh pages (faults) for each large
-allocation; benchmarks/QLORA.md measures both effects. It is what setting
+allocation; on the contended benchmark machine its effect on step time was lost in the noise
+(0.5–3.5× across runs). ``malloc_trim`` after every step instead kept more (906 MB steady). It is what setting
 ``MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072`` in the environment does, applied
 by lmtune at the start of a ``method=qlora`` run so users need not know. The setting is
 process-wide and stays for the process (glibc cannot be asked for its old thresholds); it changes

@@ -95,15 +95,18 @@ def header(command: str) -> str:
     info = open("/proc/cpuinfo").read()
     cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
     flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags]
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout
     return "\n".join([
         "# Memory: predicted vs measured, and gradient checkpointing", "",
         f"Command: `{command}`  ",
-        f"Machine: {cpu}, {os.cpu_count()} cores shared with ~8 other engineers' jobs, {THREADS} threads per arm; "
+        f"Commit: {rev.strip()}  ",
+        f"Machine: {cpu}, {os.cpu_count()} cores shared with ~8 other sessions' jobs (contended), "
+        f"{THREADS} thread per arm; "
         f"CPU flags: {' '.join(shown) or 'none of avx2/avx512'} (no avx512_bf16/AMX unless listed)  ",
         f"Versions: Python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}  ",
-        "Peak = `ru_maxrss` of the arm's own fresh process (summary.json `peak_rss_mb`); predicted = summary.json "
+        "Peak = `VmHWM` of the arm's own fresh process (summary.json `peak_rss_mb`); predicted = summary.json "
         "`predicted_peak_mb`, the number `lmtune inspect` prints for the same config. Step times come from one "
         "run each on a contended machine: compare within a table only.", ""]) + "\n"
 
@@ -135,8 +138,9 @@ def checkpointing_table(tmp: Path, steps: int) -> str:
     rows = [f"## Gradient checkpointing: LoRA (all-linear, r=8) on a {n / 1e6:.0f}M Llama (12 layers, d=384), "
             "batch 1, fp32", "",
             "| tokens | plain peak (MB) | checkpointed peak (MB) | memory ratio | plain step (s) "
-            "| checkpointed step (s) | time ratio | predicted plain / checkpointed (MB) |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "| checkpointed step (s) | time ratio | predicted plain / checkpointed (MB) "
+            "| predicted / measured, plain / checkpointed |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for tokens in (512, 1024, 2048):
         data = long_text(tmp, tokens)
         got = {}
@@ -147,12 +151,14 @@ def checkpointing_table(tmp: Path, steps: int) -> str:
             print(json.dumps({"tokens": tokens, "checkpointing": ckpt, **got[ckpt]}), flush=True)
         a, b = got[False], got[True]
         if "failed" in a or "failed" in b:
-            rows.append(f"| {tokens} | failed: {a.get('failed') or b.get('failed')} | | | | | | |")
+            rows.append(f"| {tokens} | failed: {a.get('failed') or b.get('failed')} | | | | | | | |")
             continue
         rows.append(f"| {tokens} | {a['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} | "
                     f"{b['peak_rss_mb'] / a['peak_rss_mb']:.2f} | "
                     f"{a['step_s']:.2f} | {b['step_s']:.2f} | {b['step_s'] / a['step_s']:.2f} | "
-                    f"{a['predicted_peak_mb']:.0f} / {b['predicted_peak_mb']:.0f} |")
+                    f"{a['predicted_peak_mb']:.0f} / {b['predicted_peak_mb']:.0f} | "
+                    f"{a['predicted_peak_mb'] / a['peak_rss_mb']:.2f} / "
+                    f"{b['predicted_peak_mb'] / b['peak_rss_mb']:.2f} |")
     return "\n".join(rows) + "\n"
 
 
@@ -160,6 +166,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)  # step time: steps after the first
     parser.add_argument("--tables", default="predicted,checkpointing")
+    parser.add_argument("--report", default=str(HERE / "MEMORY.md"), help="where the markdown goes")
     parser.add_argument("--arm")
     args = parser.parse_args()
     if args.arm:
@@ -171,7 +178,7 @@ def main() -> None:
         for name in args.tables.split(","):
             build = {"predicted": predicted_table, "checkpointing": checkpointing_table}[name]
             report += "\n" + build(Path(tmp), args.steps)
-            (HERE / "MEMORY.md").write_text(report, encoding="utf-8")
+            Path(args.report).write_text(report, encoding="utf-8")
     print(report)
 
 

@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "lmtune"
 
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("errors", "config", "distributed", "runlog", "metrics", "checkpoint", "env")),
+    ("base", ("errors", "config", "distributed", "runlog", "metrics", "checkpoint", "env", "allocator")),
     ("data", ("data", "assets")),
     ("models", ("models", "quant", "frozen_matmul", "recompute", "generate")),
     ("methods", ("methods",)),

@@ -16,14 +16,17 @@ in :func:`nf4_nbytes`. ``quant.double_quant=false`` keeps one fp32 scale per blo
 
 Training never holds a dense copy of a weight. :func:`linear_4bit` is an autograd Function that
 dequantizes a few rows at a time (at most :data:`DEQUANT_BLOCK` numbers) and multiplies them in
-forward, and again in backward for the input gradient; nothing but the 4-bit weight is kept for
-backward. Dequantizing the whole weight (torchao's path) made every forward and backward allocate
-and free a full-precision matrix per layer, and the allocator kept them: a QLoRA run's resident
-set was barely below LoRA's.
+forward, and again in backward for the input gradient, into a few scratch buffers
+(:class:`Scratch`) that every layer reuses; nothing but the 4-bit weight is kept for backward.
+Dequantizing the whole weight (torchao's path) made every forward and backward allocate and free
+a full-precision matrix per layer, and the allocator kept them: a QLoRA run's resident set was
+barely below LoRA's. (What glibc still keeps of the other temporaries, activations and
+gradients, ``lmtune.allocator`` hands back.)
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -112,23 +115,42 @@ class NF4Weight(nn.Module):
     def device(self) -> torch.device:
         return self.codes.device
 
-    def block_scales(self, start: int, stop: int) -> torch.Tensor:
-        """The fp32 scales of blocks ``start:stop``."""
-        s = self.scales[start:stop]
+    def block_scales(self, start: int, stop: int, scratch: Scratch | None = None) -> torch.Tensor:
+        """The fp32 scales of blocks ``start:stop`` (in a ``scratch`` buffer when given)."""
+        scratch = scratch or Scratch()
         if not self.double_quant:
-            return s
-        group = torch.arange(start, stop, device=s.device) // SCALER_BLOCK  # (stop-start,)
-        return s.float() / self.factor[group] + self.mean  # (stop-start,)
+            return self.scales[start:stop]
+        # Whole scaler groups around the range, so each group divides by its factor as a view.
+        lo = start // SCALER_BLOCK * SCALER_BLOCK
+        hi = min(-(-stop // SCALER_BLOCK) * SCALER_BLOCK, self.scales.numel())
+        s = scratch.get("scales", hi - lo, torch.float32, self.device).copy_(self.scales[lo:hi])  # int8 -> fp32
+        full, g0 = (hi - lo) // SCALER_BLOCK, lo // SCALER_BLOCK
+        s[:full * SCALER_BLOCK].view(full, SCALER_BLOCK).div_(self.factor[g0:g0 + full].unsqueeze(-1))
+        if full * SCALER_BLOCK < hi - lo:  # the model's last, partial group
+            s[full * SCALER_BLOCK:].div_(self.factor[g0 + full])
+        return s.add_(self.mean)[start - lo:stop - lo]  # (stop-start,)
 
-    def rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Rows ``start:stop`` of the dense weight, ``(stop-start, cols)``, decoding only the blocks they touch."""
+    def rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32,
+             scratch: Scratch | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of the dense weight, ``(stop-start, cols)``, decoding only the blocks they touch.
+
+        With ``scratch`` the result lives in its reused buffers: valid until the next call with the
+        same scratch. Without, in fresh memory of its own.
+        """
+        scratch = scratch or Scratch()
         cols, unit = self.shape[1], max(self.block_size, 2)
         first, last = start * cols, stop * cols  # element range wanted
         lo, hi = first // unit * unit, -(-last // unit) * unit  # widened to whole blocks (and bytes)
-        values = F.embedding(self.codes[lo // 2:hi // 2].int(), self.pairs)  # (n/2, 2)
-        scales = self.block_scales(lo // self.block_size, hi // self.block_size)  # (blocks,)
+        n_bytes = (hi - lo) // 2
+        idx = scratch.get("codes", n_bytes, torch.int32, self.device).copy_(self.codes[lo // 2:hi // 2])
+        values = scratch.get("values", hi - lo, torch.float32, self.device).view(n_bytes, 2)
+        torch.index_select(self.pairs, 0, idx, out=values)  # (n/2, 2): byte -> its two levels
+        scales = self.block_scales(lo // self.block_size, hi // self.block_size, scratch)  # (blocks,)
         scaled = values.view(-1, self.block_size).mul_(scales.unsqueeze(-1))  # (blocks, block), in place
-        return scaled.view(-1)[first - lo:last - lo].view(stop - start, cols).to(dtype)
+        dense = scaled.view(-1)[first - lo:last - lo].view(stop - start, cols)
+        if dtype == torch.float32:
+            return dense
+        return scratch.get("cast", dense.numel(), dtype, self.device).view_as(dense).copy_(dense)
 
     def row_blocks(self) -> Iterator[tuple[int, int]]:
         """Row ranges of at most :data:`DEQUANT_BLOCK` weights each (one row when a row is longer)."""
@@ -147,11 +169,49 @@ class NF4Weight(nn.Module):
         return sum(t.numel() * t.element_size() for t in held)
 
 
+class Scratch(threading.local):
+    """Reusable dequantization buffers, one per role and dtype, grown to the largest block asked for.
+
+    One row block of any NF4 weight is decoded into the same few buffers, so the temporaries of a
+    whole forward and backward are a few MB that stay put, instead of thousands of fresh
+    allocations of a row block each (which the allocator kept around: benchmarks/QLORA.md).
+    Thread-local: autograd may run backward on another thread than forward (CUDA).
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, role: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A 1-D tensor of ``numel`` elements, reused from the last request for ``role``."""
+        key = (role, dtype, device)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+    def nbytes(self) -> int:
+        """Bytes the buffers hold."""
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+
+SCRATCH = Scratch()  # what linear_4bit decodes into (per thread)
+
+
+def _block_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = x @ wᵀ``, into ``out`` directly when it is a whole tensor, else via a reused buffer."""
+    if out.is_contiguous():
+        torch.mm(x, w.t(), out=out)
+        return
+    tmp = SCRATCH.get("product", out.numel(), out.dtype, out.device).view(out.shape)
+    torch.mm(x, w.t(), out=tmp)
+    out.copy_(tmp)
+
+
 class _Linear4bit(torch.autograd.Function):
     """``x @ Wᵀ`` with ``W`` decoded a block of rows at a time, in forward and again in backward.
 
     Only the 4-bit weight is kept for backward (``W`` is frozen: no weight gradient, and so no need
-    to save ``x``). At most one block of rows is dense at any moment.
+    to save ``x``). At most one block of rows is dense at any moment, in :data:`SCRATCH`.
     """
 
     @staticmethod
@@ -162,7 +222,7 @@ class _Linear4bit(torch.autograd.Function):
         out = flat.new_empty(flat.shape[0], q.shape[0])  # (M, d_out)
         with torch.autocast(x.device.type, enabled=False):
             for start, stop in q.row_blocks():
-                out[:, start:stop] = flat @ q.rows(start, stop, dtype).t()  # (M, rows)
+                _block_matmul(flat, q.rows(start, stop, dtype, SCRATCH), out[:, start:stop])  # (M, rows)
         return out.view(*x.shape[:-1], q.shape[0])
 
     @staticmethod
@@ -171,7 +231,7 @@ class _Linear4bit(torch.autograd.Function):
         g = grad_out.reshape(-1, q.shape[0])  # (M, d_out)
         grad_x = g.new_zeros(g.shape[0], q.shape[1])  # (M, d_in)
         for start, stop in q.row_blocks():
-            grad_x.addmm_(g[:, start:stop], q.rows(start, stop, g.dtype))  # (M, rows) @ (rows, d_in)
+            grad_x.addmm_(g[:, start:stop], q.rows(start, stop, g.dtype, SCRATCH))  # (M, rows) @ (rows, d_in)
         return grad_x.view(*grad_out.shape[:-1], q.shape[1]).to(ctx.x_dtype), None
 
 

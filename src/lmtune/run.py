@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from lmtune import allocator
 from lmtune.config import KEYS, RunConfig
 from lmtune.data.readers import Record, read_records
 from lmtune.distributed import pick_device
@@ -219,6 +220,8 @@ def run_training(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokeni
     """
     from transformers import PreTrainedModel  # noqa: F401  (~150 MB every run holds: inside the baseline)
 
+    if cfg.method == "qlora":  # its point is a small resident set: glibc must not keep freed temporaries
+        allocator.return_large_frees()
     baseline = current_rss_bytes()  # before the model loads: Python, torch, transformers, lmtune
     with lock_output_dir(check_output_dir(cfg.output_dir, cfg.train.resume)):  # one process per output_dir
         task, ctx = prepare(cfg, log, model, tokenizer, train_records, eval_records, show_example)

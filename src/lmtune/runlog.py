@@ -14,8 +14,21 @@ from typing import Any
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process in MB: Linux's ``VmHWM``, else ``ru_maxrss``.
+
+    ``ru_maxrss`` is not this program's alone on Linux: a process started by ``fork``/``exec``
+    inherits its parent's high-water mark as a floor (a benchmark driver that built a 1 GB model
+    made every run it started report a peak of at least 1 GB). ``VmHWM`` belongs to the process's
+    own address space, which ``exec`` starts afresh.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

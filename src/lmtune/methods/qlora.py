@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from lmtune import allocator
 from lmtune.config import LoraConfig, QuantConfig
 from lmtune.errors import InputError
 from lmtune.methods import lora
@@ -159,25 +160,8 @@ def load_quantized(folder: Path, quant: QuantConfig, trust_remote_code: bool = F
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise InputError(f"{folder}: no weights for {', '.join(left[:5])} in its safetensors files")
-    _release_freed_memory()
+    allocator.trim()  # quantizing's temporaries (distances to the 16 levels) are freed: hand them back
     return model.eval()  # as from_pretrained returns it
-
-
-def _release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc only; a no-op elsewhere).
-
-    Quantizing allocates large temporaries (torchao compares each weight with all 16 levels);
-    glibc keeps freed heap pages mapped, so without this the process would go on holding a
-    quantization's worth of scratch memory: measured +150 MB resident on a 61M model.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
 
 
 def apply(model: Any, tokenizer: Any, base_folder: Path, lora_section: LoraConfig, quant: QuantConfig,

@@ -86,6 +86,12 @@ def _runs(tmp: Path, gpt2: Path, llama: Path, corpus: Path) -> dict[str, tuple[l
         "lora_bf16": ([f"model={llama}", f"data.train={corpus}", "method=lora", "lora.r=4", "train.steps=2",
                        "train.precision=bf16", FSDP], 8),
         "classify": ([f"model={gpt2}", f"data.train={topics}", "objective=classify", "train.steps=3", FSDP], 8),
+        # center_coef > 0 for the reason tests/test_distributed2.py gives: without it GPT-2's final norm
+        # bias gets an exactly-zero gradient, whose rounding noise Adam would scale up to ±lr.
+        "reward_full": ([f"model={gpt2}", "objective=reward", f"data.train={pairs}", "reward.center_coef=0.01",
+                         "train.steps=2", FSDP], 4),
+        "reward_lora": ([f"model={llama}", "objective=reward", f"data.train={pairs}", "method=lora", "lora.r=4",
+                         "train.steps=3", FSDP], 4),
     }
 
 
@@ -121,7 +127,7 @@ def _equal_to_one_process(job, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["freeze_sft", "lora_sft", "qlora_lm", "dpo_lora", "dpo_full", "kto_lora",
-                                  "classify"])
+                                  "classify", "reward_full", "reward_lora"])
 def test_fsdp_equals_one_process(job, name):
     _equal_to_one_process(job, name)
 
@@ -147,11 +153,14 @@ def test_bf16_policy_trains_and_saves_fp32_master_weights(job):
 @pytest.mark.parametrize(("args", "needles"), [
     (["method=prompt_tuning"], ["method=prompt_tuning is not supported with train.distributed.strategy=fsdp"]),
     (["train.compile=true"], ["train.compile is not supported with train.distributed.strategy=fsdp"]),
-    (["objective=reward"], ["objective=reward is not supported with train.distributed.strategy=fsdp"]),
+    (["objective=grpo"], ["objective=grpo is not supported with train.distributed.strategy=fsdp (its rollouts"]),
     (["objective=ppo"], ["objective=ppo is not supported with train.distributed.strategy=fsdp (its rollouts"]),
+    (["objective=reward", "data.eval={corpus}"], ["data.eval is not supported with train.distributed.strategy=fsdp "
+                                                  "(eval accuracy runs the model outside the sharded loss)"]),
 ])
 def test_what_fsdp_cannot_do_is_refused_before_the_model_loads(capsys, gpt2_dir, corpus, tmp_path, args, needles):
     out = tmp_path / "out"
+    args = [a.format(corpus=corpus) for a in args]
     fails(capsys, ["train", f"model={gpt2_dir}", f"data.train={corpus}", f"output_dir={out}", FSDP, *args],
           *needles, "use train.distributed.strategy=ddp")
     assert not out.exists() or not any(out.iterdir())

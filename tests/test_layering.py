@@ -22,7 +22,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # models/heads.py loads adapters (methods) to run a saved classifier: by what it imports it sits
     # with the classify objective, and moving it to objectives/ would say so (left for a later change).
     ("objectives", ("objectives", "regularize", "models.heads")),
-    ("loop", ("engine", "fsdp", "train", "rundir", "runrecord", "run", "footprint", "pretrain")),
+    ("loop", ("engine", "fsdp", "progress", "evaluation_loop", "resume", "train", "rundir", "runrecord", "run",
+              "footprint", "pretrain")),
     ("api", ("__init__", "api", "evaluate", "demo", "compile", "export")),
     ("cli", ("cli", "__main__")),
 ]

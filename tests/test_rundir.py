@@ -132,11 +132,10 @@ def test_resume_with_more_steps_is_allowed_logged_and_exact(stopped, gpt2_dir, c
 
 def test_resume_after_early_stopping_is_refused_and_keeps_the_best_weights(gpt2_dir, corpus, eval_corpus, tmp_path,
                                                                            capsys, monkeypatch):
-    import importlib
+    from lmtune import evaluation_loop
 
-    loop = importlib.import_module("lmtune.train")  # the module: ``lmtune.train`` is the API function
     losses = iter([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])  # best at step 1, worse from then on
-    monkeypatch.setattr(loop, "evaluate_loss", lambda *a, **k: next(losses))
+    monkeypatch.setattr(evaluation_loop, "evaluate_loss", lambda *a, **k: next(losses))
     out = tmp_path / "out"
     args = train(gpt2_dir, corpus, out, f"data.eval={eval_corpus}", "train.eval_every=1", "train.patience=1",
                  "train.save_every=1", "train.steps=6")

@@ -15,6 +15,8 @@ wrapped:
   root (embeddings, final norm, head). Each rank keeps 1/N of every weight, gradient and
   Adam moment; frozen bases (LoRA) are sharded too, adapters train. ``train.precision=bf16``
   becomes the mixed-precision policy (bf16 compute, fp32 gradient reduction and master weights).
+
+``to_device`` and ``autocast`` are how a batch reaches that forward, in training steps and in evaluation alike.
 """
 
 from __future__ import annotations
@@ -108,3 +110,15 @@ class Engine:
         if self.sharded:
             fsdp.unwrap(self.module)
             self.wrapped = self.module
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast (fast on avx512_bf16 CPUs and GPUs) or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on ``device`` (counts and flags stay as they are)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

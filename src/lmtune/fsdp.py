@@ -30,10 +30,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from lmtune.errors import InputError
 
 METHODS = ("full", "freeze", "lora", "qlora")  # their trainable weights are plain floating-point tensors
-OBJECTIVES = ("lm", "sft", "dpo", "kto", "classify")  # each proven equal to one process (tests/test_fsdp.py)
+OBJECTIVES = ("lm", "sft", "dpo", "kto", "classify", "reward")  # each proven equal to one process (tests/test_fsdp.py)
 _WHY_NOT = {"ppo": "its rollouts generate with the model outside the sharded loss",
-            "grpo": "its rollouts generate with the model outside the sharded loss",
-            "reward": "a reward model trained under fsdp is not yet shown equal to one process"}
+            "grpo": "its rollouts generate with the model outside the sharded loss"}
 _FIX = "use train.distributed.strategy=ddp"
 
 
@@ -58,7 +57,7 @@ def check_config(cfg: Any) -> None:
         "regularize.l2_init": (cfg.regularize.l2_init, "the penalty compares sharded weights with full ones"),
         "dpo.precompute_ref": (cfg.dpo.precompute_ref, "it runs the policy outside the sharded loss"),
     }
-    if cfg.objective == "classify":  # the accuracy evaluator calls the model outside the sharded loss
+    if cfg.objective in ("classify", "reward"):  # their accuracy evaluators call the model outside the sharded loss
         blocked["data.eval"] = (cfg.data.eval, "eval accuracy runs the model outside the sharded loss")
     for name, (value, why) in blocked.items():
         if value:

@@ -8,13 +8,10 @@ gets saved); ``settings`` is the run's ``train`` section.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import datetime
 import math
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,32 +20,14 @@ import torch
 from lmtune import checkpoint as ckpt
 from lmtune import distributed, fsdp
 from lmtune.config import TrainConfig
-from lmtune.engine import Engine
+from lmtune.engine import Engine, autocast, to_device
 from lmtune.errors import Interrupted
+from lmtune.evaluation_loop import eval_and_keep_best, measure
 from lmtune.models.loading import param_counts
 from lmtune.objectives.task import Task, TrainingError
-from lmtune.runlog import RunLog, clock_time, peak_rss_mb
-
-
-@dataclass
-class TrainState:
-    """Everything about the loop's progress that a checkpoint saves and a resume restores."""
-
-    step: int = 0
-    tokens: int = 0  # loss-carrying tokens (the objective's ``num_tokens``)
-    input_tokens: int = 0  # every non-padding token the trained model read
-    elapsed_s: float = 0.0  # wall time of the loop, summed over the run's processes (a resume continues it)
-    last_loss: float | None = None
-    eval_loss: float | None = None
-    best_eval: float | None = None  # early stopping: the best eval loss so far, and how many since
-    bad_evals: int = 0
-    stopped_early_at: int | None = None  # a resume of a run early stopping ended is refused (lmtune.runrecord)
-    before: dict[str, float] = dataclasses.field(default_factory=dict)  # evaluators' metrics before training
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train, by name (what checkpoints and early stopping keep)."""
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+from lmtune.progress import Clock, TrainState, throughput_line
+from lmtune.resume import load_trainable, save_loop_checkpoint, start_or_resume
+from lmtune.runlog import RunLog, peak_rss_mb
 
 
 def make_optimizer(model: torch.nn.Module, settings: TrainConfig,
@@ -75,17 +54,6 @@ def lr_at(step: int, settings: TrainConfig, total: int) -> float:
     return peak
 
 
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast (fast on avx512_bf16 CPUs and GPUs) or nothing for fp32."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def input_tokens(batch: dict[str, Any]) -> int:
     """Non-padding tokens the trained model reads in ``batch`` (prompts included, loss or not).
 
@@ -96,52 +64,6 @@ def input_tokens(batch: dict[str, Any]) -> int:
         return int(batch["num_input_tokens"])
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-
-
-def measure(evaluators: dict[str, Any], model: torch.nn.Module) -> dict[str, float]:
-    """Every evaluator's metrics: one that returns a number is named by its key, a dict by its own keys."""
-    out: dict[str, float] = {}
-    for name, fn in evaluators.items():
-        value = fn(model)
-        out.update(value if isinstance(value, dict) else {name: value})
-    return out
-
-
-@torch.no_grad()
-def evaluate_loss(task: Task, settings: TrainConfig, device: torch.device, engine: Engine | None = None) -> float:
-    """Mean loss per loss unit over the task's eval examples (token-weighted for LM objectives).
-
-    Under torchrun each eval batch of ``batch_size × world`` examples is split across the ranks
-    (through ``engine``, so FSDP2 gathers weights) and the sums are reduced: no example is
-    evaluated twice. A rank with no share of a batch runs a zero-weight stand-in, so every rank
-    makes the same forward calls.
-    """
-    ddp = engine.dist if engine is not None else None
-    was_training = task.model.training
-    task.model.eval()
-    world = ddp.world if ddp else 1
-    total, units, bs, examples = 0.0, 0, settings.batch_size * world, task.eval_examples
-    with autocast(settings.precision, device):
-        for start in range(0, len(examples), bs):
-            mine = distributed.shard(examples[start:start + bs], ddp)
-            batch = to_device(task.batches.collate(mine or examples[start:start + 1]), device)
-            loss_sum = engine(batch, False)[0] if engine else task.loss(task.model, batch)[0]
-            if mine:
-                total += float(loss_sum)
-                units += batch["num_loss_tokens"]
-    if ddp:
-        total, units = ddp.sum(total, units)
-    task.model.train(was_training)
-    return total / max(units, 1)
-
-
-def throughput_line(summary: dict[str, Any]) -> str:
-    """The end-of-run line: steps, elapsed time, input tokens per second next to loss-carrying ones."""
-    line = f"trained {summary['steps']} steps in {clock_time(summary['elapsed_s'])}"
-    if summary["input_tokens_per_second"] is not None:
-        line += (f" | {summary['input_tokens_per_second']:,.0f} input tok/s "
-                 f"({summary['tokens_per_second']:,.0f} loss-carrying tok/s)")
-    return line
 
 
 class _StopSignal:
@@ -213,11 +135,11 @@ def _train(task: Task, settings: TrainConfig, output_dir: Path, ddp: distributed
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG stays
         # Each rank its own dropout/sampling stream (rank 0: the one-process stream); data order is seeded apart.
         torch.manual_seed(distributed.rank_seed(settings.seed, ddp))
-        state, best = _start(task, settings, optimizer, output_dir, log, ddp, engine)
+        state, best = start_or_resume(task, settings, optimizer, output_dir, log, ddp, engine)
         if settings.compile:
             # The loss calls the body (base_model) and the head apart: compile the body, where the time goes.
             getattr(model, "base_model", model).compile()
-        clock = _Clock(state)
+        clock = Clock(state)
         with _StopSignal() as stop, log.progress(steps, state.step) as bar:
             while state.step < steps:
                 clock.start()
@@ -225,8 +147,8 @@ def _train(task: Task, settings: TrainConfig, output_dir: Path, ddp: distributed
                 clock.stop(state)
                 stop_early = False
                 if _due(state.step, settings.eval_every, steps):
-                    stop_early, best = _evaluate(task, settings, device, state, record, best,
-                                                 output_dir if main else None, engine)
+                    stop_early, best = eval_and_keep_best(task, settings, device, state, record, best,
+                                                         output_dir if main else None, engine)
                 state.elapsed_s = record["elapsed_s"] = clock.elapsed()  # saved with the checkpoint below
                 record["time"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
                 if state.step % settings.log_every == 0 or state.step in (1, steps) or "eval_loss" in record:
@@ -237,7 +159,7 @@ def _train(task: Task, settings: TrainConfig, output_dir: Path, ddp: distributed
                     stopping = ddp.sum(stopping)[0] > 0
                     stop.received = stop.received or (signal.SIGTERM if stopping else None)
                 if (settings.save_every and state.step % settings.save_every == 0) or stopping:
-                    _save_checkpoint(task, settings, optimizer, state, output_dir, ddp, engine)
+                    save_loop_checkpoint(task, settings, optimizer, state, output_dir, ddp, engine)
                 if stopping:
                     log.say(f"received signal {stop.received}: checkpoint saved at step {state.step}; "
                             "continue with train.resume=true")
@@ -248,41 +170,6 @@ def _train(task: Task, settings: TrainConfig, output_dir: Path, ddp: distributed
                             f"{settings.patience} evaluations")
                     break
         return _finish(task, state, best, clock, output_dir, log, main, ddp, engine)
-
-
-def _start(task: Task, settings: TrainConfig, optimizer: torch.optim.Optimizer, output_dir: Path,
-           log: RunLog, ddp: distributed.Dist | None = None,
-           engine: Engine | None = None) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
-    """A fresh state, or the newest good checkpoint's when resuming; evaluators measured before training."""
-    ckpt_root = output_dir / "checkpoints"
-    state, best = TrainState(), None
-    found = ckpt.latest_good(ckpt_root, warn=log.say) if settings.resume else None
-    if found is None:
-        log.truncate_after(0)  # starting at step 0: drop records an earlier killed or failed attempt left
-        if settings.resume:
-            log.say(f"no usable checkpoint in {ckpt_root}; starting from step 0")
-    else:
-        weights, optim_state, meta = ckpt.load_checkpoint(found)
-        ckpt.check_fits(found, trainable_state(task.model), weights, optimizer, optim_state)
-        if engine is not None and engine.sharded:  # full-size tensors in the file, a shard of each on this rank
-            fsdp.load_trainable(task.model, weights)
-            fsdp.load_optimizer(optimizer, optim_state)
-        else:
-            _load_trainable(task.model, weights, found)
-            optimizer.load_state_dict(optim_state)
-        state = TrainState(**meta["loop"]["state"])
-        ckpt.set_rng_state(meta["rng_tensors"], meta["rng"])
-        tensors, batches = _own_batch_state(meta["task_tensors"], meta["loop"]["batches"], ddp, found)
-        task.batches.load_state_dict(tensors, batches)
-        if state.best_eval is not None and (output_dir / "best.safetensors").exists():
-            from safetensors.torch import load_file
-
-            best = load_file(output_dir / "best.safetensors")
-        log.truncate_after(state.step)
-        log.say(f"resumed from {found} at step {state.step}")
-    if task.evaluators and not state.before:  # a resume keeps the first process's "before"
-        state.before = measure(task.evaluators, task.model)
-    return state, best
 
 
 def _optimizer_step(task: Task, settings: TrainConfig, optimizer: torch.optim.Optimizer, state: TrainState,
@@ -373,106 +260,7 @@ def _due(step: int, every: int, total: int) -> bool:
     return (every > 0 and step % every == 0) or step == total
 
 
-def _evaluate(task: Task, settings: TrainConfig, device: torch.device, state: TrainState, record: dict[str, Any],
-              best: dict[str, torch.Tensor] | None, output_dir: Path | None,
-              engine: Engine | None = None) -> tuple[bool, dict[str, torch.Tensor] | None]:
-    """Eval loss and evaluators into ``record``; keep the best weights for early stopping.
-
-    Returns:
-        (stop now, the best weights so far).
-    """
-    record.update(measure(task.evaluators, task.model))
-    if not task.eval_examples:
-        return False, best
-    record["eval_loss"] = state.eval_loss = evaluate_loss(task, settings, device, engine)
-    if settings.patience <= 0:
-        return False, best
-    if state.best_eval is None or state.eval_loss < state.best_eval:
-        state.best_eval, state.bad_evals = state.eval_loss, 0
-        best = {k: v.detach().cpu().clone() for k, v in trainable_state(task.model).items()}
-        if output_dir is not None:  # kept on disk too, so a resumed run can still restore them
-            ckpt.save_tensors_atomic(output_dir / "best.safetensors", best)
-        return False, best
-    state.bad_evals += 1
-    return state.bad_evals >= settings.patience, best
-
-
-def _save_checkpoint(task: Task, settings: TrainConfig, optimizer: torch.optim.Optimizer, state: TrainState,
-                     output_dir: Path, ddp: distributed.Dist | None = None, engine: Engine | None = None) -> None:
-    """Rank 0 writes the checkpoint; under torchrun it holds every rank's batch source and RNG state.
-
-    Under FSDP2 the weights and optimizer moments are gathered to full size first (every rank
-    joins), so the checkpoint is the one a single process would write.
-    """
-    weights, optim = trainable_state(task.model), optimizer
-    if engine is not None and engine.sharded:
-        weights = fsdp.gather_trainable(task.model, ddp.main)
-        optim = fsdp.gather_optimizer(optimizer, ddp.main)
-    tensors, meta = task.batches.state_dict()
-    if ddp:  # PPO rollouts and dropout streams differ per rank: keep each rank's
-        own = {**{k: v.cpu() for k, v in tensors.items()}, "_rng_torch": torch.get_rng_state()}
-        every = ddp.gather((own, meta))
-        tensors = {f"rank{r}.{k}": v for r, (t, _) in enumerate(every) for k, v in t.items()}
-        meta = {"per_rank": [m for _, m in every]}
-        if not ddp.main:
-            return
-    ckpt.save_checkpoint(output_dir / "checkpoints", state.step, weights, optim,
-                         {"state": dataclasses.asdict(state), "batches": meta}, settings.keep_checkpoints, tensors)
-
-
-class _Clock:
-    """Wall time of the run and of its steps; the first step (compilation, warm-up) is kept apart.
-
-    Rates count the loss-carrying tokens and the input tokens of the steps after the first
-    (the first alone when it is the only one). ``elapsed`` goes on from the checkpoint's.
-    """
-
-    def __init__(self, state: TrainState):
-        self.begun, self.elapsed_before = time.perf_counter(), state.elapsed_s
-        self.first_step: float | None = None
-        self.steps_time, self._t0 = 0.0, 0.0
-        self._from = self._after_first = (state.tokens, state.input_tokens)
-
-    def start(self) -> None:
-        self._t0 = time.perf_counter()
-
-    def stop(self, state: TrainState) -> None:
-        took = time.perf_counter() - self._t0
-        if self.first_step is None:
-            self.first_step, self._after_first = took, (state.tokens, state.input_tokens)
-        else:
-            self.steps_time += took
-            self._from = self._after_first
-
-    def rates(self, state: TrainState) -> tuple[float | None, float | None]:
-        """(loss-carrying, input) tokens per second of this process's steps."""
-        seconds = self.steps_time or self.first_step or 0.0
-        if seconds <= 0:
-            return None, None
-        return (state.tokens - self._from[0]) / seconds, (state.input_tokens - self._from[1]) / seconds
-
-    def elapsed(self) -> float:
-        """Seconds of the run so far, over every process that worked on it (downtime between them excluded)."""
-        return self.elapsed_before + time.perf_counter() - self.begun
-
-
-def _own_batch_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], ddp: distributed.Dist | None,
-                     found: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """This rank's batch-source state in a checkpoint (and its RNG stream, restored here)."""
-    world = ddp.world if ddp else 1
-    written = len(meta["per_rank"]) if "per_rank" in meta else 1
-    if written != world:
-        raise TrainingError(f"{found} was written by a run of {written} process(es) and this run has {world}; "
-                            f"resume with the same number of processes (torchrun --nproc_per_node {written})")
-    if ddp is None:
-        return tensors, meta
-    prefix = f"rank{ddp.rank}."
-    own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    torch.set_rng_state(own.pop("_rng_torch"))
-    return own, meta["per_rank"][ddp.rank]
-
-
-def _finish(task: Task, state: TrainState, best: dict[str, torch.Tensor] | None, clock: _Clock, output_dir: Path,
+def _finish(task: Task, state: TrainState, best: dict[str, torch.Tensor] | None, clock: Clock, output_dir: Path,
             log: RunLog, main: bool, ddp: distributed.Dist | None, engine: Engine | None = None) -> dict[str, Any]:
     """Restore the best weights (early stopping), save the result, write summary.json."""
     if engine is not None:
@@ -480,7 +268,7 @@ def _finish(task: Task, state: TrainState, best: dict[str, torch.Tensor] | None,
     model = task.model
     eval_loss = state.eval_loss
     if best is not None:
-        _load_trainable(model, best, output_dir / "best.safetensors")
+        load_trainable(model, best, output_dir / "best.safetensors")
         eval_loss = state.best_eval  # the loss of the weights that are saved, not of the last eval
         log.say(f"restored the best weights (eval loss {state.best_eval:.4f})")
     if main:
@@ -508,13 +296,3 @@ def _finish(task: Task, state: TrainState, best: dict[str, torch.Tensor] | None,
         ddp.barrier()  # no rank leaves while rank 0 is still writing the result
     return summary
 
-
-def _load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
-    params = dict(model.named_parameters())
-    for name, value in weights.items():
-        if name not in params or params[name].shape != value.shape:
-            raise TrainingError(f"{source}: tensor '{name}' {tuple(value.shape)} does not fit this model "
-                                f"({tuple(params[name].shape) if name in params else 'no such parameter'}); "
-                                "the checkpoint belongs to another model or method")
-        with torch.no_grad():
-            params[name].copy_(value)

@@ -18,12 +18,15 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmtune.errors import InputError
 from lmtune.models.encoders import is_encoder, read_config, refuse_encoder
 from lmtune.models.gguf import find_gguf, gguf_config, is_gguf, load_gguf_model, load_gguf_tokenizer
 from lmtune.models.metadata import check_model_folder, check_tokenizer_folder, read_json_object
+
+if TYPE_CHECKING:  # torch loads when a model does, not when this module is imported
+    import torch
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 META_FILE = "lmtune.json"
@@ -279,3 +282,8 @@ def param_counts(model: Any) -> tuple[int, int]:
     total = sum(p.numel() for p in seen.values())
     trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
     return total, trainable
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train, by name (what checkpoints and early stopping keep)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}

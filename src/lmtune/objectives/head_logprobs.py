@@ -47,23 +47,25 @@ def chunk_rows_for(vocab: int, chunk_rows: int = CHUNK_ROWS) -> int:
     return max(1, min(chunk_rows, CHUNK_BYTES // (4 * vocab)))
 
 
-def _logp_exp_(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target log-probs of float32 logits ``z`` (n, V), overwriting ``z`` with ``exp(z - max)``.
+def _logp_exp(z: torch.Tensor, y: torch.Tensor, in_place: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target log-probs of float32 logits ``z`` (n, V); in place, ``z`` becomes ``exp(z - max)``.
 
     Returns ``(logp (n,), sum of exp (n, 1))``: ``z / sum`` is then the softmax, with no second
-    (n, V) buffer (``torch.logsumexp`` allocates one for its ``exp``).
+    (n, V) buffer (``torch.logsumexp`` allocates one for its ``exp``). ``in_place=False`` (logits
+    autograd still needs) computes the very same numbers out of place, so a policy whose head trains
+    and its frozen reference agree exactly where their weights do.
     """
     picked = z.gather(-1, y.unsqueeze(-1))  # (n, 1), taken before z is overwritten
-    top = z.amax(-1, keepdim=True)  # (n, 1)
-    total = z.sub_(top).exp_().sum(-1, keepdim=True)  # (n, 1)
+    top = z.detach().amax(-1, keepdim=True)  # (n, 1); a shift only, no gradient (as in logsumexp)
+    total = (z.sub_(top).exp_() if in_place else (z - top).exp()).sum(-1, keepdim=True)  # (n, 1)
     return (picked - top - total.log()).squeeze(-1), total
 
 
 def _chunk_logp(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     logits = head(h).float()  # (n, V); float32 so bf16 autocast does not degrade the softmax
-    if logits.requires_grad:  # checkpointed (trainable head): autograd needs the logits unchanged
-        return logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (n,)
-    return _logp_exp_(logits, y)[0]  # no gradient (the reference pass, eval): reuse the buffer
+    # Checkpointed (trainable head): autograd needs the logits unchanged. No gradient (the
+    # reference pass, eval): reuse the buffer.
+    return _logp_exp(logits, y, in_place=not logits.requires_grad)[0]  # (n,)
 
 
 class _FrozenHeadLogprobs(torch.autograd.Function):
@@ -77,7 +79,7 @@ class _FrozenHeadLogprobs(torch.autograd.Function):
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start:start + chunk], y[start:start + chunk]  # (n, H), (n,)
             z = F.linear(hc, weight, bias).float()  # (n, V)
-            out[start:start + chunk], total = _logp_exp_(z, yc)
+            out[start:start + chunk], total = _logp_exp(z, yc)
             z.div_(total).neg_()  # -softmax, in place: no second (n, V) buffer
             z[torch.arange(z.shape[0], device=z.device), yc] += 1.0  # onehot - softmax
             grad[start:start + chunk] = (z.to(weight.dtype) @ weight).to(h.dtype)  # (n, H)

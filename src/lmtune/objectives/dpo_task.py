@@ -79,12 +79,15 @@ def reference_loss(reference: Reference, loss_type: str, beta: float, smoothing:
 
     def loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         pairs = batch["num_loss_tokens"]
-        chosen, rejected = completion_logps(model, batch).chunk(2)  # (B,), (B,) one forward for both
+        # The reference runs first: its forward's temporaries (a block's activations, a head chunk's
+        # logits) then come and go before the policy's saved activations exist, instead of on top of
+        # them at the step's peak. Same values either way (no dropout, no state).
         if "ref_chosen" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen"], batch["ref_rejected"]
         else:
             with reference.model(batch["input_ids"].device) as ref:
                 ref_chosen, ref_rejected = completion_logps(ref, batch).chunk(2)
+        chosen, rejected = completion_logps(model, batch).chunk(2)  # (B,), (B,) one forward for both
         lengths = batch["completion_lengths"]
         mean, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, smoothing,
                                  chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:])

@@ -68,8 +68,9 @@ def run_arm(spec: dict) -> dict:
     from lmtune.runlog import RunLog
 
     overrides = {"model": spec["base"], "output_dir": spec["out"], "data.train": spec["data"],
-                 "lora.target_modules": "all-linear", "train.lr": 1e-4, "train.log_every": 1,
-                 "train.eval_every": 0, "train.seed": 0, **spec["overrides"]}
+                 "train.lr": 1e-4, "train.log_every": 1, "train.eval_every": 0, "train.seed": 0, **spec["overrides"]}
+    if overrides["method"] in ("lora", "qlora"):  # other methods refuse a key they would not read
+        overrides["lora.target_modules"] = "all-linear"
     cfg = load_config(overrides=overrides)
     summary = run_training(cfg, log=RunLog(Path(spec["out"]), quiet=True, tensorboard=False)).summary
     step_s = summary["tokens_trained"] / summary["tokens_per_second"] / summary["steps"]

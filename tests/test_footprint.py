@@ -82,3 +82,21 @@ def test_checkpointing_keeps_block_inputs_plus_one_block_and_pairs_double_the_to
     assert dpo["parts"]["activations"] == 2 * plain["parts"]["activations"]
     bf16 = predict_peak(ROW, ARCH, method="full", objective="lm", batch_size=2, seq_len=16, precision="bf16")
     assert bf16["parts"]["activations"] == plain["parts"]["activations"] * 3 / 4
+
+
+def test_heap_slack_adds_one_uncheckpointed_steps_activations_for_methods_that_keep_glibcs_defaults():
+    from lmtune.allocator import FREEING_METHODS
+    from lmtune.config import load_config
+    from lmtune.footprint import _shape
+
+    plain = predict_peak(ROW, ARCH, method="full", objective="lm", batch_size=2, seq_len=16, heap_slack=True)
+    ckpt = predict_peak(ROW, ARCH, method="full", objective="lm", batch_size=2, seq_len=16, heap_slack=True,
+                        checkpointing=True)
+    per_block = 6 * 64 + 2 * 32 + 4 * 256 + 2 * 64
+    uncheckpointed = 32 * (2 * per_block + 3.25 * 64) * 4
+    assert plain["parts"]["heap"] == ckpt["parts"]["heap"] == uncheckpointed  # the recompute frees as much
+    assert plain["total"] == sum(plain["parts"].values())
+    assert "heap" not in predict_peak(ROW, ARCH, method="full", objective="lm", batch_size=2, seq_len=16)["parts"]
+    cfg = load_config(overrides={"method": "lora"})
+    assert _shape(cfg)["heap_slack"] and _shape(cfg, "full")["heap_slack"]
+    assert FREEING_METHODS == {"qlora"} and not _shape(cfg, "qlora")["heap_slack"]  # run.py frees for qlora

@@ -33,15 +33,16 @@ def _saved_numbers_per_token(config, method, tokens=(2, 48)):
     x = torch.randint(0, config.vocab_size, tokens)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         lm_loss(model, {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)})
-    return sum(n for ptr, n in seen.items() if ptr not in params) / 4 / x.numel()
+    positions = x.numel() + (x.shape[0] * cfg.prompt_tuning.num_virtual_tokens if method == "prompt_tuning" else 0)
+    return sum(n for ptr, n in seen.items() if ptr not in params) / 4 / positions
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "prompt_tuning"])
 @pytest.mark.parametrize("shape", [(96, 320, 3, 2), (192, 256, 2, 1)])
 def test_activation_count_matches_what_autograd_saves(method, shape):
     hidden, inter, layers, kv_heads = shape
     config = _llama(hidden, inter, layers, kv_heads)
-    adapters = 7 if method != "full" else 0  # all-linear: q k v o gate up down
+    adapters = 7 if method in ("lora", "qlora") else 0  # all-linear: q k v o gate up down
     predicted = activation_numbers(architecture(config), method, lora_r=8, adapters_per_block=adapters)["total"]
     measured = _saved_numbers_per_token(config, method)
     assert predicted == pytest.approx(measured, rel=0.08)

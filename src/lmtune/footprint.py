@@ -146,7 +146,8 @@ def inspect_model(model_fn: Any, cfg: RunConfig, new_tokens: int = 0) -> dict[st
 # the normed input, q after RoPE, the attention output, the residual, the second normed input
 # (6·H), k and v (2·kv), and gate, up, SiLU(gate) and their product (4·I; 2·I for a GELU MLP).
 # Trainable norms keep their normalised inputs too (+2·H), each LoRA adapter its r-dim middle.
-_BLOCK_H, _BLOCK_KV, _TRAINED_NORMS_H = 6, 2, 2
+# With every weight frozen (prompt tuning) the normed inputs and down_proj's input are not kept (-2·H - I).
+_BLOCK_H, _BLOCK_KV, _TRAINED_NORMS_H, _FROZEN_UNSAVED_H = 6, 2, 2, 2
 _TAIL_H = {True: 3.25, False: 1.25}  # final norm, gathered rows, head-input gradient (trainable head or not)
 _PAIRED = {"dpo", "reward"}  # objectives whose batch rows are pairs: 2 sequences each
 
@@ -173,6 +174,8 @@ def activation_numbers(arch: dict[str, Any], method: str, lora_r: int = 0, adapt
         per_block += _TRAINED_NORMS_H * h
     if method in ("lora", "qlora"):
         per_block += lora_r * adapters_per_block
+    if method == "prompt_tuning":  # a frozen linear or norm weight needs no input saved for its gradient
+        per_block -= _FROZEN_UNSAVED_H * h + i  # the two normed inputs and down_proj's input
     tail = _TAIL_H[method in ("full", "freeze")] * h
     kept = (arch["layers"] * h + per_block) if checkpointing else arch["layers"] * per_block  # one block recomputed
     return {"per_block": per_block, "total": kept + tail}

@@ -8,7 +8,8 @@ are the ones ``summary.json`` reports for the same config.
 Training memory = weights + gradients (fp32, one per trainable parameter) + AdamW state (two
 fp32 moments per trainable parameter). The predicted peak adds what a step of the configured
 batch shape holds (:func:`predict_peak`): activations kept for backward, the chunked output head,
-backward's working set, and the process baseline (Python, torch, transformers).
+backward's working set, the process baseline (Python, torch, transformers) and, for methods whose
+runs keep glibc's malloc defaults, the heap that keeps freed activations.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Predicted vs measured peak memory, and gradient checkpointing's memory/speed trade.
 
-Every arm runs ``lmtune.run.run_training`` in a fresh process (so ``ru_maxrss`` is that arm's
-peak alone) and reports summary.json's ``predicted_peak_mb`` (``lmtune inspect``'s prediction,
+Every arm runs ``lmtune.run.run_training`` in a fresh process (``peak_rss_mb`` is that process's
+own ``VmHWM``) and reports summary.json's ``predicted_peak_mb`` (``lmtune inspect``'s prediction,
 made before the model loads) next to ``peak_rss_mb``.
 
 - ``--table predicted``: methods full / lora / qlora / prompt_tuning on random Llamas of two sizes.
@@ -68,8 +68,9 @@ def run_arm(spec: dict) -> dict:
     from lmtune.runlog import RunLog
 
     overrides = {"model": spec["base"], "output_dir": spec["out"], "data.train": spec["data"],
-                 "lora.target_modules": "all-linear", "train.lr": 1e-4, "train.log_every": 1,
-                 "train.eval_every": 0, "train.seed": 0, **spec["overrides"]}
+                 "train.lr": 1e-4, "train.log_every": 1, "train.eval_every": 0, "train.seed": 0, **spec["overrides"]}
+    if overrides["method"] in ("lora", "qlora"):  # other methods refuse a key they would not read
+        overrides["lora.target_modules"] = "all-linear"
     cfg = load_config(overrides=overrides)
     summary = run_training(cfg, log=RunLog(Path(spec["out"]), quiet=True, tensorboard=False)).summary
     step_s = summary["tokens_trained"] / summary["tokens_per_second"] / summary["steps"]
@@ -103,7 +104,7 @@ def header(command: str) -> str:
         f"Commit: {rev.strip()}  ",
         f"Machine: {cpu}, {os.cpu_count()} cores shared with ~8 other sessions' jobs (contended), "
         f"{THREADS} thread per arm; "
-        f"CPU flags: {' '.join(shown) or 'none of avx2/avx512'} (no avx512_bf16/AMX unless listed)  ",
+        f"CPU flags: {' '.join(shown) or 'none of avx2/avx512'}{'' if 'amx_bf16' in flags else ', no AMX'}  ",
         f"Versions: Python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}  ",
         "Peak = `VmHWM` of the arm's own fresh process (summary.json `peak_rss_mb`); predicted = summary.json "

@@ -33,15 +33,16 @@ def _saved_numbers_per_token(config, method, tokens=(2, 48)):
     x = torch.randint(0, config.vocab_size, tokens)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         lm_loss(model, {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)})
-    return sum(n for ptr, n in seen.items() if ptr not in params) / 4 / x.numel()
+    positions = x.numel() + (x.shape[0] * cfg.prompt_tuning.num_virtual_tokens if method == "prompt_tuning" else 0)
+    return sum(n for ptr, n in seen.items() if ptr not in params) / 4 / positions
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "prompt_tuning"])
 @pytest.mark.parametrize("shape", [(96, 320, 3, 2), (192, 256, 2, 1)])
 def test_activation_count_matches_what_autograd_saves(method, shape):
     hidden, inter, layers, kv_heads = shape
     config = _llama(hidden, inter, layers, kv_heads)
-    adapters = 7 if method != "full" else 0  # all-linear: q k v o gate up down
+    adapters = 7 if method in ("lora", "qlora") else 0  # all-linear: q k v o gate up down
     predicted = activation_numbers(architecture(config), method, lora_r=8, adapters_per_block=adapters)["total"]
     measured = _saved_numbers_per_token(config, method)
     assert predicted == pytest.approx(measured, rel=0.08)
@@ -82,3 +83,21 @@ def test_checkpointing_keeps_block_inputs_plus_one_block_and_pairs_double_the_to
     assert dpo["parts"]["activations"] == 2 * plain["parts"]["activations"]
     bf16 = predict_peak(ROW, ARCH, method="full", objective="lm", batch_size=2, seq_len=16, precision="bf16")
     assert bf16["parts"]["activations"] == plain["parts"]["activations"] * 3 / 4
+
+
+def test_heap_slack_adds_one_uncheckpointed_steps_activations_for_methods_that_keep_glibcs_defaults():
+    from lmtune.allocator import FREEING_METHODS
+    from lmtune.config import load_config
+    from lmtune.footprint import _shape
+
+    plain = predict_peak(ROW, ARCH, method="full", objective="lm", batch_size=2, seq_len=16, heap_slack=True)
+    ckpt = predict_peak(ROW, ARCH, method="full", objective="lm", batch_size=2, seq_len=16, heap_slack=True,
+                        checkpointing=True)
+    per_block = 6 * 64 + 2 * 32 + 4 * 256 + 2 * 64
+    uncheckpointed = 32 * (2 * per_block + 3.25 * 64) * 4
+    assert plain["parts"]["heap"] == ckpt["parts"]["heap"] == uncheckpointed  # the recompute frees as much
+    assert plain["total"] == sum(plain["parts"].values())
+    assert "heap" not in predict_peak(ROW, ARCH, method="full", objective="lm", batch_size=2, seq_len=16)["parts"]
+    cfg = load_config(overrides={"method": "lora"})
+    assert _shape(cfg)["heap_slack"] and _shape(cfg, "full")["heap_slack"]
+    assert FREEING_METHODS == {"qlora"} and not _shape(cfg, "qlora")["heap_slack"]  # run.py frees for qlora

@@ -28,6 +28,11 @@ import ctypes
 import functools
 from typing import Any
 
+# Methods whose runs call return_large_frees (run.py). Not every method: on the contended 2-core
+# benchmark machine the fresh pages cost full and LoRA runs 1.6-2.7x their step time (one thread,
+# 12M-27M Llamas, interleaved arms), so those keep glibc's defaults and lmtune.footprint counts the
+# heap that keeps (its "heap" part of the predicted peak).
+FREEING_METHODS = frozenset({"qlora"})
 LARGE = 128 * 1024  # bytes: glibc's default initial mmap threshold, fixed instead of growing
 M_TRIM_THRESHOLD = -1  # mallopt parameter numbers, from glibc's <malloc.h>
 M_MMAP_THRESHOLD = -3

@@ -8,7 +8,8 @@ are the ones ``summary.json`` reports for the same config.
 Training memory = weights + gradients (fp32, one per trainable parameter) + AdamW state (two
 fp32 moments per trainable parameter). The predicted peak adds what a step of the configured
 batch shape holds (:func:`predict_peak`): activations kept for backward, the chunked output head,
-backward's working set, and the process baseline (Python, torch, transformers).
+backward's working set, the process baseline (Python, torch, transformers) and, for methods whose
+runs keep glibc's malloc defaults, the heap that keeps freed activations.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from lmtune.allocator import FREEING_METHODS
 from lmtune.config import load_config
 from lmtune.data.readers import read_records
 from lmtune.data.templates import apply_chat_setting
@@ -145,7 +147,8 @@ def inspect_model(model_fn: Any, cfg: RunConfig, new_tokens: int = 0) -> dict[st
 # the normed input, q after RoPE, the attention output, the residual, the second normed input
 # (6·H), k and v (2·kv), and gate, up, SiLU(gate) and their product (4·I; 2·I for a GELU MLP).
 # Trainable norms keep their normalised inputs too (+2·H), each LoRA adapter its r-dim middle.
-_BLOCK_H, _BLOCK_KV, _TRAINED_NORMS_H = 6, 2, 2
+# With every weight frozen (prompt tuning) the normed inputs and down_proj's input are not kept (-2·H - I).
+_BLOCK_H, _BLOCK_KV, _TRAINED_NORMS_H, _FROZEN_UNSAVED_H = 6, 2, 2, 2
 _TAIL_H = {True: 3.25, False: 1.25}  # final norm, gathered rows, head-input gradient (trainable head or not)
 _PAIRED = {"dpo", "reward"}  # objectives whose batch rows are pairs: 2 sequences each
 
@@ -172,6 +175,8 @@ def activation_numbers(arch: dict[str, Any], method: str, lora_r: int = 0, adapt
         per_block += _TRAINED_NORMS_H * h
     if method in ("lora", "qlora"):
         per_block += lora_r * adapters_per_block
+    if method == "prompt_tuning":  # a frozen linear or norm weight needs no input saved for its gradient
+        per_block -= _FROZEN_UNSAVED_H * h + i  # the two normed inputs and down_proj's input
     tail = _TAIL_H[method in ("full", "freeze")] * h
     kept = (arch["layers"] * h + per_block) if checkpointing else arch["layers"] * per_block  # one block recomputed
     return {"per_block": per_block, "total": kept + tail}
@@ -179,12 +184,20 @@ def activation_numbers(arch: dict[str, Any], method: str, lora_r: int = 0, adapt
 
 def predict_peak(row: dict[str, Any], arch: dict[str, Any], *, method: str, objective: str, batch_size: int,
                  seq_len: int, precision: str = "fp32", checkpointing: bool = False, lora_r: int = 0,
-                 chunk_rows: int = 1024, baseline_bytes: float = 0.0) -> dict[str, Any]:
+                 chunk_rows: int = 1024, baseline_bytes: float = 0.0, heap_slack: bool = False) -> dict[str, Any]:
     """A training step's peak resident memory, by part (bytes), for ``row`` (from :func:`method_row`).
 
     Activations assume every sequence is ``seq_len`` long (padding to the batch's longest makes
     that the bound). Under bf16 autocast matmul outputs are 2 bytes (norms and the loss stay fp32:
     3 bytes per kept number on average).
+
+    ``heap_slack``: glibc keeps its default malloc thresholds for the run (every method but those
+    in :data:`lmtune.allocator.FREEING_METHODS`). Its heap then keeps what a step frees: the first
+    step's activations stay resident after backward and the next step allocates beside them. The
+    part ``heap`` adds one step's activations as an uncheckpointed step keeps them (the recompute
+    of a checkpointed backward allocates and frees the same): measured on random Llamas at
+    128–2,048 tokens per step, with and without checkpointing, this left peak minus the other parts
+    at 0.9–1.1× that figure (benchmarks/MEMORY.md).
 
     Returns:
         ``{"parts": {name: bytes}, "total": bytes, "arithmetic": {name: text}}``.
@@ -198,12 +211,18 @@ def predict_peak(row: dict[str, Any], arch: dict[str, Any], *, method: str, obje
     parts = {"baseline": baseline_bytes, "weights": row["weight_bytes"], "gradients": row["gradient_bytes"],
              "optimizer": row["optimizer_bytes"], "activations": tokens * acts["total"] * per_number,
              "head": head, "backward": working}
+    if heap_slack:
+        freed = activation_numbers(arch, method, lora_r, adapters)["total"]  # uncheckpointed, whatever the run
+        parts["heap"] = tokens * freed * per_number
     arithmetic = {
         "activations": f"{tokens:,} tokens × {acts['total']:,.0f} numbers × {per_number} B"
                        + (" (checkpointed: block inputs + one block)" if checkpointing else ""),
         "head": f"2 × {min(chunk_rows, tokens):,} rows × {arch['vocab']:,} logits × 4 B",
         "backward": f"{tokens:,} tokens × (2·{arch['hidden']} + 2·{arch['inter']}) × 4 B",
     }
+    if heap_slack:
+        arithmetic["heap"] = (f"{tokens:,} tokens × {freed:,.0f} numbers × {per_number} B "
+                              "(freed activations glibc's heap keeps)")
     return {"parts": parts, "total": sum(parts.values()), "arithmetic": arithmetic}
 
 
@@ -239,10 +258,12 @@ def added_chat_tokens(folder: Path, cfg: RunConfig) -> int:
     return len(choice.added)
 
 
-def _shape(cfg: RunConfig) -> dict[str, Any]:
-    return {"method": cfg.method, "objective": cfg.objective, "batch_size": cfg.train.batch_size,
+def _shape(cfg: RunConfig, method: str | None = None) -> dict[str, Any]:
+    method = method or cfg.method
+    return {"method": method, "objective": cfg.objective, "batch_size": cfg.train.batch_size,
             "seq_len": cfg.train.max_length, "precision": cfg.train.precision,
-            "checkpointing": cfg.train.gradient_checkpointing, "lora_r": cfg.lora.r}
+            "checkpointing": cfg.train.gradient_checkpointing, "lora_r": cfg.lora.r,
+            "heap_slack": method not in FREEING_METHODS}
 
 
 def render(folder: Path | str, model_name: str, cfg: RunConfig, rows: dict[str, dict[str, Any]]) -> str:
@@ -310,7 +331,6 @@ def run_inspect(model: str | Path | nn.Module | None, overrides: list[str] | dic
     arch = architecture(probe.config)
     for method, row in rows.items():
         if "error" not in row:
-            shape = {**_shape(cfg), "method": method}
-            row["predicted_peak"] = predict_peak(row, arch, **shape, baseline_bytes=baseline)
+            row["predicted_peak"] = predict_peak(row, arch, **_shape(cfg, method), baseline_bytes=baseline)
     return {"model": where, "architecture": type(probe).__name__, "method": cfg.method,
             "methods": rows, "text": render(where, type(probe).__name__, cfg, rows)}

@@ -220,7 +220,7 @@ def run_training(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokeni
     """
     from transformers import PreTrainedModel  # noqa: F401  (~150 MB every run holds: inside the baseline)
 
-    if cfg.method == "qlora":  # its point is a small resident set: glibc must not keep freed temporaries
+    if cfg.method in allocator.FREEING_METHODS:  # a small resident set is its point: glibc must not keep frees
         allocator.return_large_frees()
     baseline = current_rss_bytes()  # before the model loads: Python, torch, transformers, lmtune
     with lock_output_dir(check_output_dir(cfg.output_dir, cfg.train.resume)):  # one process per output_dir

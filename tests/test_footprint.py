@@ -61,6 +61,13 @@ ROW = {"weight_bytes": 1000, "gradient_bytes": 40, "optimizer_bytes": 80, "lora_
 ARCH = {"hidden": 64, "inter": 256, "layers": 2, "kv": 32, "vocab": 1000, "gated": True}
 
 
+def test_head_part_is_one_chunk_capped_at_32_mib_of_fp32_logits():
+    big = {**ARCH, "vocab": 32000}
+    p = predict_peak(ROW, big, method="lora", objective="lm", batch_size=8, seq_len=128, lora_r=8)
+    rows = 32 * 2**20 // (4 * 32000)  # 262 of the 1,024 tokens: the chunk the head really computes
+    assert rows == 262 and p["parts"]["head"] == 2 * rows * 32000 * 4
+
+
 def test_peak_is_the_sum_of_its_parts_in_closed_form():
     p = predict_peak(ROW, ARCH, method="lora", objective="lm", batch_size=4, seq_len=32, lora_r=8,
                      baseline_bytes=5e8)

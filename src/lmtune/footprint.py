@@ -31,6 +31,7 @@ from lmtune.methods.qlora import checked_plan, weight_memory
 from lmtune.methods.targets import resolve_targets
 from lmtune.methods.token_rows import wrap_token_rows
 from lmtune.models.loading import auto_config, load_tokenizer, param_counts, resolve_model_dir
+from lmtune.objectives.head_logprobs import chunk_rows_for
 
 if TYPE_CHECKING:
     from lmtune.config import RunConfig
@@ -206,7 +207,10 @@ def predict_peak(row: dict[str, Any], arch: dict[str, Any], *, method: str, obje
     per_number = 3 if precision == "bf16" else 4
     adapters = row.get("lora_target_modules", 0) / max(arch["layers"], 1)
     acts = activation_numbers(arch, method, lora_r, adapters, checkpointing)
-    head = 2 * min(chunk_rows, tokens) * arch["vocab"] * 4  # fp32 logits of one chunk + logsumexp/softmax scratch
+    # The head computes log-probs a chunk of rows at a time, at most CHUNK_BYTES of fp32 logits (262
+    # rows at V=32000): one logits buffer, reused in place, and its gradient in backward.
+    rows = min(chunk_rows_for(arch["vocab"], chunk_rows), tokens)
+    head = 2 * rows * arch["vocab"] * 4
     working = tokens * (2 * arch["hidden"] + 2 * arch["inter"]) * 4  # one block's activation gradients in backward
     parts = {"baseline": baseline_bytes, "weights": row["weight_bytes"], "gradients": row["gradient_bytes"],
              "optimizer": row["optimizer_bytes"], "activations": tokens * acts["total"] * per_number,
@@ -217,7 +221,7 @@ def predict_peak(row: dict[str, Any], arch: dict[str, Any], *, method: str, obje
     arithmetic = {
         "activations": f"{tokens:,} tokens × {acts['total']:,.0f} numbers × {per_number} B"
                        + (" (checkpointed: block inputs + one block)" if checkpointing else ""),
-        "head": f"2 × {min(chunk_rows, tokens):,} rows × {arch['vocab']:,} logits × 4 B",
+        "head": f"2 × {rows:,} rows × {arch['vocab']:,} logits × 4 B",
         "backward": f"{tokens:,} tokens × (2·{arch['hidden']} + 2·{arch['inter']}) × 4 B",
     }
     if heap_slack:

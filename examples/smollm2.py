@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -63,6 +64,16 @@ def timed(fn, *args, **kwargs) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
+def trained(out: Path, stages: dict[str, Any], name: str, train) -> tuple[dict[str, Any], float]:
+    """A training stage's summary and wall time; a stage finished by an earlier call of the script is reused."""
+    if name in stages and (out / name / "summary.json").exists():
+        return stages[name]
+    res, wall = timed(train, output_dir=out / name)
+    stages[name] = (res.summary, wall)
+    (out / "stages.json").write_text(json.dumps(stages, indent=1) + "\n")
+    return stages[name]
+
+
 def cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "lmtune", *args], check=True)
 
@@ -91,27 +102,27 @@ def run(out: Path, steps: int, base: str | None, eval_rows: int = 100) -> dict[s
     r["before"], r["wall"]["eval before"] = timed(lmtune.evaluate, base, test_rows, "exact_match,perplexity",
                                                   max_new_tokens=4)
     runs = {}
+    stages = json.loads((out / "stages.json").read_text()) if (out / "stages.json").exists() else {}
     for method in ("lora", "qlora"):
-        res, r["wall"][f"{method} sft"] = timed(
-            lmtune.train, base, data=train_rows, eval_data=test_rows, method=method, objective="sft",
-            output_dir=out / method, lora={"r": 8, "alpha": 16},
-            train={**COMMON["train"], "steps": steps, "lr": 1e-3})
-        runs[method] = res.summary
+        runs[method], r["wall"][f"{method} sft"] = trained(out, stages, method, lambda output_dir, m=method: (
+            lmtune.train)(base, data=train_rows, eval_data=test_rows, method=m, objective="sft", output_dir=output_dir,
+            lora={"r": 8, "alpha": 16}, train={**COMMON["train"], "steps": steps, "lr": 1e-3}))
         r[f"{method} after"], r["wall"][f"{method} eval"] = timed(
             lmtune.evaluate, base, test_rows, "exact_match,perplexity", adapter=out / method, max_new_tokens=4)
     r["runs"] = runs
 
     pairs, held = preference_split()
-    dpo, r["wall"]["dpo"] = timed(
-        lmtune.train, base, data=pairs, eval_data=held, method="lora", objective="dpo", output_dir=out / "dpo",
+    r["dpo"], r["wall"]["dpo"] = trained(out, stages, "dpo", lambda output_dir: lmtune.train(
+        base, data=pairs, eval_data=held, method="lora", objective="dpo", output_dir=output_dir,
         lora={"r": 8, "alpha": 16},
-        train={**COMMON["train"], "steps": max(1, steps // 2), "lr": 5e-4, "eval_every": max(1, steps // 2)})
-    r["dpo"] = dpo.summary
+        train={**COMMON["train"], "steps": max(1, steps // 2), "lr": 5e-4, "eval_every": max(1, steps // 2)}))
 
+    shutil.rmtree(out / "merged", ignore_errors=True)  # a merge or export left by an earlier, failed call
     merged, r["wall"]["merge"] = timed(lmtune.merge, base, adapter=out / "lora", out=out / "merged")
     r["export"] = {}
     for dtype in ("bf16", "q8_0"):
         gguf = out / f"sentiment-{dtype}.gguf"
+        gguf.unlink(missing_ok=True)
         _, wall = timed(cli, "export", "--model", str(merged), "--format", "gguf", "--dtype", dtype, "--out", str(gguf))
         scores = lmtune.evaluate(str(gguf), test_rows, "exact_match", max_new_tokens=4)
         r["export"][dtype] = {"wall": wall, "mb": gguf.stat().st_size / 2**20, "exact_match": scores["exact_match"],

@@ -302,7 +302,7 @@ def _prompts_builder(recs: list[Record], tok: Any) -> list[dict]:
 
     ctx = SimpleNamespace(records=lambda key: recs, tokenizer=tok, cfg=load_config(train={"max_length": 32}),
                           source=lambda key: "x")
-    return [{"input_ids": ids, "labels": ids} for _, ids in load_prompts(ctx, "data.train")]
+    return [{"input_ids": ids, "labels": ids} for _, ids, _ in load_prompts(ctx, "data.train")]
 
 
 def _classification_builder(recs: list[Record], tok: Any) -> list[dict]:

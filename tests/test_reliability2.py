@@ -51,7 +51,8 @@ def test_qlora_trains_on_chat_data_with_a_templateless_llama_base(llama_dir, tmp
                "train.max_length=24"])
     assert rc == 0, capsys.readouterr().err
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["modules_to_save"], config  # the new chat tokens' rows travel with the adapter
+    # The new chat tokens' rows travel with the adapter, as PEFT's trainable_token_indices (rows only).
+    assert config["trainable_token_indices"], config
 
 
 # ---- untrusted chat templates: time and size bounds, reasons ----------------------------------

@@ -15,15 +15,10 @@ import torch
 import lmtune
 from conftest import SENTENCES, word_tokenizer
 from lmtune.runlog import clock_time, console_line
+from test_dpo import PAIRS as DPO_PAIRS
 
 ROWS = [{"prompt": " ".join(s.split()[:2]), "completion": " ".join(s.split()[2:])} for s in SENTENCES]
-PAIRS = [
-    {"prompt": "the cat", "chosen": "can run .", "rejected": "is in the cup ."},
-    {"prompt": "the dog", "chosen": "can jump .", "rejected": "sat on the tree ."},
-    {"prompt": "where is", "chosen": "the red ball ?", "rejected": "my mom ?"},
-    {"prompt": "i see", "chosen": "a big dog .", "rejected": "the fish ."},
-    {"prompt": "the girl", "chosen": "has a hat .", "rejected": "can see the bird ."},
-]
+PAIRS = DPO_PAIRS[:5]
 
 
 def records(out) -> list[dict]:

@@ -64,14 +64,22 @@ def timed(fn, *args, **kwargs) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
-def trained(out: Path, stages: dict[str, Any], name: str, train) -> tuple[dict[str, Any], float]:
-    """A training stage's summary and wall time; a stage finished by an earlier call of the script is reused."""
+def trained(out: Path, stages: dict[str, Any], name: str, keys: list[str]) -> tuple[dict[str, Any], float]:
+    """``lmtune train KEYS output_dir=out/name`` in its own process (so its peak RSS is its own): summary, wall s.
+
+    A stage that an earlier call of the script finished (its summary.json written) is reused.
+    """
     if name in stages and (out / name / "summary.json").exists():
         return stages[name]
-    res, wall = timed(train, output_dir=out / name)
-    stages[name] = (res.summary, wall)
+    _, wall = timed(cli, "train", *keys, f"output_dir={out / name}")
+    stages[name] = (json.loads((out / name / "summary.json").read_text()), wall)
     (out / "stages.json").write_text(json.dumps(stages, indent=1) + "\n")
     return stages[name]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
 
 
 def cli(*args: str) -> None:
@@ -103,19 +111,21 @@ def run(out: Path, steps: int, base: str | None, eval_rows: int = 100) -> dict[s
                                                   max_new_tokens=4)
     runs = {}
     stages = json.loads((out / "stages.json").read_text()) if (out / "stages.json").exists() else {}
+    common = [f"model={base}", "lora.r=8", "lora.alpha=16"] + [f"train.{k}={v}" for k, v in COMMON["train"].items()]
+    sft = common + [f"data.train={write_jsonl(out / 'sentiment_train.jsonl', train_rows)}",
+                    f"data.eval={write_jsonl(out / 'sentiment_eval.jsonl', test_rows)}", "objective=sft",
+                    f"train.steps={steps}", "train.lr=1e-3"]
     for method in ("lora", "qlora"):
-        runs[method], r["wall"][f"{method} sft"] = trained(out, stages, method, lambda output_dir, m=method: (
-            lmtune.train)(base, data=train_rows, eval_data=test_rows, method=m, objective="sft", output_dir=output_dir,
-            lora={"r": 8, "alpha": 16}, train={**COMMON["train"], "steps": steps, "lr": 1e-3}))
+        runs[method], r["wall"][f"{method} sft"] = trained(out, stages, method, sft + [f"method={method}"])
         r[f"{method} after"], r["wall"][f"{method} eval"] = timed(
             lmtune.evaluate, base, test_rows, "exact_match,perplexity", adapter=out / method, max_new_tokens=4)
     r["runs"] = runs
 
     pairs, held = preference_split()
-    r["dpo"], r["wall"]["dpo"] = trained(out, stages, "dpo", lambda output_dir: lmtune.train(
-        base, data=pairs, eval_data=held, method="lora", objective="dpo", output_dir=output_dir,
-        lora={"r": 8, "alpha": 16},
-        train={**COMMON["train"], "steps": max(1, steps // 2), "lr": 5e-4, "eval_every": max(1, steps // 2)}))
+    r["dpo"], r["wall"]["dpo"] = trained(out, stages, "dpo", common + [
+        f"data.train={write_jsonl(out / 'pairs_train.jsonl', pairs)}",
+        f"data.eval={write_jsonl(out / 'pairs_eval.jsonl', held)}", "method=lora", "objective=dpo",
+        f"train.steps={max(1, steps // 2)}", "train.lr=5e-4", f"train.eval_every={max(1, steps // 2)}"])
 
     shutil.rmtree(out / "merged", ignore_errors=True)  # a merge or export left by an earlier, failed call
     merged, r["wall"]["merge"] = timed(lmtune.merge, base, adapter=out / "lora", out=out / "merged")
@@ -128,6 +138,16 @@ def run(out: Path, steps: int, base: str | None, eval_rows: int = 100) -> dict[s
         r["export"][dtype] = {"wall": wall, "mb": gguf.stat().st_size / 2**20, "exact_match": scores["exact_match"],
                               "logit_diff": max_relative_logit_diff(merged, gguf, test_rows[0]["prompt"])}
     return r
+
+
+def cpu_flags() -> str:
+    """The flags that decide fp32/bf16 speed here (avx2, avx512f, avx512_bf16, AMX), from /proc/cpuinfo."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n")[0].split())
+    except (OSError, IndexError):
+        return "unknown"
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
+    return " ".join(f if f in flags else f"no {f}" for f in wanted)
 
 
 def report(r: dict[str, Any], args: argparse.Namespace, elapsed: float) -> str:
@@ -174,9 +194,10 @@ final loss {dpo['final_loss']:.3f}, peak RSS {dpo['peak_rss_mb']:,.0f} MB.
 ## Merge, export, read back
 
 The LoRA adapter merged into a plain `transformers` folder, exported with `lmtune export --format gguf`,
-read back by `transformers` (its GGUF reader) and by `lmtune eval`:
+read back by `transformers` (its GGUF reader) and by `lmtune eval`; the logit difference includes the
+dtype's own rounding (tests/test_gguf.py checks bf16 against the bf16-rounded model, within 1e-4):
 
-| GGUF dtype | MB | max relative logit difference vs merged | exact match read back | export s |
+| GGUF dtype | MB | max relative logit difference vs the fp32 merged model | exact match read back | export s |
 | --- | ---: | ---: | ---: | ---: |
 {exports}
 
@@ -184,8 +205,10 @@ read back by `transformers` (its GGUF reader) and by `lmtune eval`:
 
 {walls}; {elapsed:.0f} s in all.
 
-Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (CPU flags: see
-`lscpu`; the run shares two cores), torch {torch.__version__}, transformers {transformers.__version__}.
+Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU flags
+{cpu_flags()}; torch {torch.__version__}, transformers {transformers.__version__}. Each training ran in its
+own `lmtune train` process (peak RSS = that process's VmHWM); evaluation, merge and export ran in
+this script's process.
 Regenerate: `PYTHONPATH=src python examples/smollm2.py --steps {args.steps}`.
 """
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from chat_helpers import ScriptedLM, chatml_tokenizer, oracle_ids
 from conftest import build_model, fails
@@ -196,3 +197,7 @@ def test_an_adapter_trained_with_a_named_template_is_evaluated_and_asked_with_it
     assert run_eval(str(base), str(run), str(data))["chat_template"] is True
     assert main(["generate", "--model", str(base), "--adapter", str(run), "--prompt", "the cat", "--chat",
                  "--max-new-tokens", "2"]) == 0
+    # merge (and so export) writes the rendering the adapter learned, not the base's missing template
+    assert main(["merge", "--model", str(base), "--adapter", str(run), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert merged.chat_template == AutoTokenizer.from_pretrained(run).chat_template is not None

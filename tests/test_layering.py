@@ -36,11 +36,10 @@ LOCAL_ALLOWED = {
     # cli.py imports each command's module only when that command runs, so `lmtune --help` and
     # argument errors answer without loading torch and transformers.
     "cli": {"config", "run", "pretrain", "generate", "evaluate", "methods.adapters", "footprint", "demo",
-            "__init__", "models.heads", "compile.commands", "export.command", "env", "data.templates"},
+            "__init__", "models.heads", "compile.commands", "export.command", "env"},
     # `import lmtune` must stay cheap (no torch): the package and the API import their code when called.
     "__init__": {"api", "config", "run"},
-    "api": {"config", "run", "methods.adapters", "generate", "evaluate", "footprint", "data.readers",
-            "data.templates"},
+    "api": {"config", "run", "methods.adapters", "generate", "evaluate", "footprint", "data.readers"},
     # lmtune.compile is a callable package whose functions load their modules (and torch) when called.
     "compile": {"compile.commands"},
 }

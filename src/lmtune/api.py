@@ -148,7 +148,6 @@ def generate(model: PathLikeStr | nn.Module | None = None, tokenizer: Any = None
         InputError: no prompt, an option out of range, a prompt longer than the model's
             context, ``chat`` without a chat template, or a model that does not load.
     """
-    from lmtune.data.templates import adopt_saved_template
     from lmtune.generate import generate_text
     from lmtune.methods.adapters import load_with_adapter
 
@@ -157,7 +156,6 @@ def generate(model: PathLikeStr | nn.Module | None = None, tokenizer: Any = None
     with run_environment():
         lm, tok, _ = load_with_adapter(model if _is_module(model) else _path_str(model), _path_str(adapter),
                                        tokenizer=tokenizer)
-        adopt_saved_template(tok, _path_str(adapter))  # an adapter trained with data.chat_template=NAME carries it
         return generate_text(lm, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p, seed=seed, chat=chat)
 

@@ -67,13 +67,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for label, prob in classify_text(args.model, args.adapter, args.prompt, task=args.task):
             print(f"{label}\t{prob:.4f}")
         return 0
-    from lmtune.data.templates import adopt_saved_template
     from lmtune.generate import generate_text
     from lmtune.methods.adapters import load_with_adapter
 
     # With an adapter: the adapter's tokenizer, with the chat tokens training added, if any.
     model, tokenizer, _ = load_with_adapter(args.model, args.adapter)
-    adopt_saved_template(tokenizer, args.adapter)  # an adapter trained with data.chat_template=NAME carries it
     text = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                          chat=args.chat)

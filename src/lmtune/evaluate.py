@@ -27,7 +27,6 @@ from lmtune.data.eval_cases import answer_stops, generation_cases, parse_case
 from lmtune.data.examples import BuildStats, text_example
 from lmtune.data.formats import prompt_completion_ids, separator
 from lmtune.data.readers import Record, read_records
-from lmtune.data.templates import adopt_saved_template
 from lmtune.distributed import pick_device
 from lmtune.errors import InputError
 from lmtune.generate import generate, max_context
@@ -277,7 +276,6 @@ def _load(model: str | Path | nn.Module | None, adapter: str | Path | None,
           tokenizer: Any) -> tuple[Any, Any, int | None]:
     """The model to score, its tokenizer and context: from folders, or the caller's own objects as they are."""
     lm, tokenizer, folder = load_with_adapter(model, adapter, tokenizer=tokenizer)
-    adopt_saved_template(tokenizer, adapter)  # an adapter trained with a named template carries it
     if folder is None:
         return lm, tokenizer, max_context(lm)
     lm.to(pick_device())

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lmtune.data.templates import adopt_saved_template
 from lmtune.errors import InputError
 from lmtune.methods.adapter_files import (
     CONFIG_FILE,
@@ -316,7 +317,8 @@ def load_with_adapter(model: str | Path | nn.Module | None, adapter: str | Path 
     (not merged), or the caller's in-memory model and tokenizer as they are.
 
     The tokenizer is the adapter's own when its training added tokens (chat data); see
-    :func:`adapter_tokenizer`.
+    :func:`adapter_tokenizer`. It gets the chat template the adapter was trained with when the
+    base has none, so evaluation, generation, merge and export use the rendering it learned.
 
     Returns:
         ``(model, tokenizer, model folder)``; the folder is ``None`` for an in-memory model.
@@ -338,6 +340,7 @@ def load_with_adapter(model: str | Path | nn.Module | None, adapter: str | Path 
     lm, tokenizer, folder = load_model_and_tokenizer(model, trust_remote_code=trust_remote_code)
     if adapter:
         tokenizer = adapter_tokenizer(adapter, tokenizer)
+        adopt_saved_template(tokenizer, adapter)  # trained with data.chat_template=NAME|FILE on a template-less base
         lm = load_adapter(lm, adapter, tokenizer=tokenizer)
     return lm, tokenizer, folder
 

@@ -25,7 +25,7 @@ from torch import nn
 from lmtune.data.chat import chat_example_ids, has_chat_template
 from lmtune.data.eval_cases import answer_stops, generation_cases, parse_case
 from lmtune.data.examples import BuildStats, text_example
-from lmtune.data.formats import prompt_completion_ids, separator
+from lmtune.data.formats import detect_format, prompt_completion_ids, separator
 from lmtune.data.readers import Record, read_records
 from lmtune.distributed import pick_device
 from lmtune.errors import InputError
@@ -36,7 +36,6 @@ from lmtune.models.heads import predict
 from lmtune.models.loading import context_length, resolve_model_dir
 from lmtune.objectives.lm import EVAL_BATCH, perplexity
 from lmtune.objectives.sft_task import sft_examples
-from lmtune.run import detect_format
 
 SFT_FORMATS = ("prompt_completion", "alpaca")
 SHOT_SEPARATOR = "\n"  # between solved examples; whitespace, so word-level tokenizers drop it

@@ -21,6 +21,7 @@ from torch import nn
 
 from lmtune.allocator import FREEING_METHODS
 from lmtune.config import load_config
+from lmtune.data.formats import detect_format
 from lmtune.data.readers import read_records
 from lmtune.data.templates import apply_chat_setting
 from lmtune.errors import InputError
@@ -253,8 +254,7 @@ def added_chat_tokens(folder: Path, cfg: RunConfig) -> int:
     """How many tokens a run of ``cfg`` adds to the tokenizer (ChatML's, for chat data without a template)."""
     fmt, train = cfg.data.format, cfg.data.train
     if fmt == "auto" and isinstance(train, str) and Path(train).is_file():
-        fields = set(read_records(train)[0].fields)  # as lmtune.run.detect_format reads it
-        fmt = "messages" if {"messages", "conversations"} & fields else fmt
+        fmt = detect_format(read_records(train))
     if fmt != "messages":
         return 0
     # The same choice training makes: a template the tokenizer has, a detected family, or ChatML added.

@@ -234,3 +234,27 @@ def finish_example(ids: list[int], trained: list[bool], max_length: int, stats: 
     stats.truncated += cut
     stats.examples += 1
     return {"input_ids": ids, "labels": labels}
+
+
+def detect_format(records: list[Record]) -> str:
+    """The data format implied by the first record's fields."""
+    fields = set(records[0].fields)
+    if {"chosen", "rejected"} <= fields:
+        return "preference"
+    if "messages" in fields or "conversations" in fields:
+        return "messages"
+    if "instruction" in fields and "output" in fields:
+        return "alpaca"
+    if {"prompt", "completion", "label"} <= fields:
+        return "unpaired_preference"
+    if {"prompt", "completion"} <= fields:
+        return "prompt_completion"
+    if "label" in fields and ("text" in fields or "text_pair" in fields):
+        return "classification"
+    if "text" in fields:
+        return "text"
+    if "prompt" in fields:
+        return "prompts"
+    raise InputError(f"{records[0].where}: cannot tell the data format from the fields {sorted(fields)}; "
+                     "expected text, prompt+completion, instruction+output, messages, prompt+chosen+rejected, "
+                     "prompt+completion+label, or text+label — or set data.format")

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from lmtune.data.batching import epoch_order
-from lmtune.data.chat import end_of_turn_ids, has_chat_template, render
+from lmtune.data.chat import has_chat_template, render
+from lmtune.data.eval_cases import answer_stops
 from lmtune.data.examples import encode, refuse_full_prompt, special_ids
 from lmtune.data.templates import apply_chat_setting
 from lmtune.distributed import Dist, shard
@@ -196,10 +197,7 @@ def load_prompts(ctx: RunContext, key: str, objective: str) -> list[Prompt] | No
 
 def stop_ids(tokenizer: Any) -> set[int]:
     """Where a sampled response ends: the chat template's end-of-turn token (if any) and EOS."""
-    if has_chat_template(tokenizer):
-        return set(end_of_turn_ids(tokenizer))
-    eos = special_ids(tokenizer)[1]
-    return {eos} if eos is not None else set()
+    return set(answer_stops(tokenizer, has_chat_template(tokenizer)))
 
 
 def unfinished_warning(share: float, cap: str, then: str) -> str | None:

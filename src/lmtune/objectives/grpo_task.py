@@ -52,11 +52,10 @@ class Generations(BufferedSource):
     def __init__(self, policy: nn.Module, reference: Reference | None, fns: list[BatchReward],
                  reward_model: Any, weights: torch.Tensor, prompts: list[Prompt], tokenizer: Any,
                  grpo: GRPOConfig, batch_size: int, seed: int, warn: Callable[[str], None] | None = None):
-        super().__init__(policy)
+        super().__init__(policy, warn)  # warned once, when nearly every completion of a batch hit the length cap
         self.reference, self.fns, self.reward_model, self.weights = reference, fns, reward_model, weights
         self.prompts, self.tokenizer, self.grpo, self.batch_size, self.seed = prompts, tokenizer, grpo, batch_size, seed
         self.stops = stop_ids(tokenizer)
-        self.warn = warn  # said once, when nearly every completion of a batch hit the length cap
 
     def total_steps(self, train: TrainConfig, world: int) -> int:
         """``train.epochs`` counts passes over the prompts: each generation batch gives
@@ -146,10 +145,8 @@ class Generations(BufferedSource):
             self.buffer.append(micro)
         self.count += 1
         cap = f"grpo.max_completion_length={grpo.max_completion_length}"
-        warning = unfinished_warning(self.stats["completions/clipped_ratio"], cap, ", so they were scored unfinished")
-        if warning and self.warn is not None:
-            self.warn(f"warning: {warning}")
-            self.warn = None
+        self.warn_once(unfinished_warning(self.stats["completions/clipped_ratio"], cap,
+                                          ", so they were scored unfinished"))
 
 
 def check_config(grpo: GRPOConfig) -> None:

@@ -151,11 +151,10 @@ class Rollouts(BufferedSource):
                  prompts: list[tuple[str, list[int], list[int]]], tokenizer: Any, ppo: PPOConfig, batch_size: int,
                  seed: int,
                  warn: Callable[[str], None] | None = None):
-        super().__init__(model)
+        super().__init__(model, warn)  # warned once, when nearly every response of a rollout missed its end token
         self.reference, self.scorer, self.prompts = reference, scorer, prompts
         self.tokenizer, self.ppo, self.batch_size, self.seed = tokenizer, ppo, batch_size, seed
         self.stops = stop_ids(tokenizer)  # a chat model ends its turn with <|im_end|> (or the like), not EOS
-        self.warn = warn  # said once, when nearly every response of a rollout missed its end token
 
     def total_steps(self, train: TrainConfig, world: int) -> int:
         """``train.epochs`` counts passes over the prompts: each rollout gives ppo.epochs passes of micro-batches.
@@ -232,11 +231,8 @@ class Rollouts(BufferedSource):
         self.count += 1
         penalty = f", so ppo.missing_eos_penalty={ppo.missing_eos_penalty:g} lowered their scores" \
             if ppo.missing_eos_penalty else ""
-        warning = unfinished_warning(1 - self.stats["eos_fraction"], f"ppo.max_new_tokens={ppo.max_new_tokens}",
-                                     penalty)
-        if warning and self.warn is not None:
-            self.warn(f"warning: {warning}")
-            self.warn = None
+        self.warn_once(unfinished_warning(1 - self.stats["eos_fraction"], f"ppo.max_new_tokens={ppo.max_new_tokens}",
+                                          penalty))
 
 
 def layout(prompt_ids: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ sampling counter, so a killed run resumes on exactly the micro-batches it would 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,11 +100,18 @@ class BufferedSource:
     are the last refill's metrics, logged with every step trained on it.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, warn: Callable[[str], None] | None = None):
         self.model = model
         self.buffer: list[dict[str, Any]] = []
         self.stats: dict[str, float] = {}
         self.count = 0
+        self._warn = warn  # said once per run: the first warning a refill finds
+
+    def warn_once(self, warning: str | None) -> None:
+        """Log ``warning`` (if any) the first time a refill has one; later ones are not repeated."""
+        if warning and self._warn is not None:
+            self._warn(f"warning: {warning}")
+            self._warn = None
 
     def refill(self, ddp: Dist | None = None) -> None:
         raise NotImplementedError

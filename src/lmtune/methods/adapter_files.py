@@ -82,18 +82,28 @@ def add_modules_to_save(folder: Path, modules: dict[str, nn.Module], prefix: str
     reads a key per listed module), and ``ensure_weight_tying`` makes PEFT tie its copy to the
     embedding's; lmtune's loader keeps the base's tie by loading both into the one tensor.
     """
-    from safetensors.torch import load_file, save_file
-
-    config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    tensors = load_file(str(folder / WEIGHTS_FILE))
-    for name, module in modules.items():
-        for k, v in module.state_dict().items():
-            tensors[f"{prefix}{name}.{k}"] = v.detach().float().cpu().clone()  # a tied head: its own copy
+    tensors = {f"{prefix}{name}.{k}": v.detach().float().cpu().clone()  # a tied head: its own copy
+               for name, module in modules.items() for k, v in module.state_dict().items()}
+    listed = _config(folder).get("modules_to_save") or []
+    changes: dict[str, Any] = {"modules_to_save": list(dict.fromkeys([*listed, *modules]))}
     params = [id(p) for m in modules.values() for p in m.parameters()]
     if len(set(params)) < len(params):  # tied weights
-        config["ensure_weight_tying"] = True
-    config["modules_to_save"] = list(dict.fromkeys([*(config.get("modules_to_save") or []), *modules]))
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        changes["ensure_weight_tying"] = True
+    _add_to_adapter(folder, tensors, **changes)
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+
+
+def _add_to_adapter(folder: Path, tensors: dict[str, torch.Tensor], **changes: Any) -> None:
+    """Add ``tensors`` to a saved adapter's weights (if any) and ``changes`` to its config, in place."""
+    from safetensors.torch import load_file, save_file
+
+    if tensors:
+        save_file({**load_file(str(folder / WEIGHTS_FILE)), **tensors}, str(folder / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+    config = {**_config(folder), **changes}
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
@@ -106,9 +116,7 @@ def save_heads_in_adapter(folder: Path, heads: dict[str, nn.Module]) -> None:
     """
     if heads:
         add_modules_to_save(folder, heads)
-    config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    config["task_type"] = "SEQ_CLS"
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    _add_to_adapter(folder, {}, task_type="SEQ_CLS")
 
 
 def save_new_token_rows(folder: Path, model: nn.Module, added: list[str]) -> None:
@@ -119,15 +127,9 @@ def save_new_token_rows(folder: Path, model: nn.Module, added: list[str]) -> Non
     (``modules_to_save``: PEFT's prompt learning has no other way). The tokenizer with the
     added tokens is already in the folder (see :func:`adapter_tokenizer`).
     """
-    from safetensors.torch import load_file, save_file
-
     indices, rows = token_rows_config_and_tensors(model)
     if indices:
-        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-        config["trainable_token_indices"] = indices
-        save_file({**load_file(str(folder / WEIGHTS_FILE)), **rows}, str(folder / WEIGHTS_FILE),
-                  metadata={"format": "pt"})
-        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        _add_to_adapter(folder, rows, trainable_token_indices=indices)
     else:
         prompt = hasattr(model, "prompt_embeddings")
         add_modules_to_save(folder, token_embedding_modules(model.model if prompt else model),

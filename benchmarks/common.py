@@ -13,7 +13,6 @@ import math
 import os
 import platform
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -49,8 +48,11 @@ def set_thread_env(threads: int) -> dict[str, str]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux: ru_maxrss is KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process alone: lmtune's own reading (``VmHWM``; ``ru_maxrss``
+    would carry the high-water mark of the driver that started the arm)."""
+    from lmtune.runlog import peak_rss_mb as own_peak
+
+    return own_peak()
 
 
 def current_rss_mb() -> float:

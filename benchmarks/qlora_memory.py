@@ -42,23 +42,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import current_rss_mb, peak_rss_mb
+
 THREADS = "1"  # 2 OpenMP threads on a 2-core machine shared by ~8 jobs spin-wait: 10x slower
 EVAL_LINES = 48
 ARMS = ("lora-fp32", "lora-freeheap", "lora-bf16", "lora-nf4base", "qlora", "qlora-keepheap", "qlora-trim")
 DEFAULT_ARMS = "lora-fp32,lora-nf4base,qlora"
 HERE = Path(__file__).resolve().parent
-
-
-def peak_mb() -> float:
-    """This process's own peak resident set in MB (``VmHWM``: ``ru_maxrss`` would include the parent's peak)."""
-    with open("/proc/self/status") as f:
-        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024
-
-
-def rss_mb() -> float:
-    """Current resident set size in MB (Linux)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 SIZES = {"60m": (8, 512, 1536), "150m": (14, 768, 2048)}  # layers, hidden, MLP width; V=32000 for both
@@ -155,7 +145,7 @@ def run_arm(arm: str, base: Path, out: Path, steps: int, lr: float) -> dict:
     original = run_module.RunContext.load_causal_lm
 
     def load(self):  # record the memory the weights take, and load bf16 for that arm
-        before = rss_mb()
+        before = current_rss_mb()
         model = load_causal_lm(self.model_folder, dtype=torch.bfloat16) if arm == "lora-bf16" else original(self)
         if arm == "lora-nf4base":
             round_trip_nf4(model)
@@ -163,7 +153,7 @@ def run_arm(arm: str, base: Path, out: Path, steps: int, lr: float) -> dict:
             for name, p in model.named_parameters():
                 if "weight_4bit" not in name:  # NF4 weights were written by lmtune's loader: resident already
                     p.float().sum()
-        loaded["weights_rss_mb"] = rss_mb() - before
+        loaded["weights_rss_mb"] = current_rss_mb() - before
         return model
 
     run_module.RunContext.load_causal_lm = load
@@ -174,7 +164,7 @@ def run_arm(arm: str, base: Path, out: Path, steps: int, lr: float) -> dict:
 
     def measured(*args, **kwargs):  # RSS after each forward/backward: what the run holds while training
         out = accumulate(*args, **kwargs)
-        after_step.append(rss_mb())
+        after_step.append(current_rss_mb())
         return out
 
     train_module.accumulate_gradients = measured
@@ -203,7 +193,7 @@ def run_arm(arm: str, base: Path, out: Path, steps: int, lr: float) -> dict:
     summary = run_module.run_training(cfg, log=RunLog(out, quiet=True, tensorboard=False)).summary
     step_s = summary["tokens_trained"] / summary["tokens_per_second"] / summary["steps"]
     steady = sorted(after_step[1:] or after_step)
-    return {"arm": arm, "peak_rss_mb": peak_mb(),
+    return {"arm": arm, "peak_rss_mb": peak_rss_mb(),
             "steady_rss_mb": steady[len(steady) // 2], "predicted_peak_mb": summary.get("predicted_peak_mb"),
             "weights_rss_mb": loaded["weights_rss_mb"], "eval_loss": summary["eval_loss"],
             "base_eval_loss": loaded["base_eval_loss"],

@@ -141,8 +141,8 @@ def test_dropout_is_reproducible_per_rank_and_not_one_process(job, gpt2_dir):
 
 
 def test_min_and_max_metrics_reduce_by_min_and_max():
-    parts = [({"min_reward": -1.0, "max_reward": 2.0, "accuracy": 1.0 * 3}, 3),
-             ({"min_reward": -4.0, "max_reward": 0.5, "accuracy": 0.0 * 1}, 1)]
+    parts = [({"min_reward": -1.0, "max_reward": 2.0, "accuracy": 1.0}, 3),
+             ({"min_reward": -4.0, "max_reward": 0.5, "accuracy": 0.0}, 1)]
     assert reduce_metrics(parts) == {"min_reward": -4.0, "max_reward": 2.0, "accuracy": 0.75}
 
 

@@ -145,21 +145,24 @@ def shard(indices: list[T], d: Dist | None) -> list[T]:
 
 
 def reduce_metrics(parts: list[tuple[dict[str, float], float]]) -> dict[str, float]:
-    """Combine ``(metric sums, weight)`` parts (micro-batches, ranks) into one record.
+    """Combine ``(metrics, weight)`` parts (micro-batches, ranks) into one record.
 
     A ``min_``/``max_`` metric (the part's own extreme) combines by min/max; every other metric
-    arrives as ``value × weight`` and becomes the weighted mean, as over one big batch.
+    becomes the weighted mean, as over one big batch.
     """
     weight = sum(w for _, w in parts)
-    out: dict[str, float] = {}
-    for sums, _ in parts:
-        for k, v in sums.items():
+    if not weight:
+        return {}
+    extremes: dict[str, float] = {}
+    sums: dict[str, float] = {}
+    for metrics, w in parts:
+        for k, v in metrics.items():
             if k.startswith(("min_", "max_")):
                 pick = min if k.startswith("min_") else max
-                out[k] = pick(out[k], v) if k in out else v
+                extremes[k] = pick(extremes[k], v) if k in extremes else v
             else:
-                out[k] = out.get(k, 0.0) + v
-    return {k: v if k.startswith(("min_", "max_")) else v / weight for k, v in out.items()} if weight else {}
+                sums[k] = sums.get(k, 0.0) + v * w
+    return {**{k: v / weight for k, v in sums.items()}, **extremes}
 
 
 def gather_rows(rows: dict[str, torch.Tensor], d: Dist | None, pad: dict[str, float] | None = None

@@ -245,8 +245,7 @@ def accumulate_gradients(task: Task, micro: list[dict[str, Any] | None], precisi
         if filler:
             continue
         loss_total += float(loss_sum.detach())
-        w = batch["num_loss_tokens"]
-        parts.append(({k: v if k.startswith(("min_", "max_")) else v * w for k, v in m.items()}, w))
+        parts.append((m, batch["num_loss_tokens"]))  # metrics are weighted by loss units
     if ddp:
         every = ddp.gather((loss_total, parts))
         loss_total, parts = sum(e[0] for e in every), [p for e in every for p in e[1]]

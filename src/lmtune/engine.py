@@ -30,7 +30,6 @@ from torch import nn
 
 from lmtune import fsdp
 from lmtune.distributed import Dist
-from lmtune.fsdp import transformer_blocks  # noqa: F401  (re-exported)
 
 
 def check_strategy(cfg: Any) -> None:

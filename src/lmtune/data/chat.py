@@ -198,6 +198,19 @@ def chat_example_ids(tokenizer: Any, messages: list[dict[str, str]], max_length:
     return finish_example(ids, trained, max_length, stats, loss_on)
 
 
+def prompt_ids(tokenizer: Any, text: str, templated: bool, where: str) -> list[int]:
+    """One prompt's ids as the model is asked it: a user turn plus the generation prompt of the
+    chat template (``templated``), else BOS + the raw text (how raw prompts are trained).
+
+    Raises:
+        InputError: the text cannot be encoded or the template fails, naming ``where``.
+    """
+    if templated:
+        return encode(tokenizer, render(tokenizer, [{"role": "user", "content": text}], True, where), "prompt", where)
+    bos = special_ids(tokenizer)[0]
+    return ([bos] if bos is not None else []) + encode(tokenizer, text, "prompt", where)
+
+
 def render_generation_prompt(tokenizer: Any, prompt: str) -> tuple[str, list[int]]:
     """The chat-templated text for a single user ``prompt``, and the ids that end the reply.
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lmtune.data.chat import end_of_turn_ids, has_chat_template, render
+from lmtune.data.chat import end_of_turn_ids, has_chat_template, prompt_ids, render
 from lmtune.data.examples import BuildStats, encode, special_ids
 from lmtune.data.formats import Conversation, PromptCompletion, parse_records
 from lmtune.data.readers import Record
@@ -60,17 +60,14 @@ def generation_cases(records: list[Record], fmt: str, tokenizer: Any, prefixes: 
                              "convert the records to prompt/completion")
         if any(prefixes):
             raise InputError("--shots works with text, prompt/completion and alpaca data, not chat messages")
-    bos = special_ids(tokenizer)[0]
     cases = []
     for sample, prefix in zip(samples, prefixes, strict=True):
         if isinstance(sample, Conversation):
             turns, reference = sample.messages[:-1], sample.messages[-1]["content"]
-        else:
-            turns, reference = [{"role": "user", "content": prefix + sample.prompt}], sample.completion
-        if isinstance(sample, Conversation) or templated:
             ids = encode(tokenizer, render(tokenizer, turns, True, sample.where), "prompt", sample.where)
         else:
-            ids = ([bos] if bos is not None else []) + encode(tokenizer, turns[0]["content"], "prompt", sample.where)
+            reference = sample.completion
+            ids = prompt_ids(tokenizer, prefix + sample.prompt, templated, sample.where)
         cases.append(Case(ids, reference, sample.where))
     return cases
 

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from lmtune.data.batching import epoch_order
-from lmtune.data.chat import has_chat_template, render
+from lmtune.data.chat import has_chat_template, prompt_ids, render
 from lmtune.data.eval_cases import answer_stops
-from lmtune.data.examples import encode, refuse_full_prompt, special_ids
+from lmtune.data.examples import encode, refuse_full_prompt
 from lmtune.data.templates import apply_chat_setting
 from lmtune.distributed import Dist, shard
 from lmtune.errors import InputError
@@ -167,7 +167,6 @@ def load_prompts(ctx: RunContext, key: str, objective: str) -> list[Prompt] | No
     chat_prompts = any(isinstance(rec.fields.get("prompt"), list) for rec in records)
     templated = apply_chat_setting(tok, ctx.cfg.data.chat_template, "messages" if chat_prompts else "prompts",
                                    may_add_tokens=False).templated
-    bos = special_ids(tok)[0]
     prompts = []
     for rec in records:
         value = rec.fields.get("prompt", rec.fields.get("text"))
@@ -179,17 +178,14 @@ def load_prompts(ctx: RunContext, key: str, objective: str) -> list[Prompt] | No
                                  "tokenizer has one")
             ids = encode(tok, render(tok, value, True, rec.where))
         elif isinstance(value, str) and value.strip():
-            try:
-                ids = ([bos] if bos is not None else []) + encode(tok, value)
-            except InputError as e:  # the tokenizer's complaint does not know the line; add it
-                raise InputError(f"{rec.where}: {e}") from None
+            ids = prompt_ids(tok, value, False, rec.where)
         else:
             raise InputError(f"{rec.where}: a {objective} prompt must be a non-empty string or a list of chat "
                              "messages in 'prompt' (JSONL), or a line (TXT)")
         # Reward models train on BOS + prompt + response (objective=reward); the policy sees the template.
         scored = ids
         if isinstance(value, str) and templated:
-            ids = encode(tok, render(tok, [{"role": "user", "content": value}], True, rec.where), "prompt", rec.where)
+            ids = prompt_ids(tok, value, True, rec.where)
         refuse_full_prompt(len(ids), max_length, rec.where)
         prompts.append(Prompt(value=value, ids=ids, columns=columns, scored_ids=scored))
     if not prompts:

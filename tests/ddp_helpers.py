@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 SRC = str(HERE.parent / "src")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -37,7 +37,7 @@ def _free_port() -> int:
 def _torchrun(script_args: list[str], cwd: Path, extra_path: str = "") -> subprocess.CompletedProcess:
     path = os.pathsep.join(p for p in (SRC, extra_path, os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "--master_addr=127.0.0.1", str(Path(__file__).resolve()), *script_args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=cwd)
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from classify_helpers import topic_records, write_jsonl
+from ddp_helpers import free_port, metrics, tensors
 from lmtune.config import load_config
 from lmtune.distributed import RANK_SEED_STRIDE, Dist, rank_seed
 
@@ -31,15 +30,9 @@ PAIRS = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in [
 ]]  # 7 pairs, global batch 4: the second batch gives rank 1 one pair fewer
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            "--master_addr=127.0.0.1", "-m", "lmtune", "train", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=cwd)
 
@@ -50,27 +43,17 @@ def one_process(args: list[str]) -> None:
     run_training(load_config(None, args))
 
 
-def _tensors(out: Path) -> dict[str, torch.Tensor]:
-    found = {f"{f.name}:{k}": v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
-    assert found, f"{out} holds no weights"
-    return found
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def assert_equal_runs(common: list[str], batch: int, tmp_path: Path) -> tuple[list[dict], list[dict]]:
     """Train with ``train.batch_size=batch`` here and ``batch/2`` on 2 ranks; compare weights and losses."""
     one, two = tmp_path / "one", tmp_path / "two"
     one_process([*common, f"train.batch_size={batch}", f"output_dir={one}"])
     proc = torchrun([*common, f"train.batch_size={batch // 2}", f"output_dir={two}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    a, b = _tensors(one), _tensors(two)
+    a, b = tensors(one), tensors(two)
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
-    ma, mb = _metrics(one), _metrics(two)
+    ma, mb = metrics(one), metrics(two)
     assert [m["step"] for m in ma] == [m["step"] for m in mb]  # rank 1 appended nothing of its own
     torch.testing.assert_close(torch.tensor([m["loss"] for m in mb]), torch.tensor([m["loss"] for m in ma]),
                                rtol=1e-5, atol=1e-6)

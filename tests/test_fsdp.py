@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from classify_helpers import topic_records, write_jsonl
 from conftest import SENTENCES, fails, write_lines
-from test_distributed import PAIRS, SRC, _free_port, _metrics, _tensors, assert_equal_runs, one_process, torchrun
+from ddp_helpers import free_port, metrics, tensors
+from test_distributed import PAIRS, SRC, assert_equal_runs, one_process, torchrun
 
 FSDP = "train.distributed.strategy=fsdp"
 SFT = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in PAIRS]  # 7 rows: batch 4 leaves a short one
@@ -36,7 +37,7 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 
 def _losses(out: Path) -> torch.Tensor:
-    return torch.tensor([m["loss"] for m in _metrics(out)])
+    return torch.tensor([m["loss"] for m in metrics(out)])
 
 
 def test_full_fine_tuning_checkpoints_resume_and_exit(gpt2_dir, corpus, tmp_path):
@@ -59,7 +60,7 @@ def test_full_fine_tuning_checkpoints_resume_and_exit(gpt2_dir, corpus, tmp_path
     proc = torchrun([*common, "train.batch_size=4", f"output_dir={three}", "train.resume=true"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]  # both ranks exited 0, the second launch too
     assert "resumed from" in proc.stdout + proc.stderr
-    _close(_tensors(one), _tensors(three))
+    _close(tensors(one), tensors(three))
     torch.testing.assert_close(_losses(three), _losses(one), rtol=1e-5, atol=1e-6)
     assert "abort" not in proc.stderr.lower()
 
@@ -107,7 +108,7 @@ def job(gpt2_dir, llama_dir, tmp_path_factory):
     (tmp / "plan.json").write_text(json.dumps(plan))
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", str(JOBS),
+                           f"--master_port={free_port()}", "--master_addr=127.0.0.1", str(JOBS),
                            str(tmp / "plan.json")], env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-6000:]
     fsdp_runs = sum(FSDP in args for args, _ in runs.values())
@@ -121,9 +122,9 @@ def _equal_to_one_process(job, name: str) -> None:
     one = tmp / f"{name}-one"
     one_process([*args, f"train.batch_size={batch}", f"output_dir={one}"])
     two = tmp / name
-    _close(_tensors(one), _tensors(two))
+    _close(tensors(one), tensors(two))
     torch.testing.assert_close(_losses(two), _losses(one), rtol=1e-5, atol=1e-6)
-    assert [m["tokens"] for m in _metrics(one)] == [m["tokens"] for m in _metrics(two)]
+    assert [m["tokens"] for m in metrics(one)] == [m["tokens"] for m in metrics(two)]
 
 
 @pytest.mark.parametrize("name", ["freeze_sft", "lora_sft", "qlora_lm", "dpo_lora", "dpo_full", "kto_lora",
@@ -137,17 +138,17 @@ def test_lora_with_dropout_equals_ddp(job):
     # equals one process; FSDP2 and DDP draw the same masks and so train the same weights.
     tmp, _ = job
     fsdp, ddp = tmp / "lora_dropout_fsdp", tmp / "lora_dropout_ddp"
-    _close(_tensors(ddp), _tensors(fsdp))
+    _close(tensors(ddp), tensors(fsdp))
     torch.testing.assert_close(_losses(fsdp), _losses(ddp), rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_policy_trains_and_saves_fp32_master_weights(job):
     # bf16 compute (MixedPrecisionPolicy) does not round what is saved: the adapter is the fp32 masters.
     tmp, _ = job
-    saved = _tensors(tmp / "lora_bf16")
+    saved = tensors(tmp / "lora_bf16")
     assert {v.dtype for v in saved.values()} == {torch.float32}
     assert any(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)  # B starts at 0: it trained
-    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in _metrics(tmp / "lora_bf16"))
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics(tmp / "lora_bf16"))
 
 
 @pytest.mark.parametrize(("args", "needles"), [

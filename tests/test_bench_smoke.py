@@ -76,3 +76,31 @@ def test_config_error_is_reported_before_torch_is_imported(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(lmtune.__file__).resolve().parents[1])}  # this checkout's lmtune
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.stdout.split() == ["2", "False"]
+
+
+@pytest.fixture(scope="module")
+def qlora_bench_base(tmp_path_factory):
+    import qlora_memory  # noqa: E402  (benchmarks/ is on sys.path above)
+
+    folder = tmp_path_factory.mktemp("qlora-bench") / "base"
+    qlora_memory.SIZES["tiny"] = (2, 64, 128)  # the script's own base builder, at a test's size
+    try:
+        qlora_memory.build_base(folder, "tiny")
+    finally:
+        del qlora_memory.SIZES["tiny"]
+    return folder
+
+
+@pytest.mark.parametrize("arm", ["qlora", "qlora-trim"])
+def test_qlora_memory_arm_runs_on_a_tiny_llama(qlora_bench_base, tmp_path, arm):
+    # The script wraps lmtune's loop functions by name (accumulate_gradients, _optimizer_step,
+    # evaluate_loss); a rename in the library must fail here, not in the next benchmark run.
+    import json
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "qlora_memory.py"
+    proc = subprocess.run([sys.executable, str(script), "--arm", arm, "--base", str(qlora_bench_base),
+                           "--out", str(tmp_path / "o"), "--steps", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["arm"] == arm and row["steady_rss_mb"] > 0 and row["eval_loss"] > 0 and row["base_eval_loss"] > 0

@@ -108,3 +108,60 @@ def test_heap_slack_adds_one_uncheckpointed_steps_activations_for_methods_that_k
     cfg = load_config(overrides={"method": "lora"})
     assert _shape(cfg)["heap_slack"] and _shape(cfg, "full")["heap_slack"]
     assert FREEING_METHODS == {"qlora"} and not _shape(cfg, "qlora")["heap_slack"]  # run.py frees for qlora
+
+
+PAIRS = [{"prompt": "the cat", "chosen": "can run .", "rejected": "is in the cup ."},
+         {"prompt": "where is the red", "chosen": "ball ?", "rejected": "hat ?"}]
+UNPAIRED = [{"prompt": "the cat", "completion": "can run .", "label": True},
+            {"prompt": "where is the red ball", "completion": "?", "label": False},
+            {"prompt": "the", "completion": "boy can see the bird .", "label": True}]
+
+
+def test_longest_sequence_is_the_padded_width_of_the_objectives_batches(llama_dir):
+    # Oracle: each objective's own collate, which pads a batch to its longest row.
+    from lmtune.data.batching import pad_batch
+    from lmtune.data.preference import build_pairs, collate_pairs
+    from lmtune.data.readers import Record
+    from lmtune.footprint import longest_sequence
+    from lmtune.models.loading import load_tokenizer
+    from lmtune.objectives.kto_task import build_examples, collate_unpaired
+
+    tok = load_tokenizer(llama_dir)
+    pairs, _ = build_pairs([Record(p, "x") for p in PAIRS], tok, 64)
+    assert longest_sequence(pairs, 64) == collate_pairs(pairs, tok.pad_token_id)["input_ids"].shape[1]
+    kto, _ = build_examples([Record(r, "x") for r in UNPAIRED], tok, 64)
+    # KTO's KL rows pair prompts with other examples' completions: the bound is any prompt with any completion
+    width = collate_unpaired(kto, tok.pad_token_id, 64)["input_ids"].shape[1]
+    any_pairing = max(len(a["prompt_ids"]) + len(b["completion_ids"]) for a in kto for b in kto)
+    assert width <= longest_sequence(kto, 64) == any_pairing
+    rows = [{"input_ids": [5] * n, "labels": [5] * n} for n in (3, 9, 4)]
+    assert longest_sequence(rows, 64) == pad_batch(rows, 0)["input_ids"].shape[1] == 9
+    assert longest_sequence(rows, 5) == 5  # never past train.max_length
+    assert longest_sequence(None, 64) == longest_sequence([("a", "b")], 64) == 64  # unknown: the bound
+
+
+def test_summary_predicts_the_peak_for_the_runs_longest_example_not_max_length(model_dir, corpus, tmp_path,
+                                                                                 monkeypatch):
+    from lmtune import footprint, run
+    from lmtune.runlog import RunLog
+
+    seen = {}
+    real_longest, real_predict = footprint.longest_sequence, footprint.predicted_peak_mb
+
+    def longest(examples, max_length):
+        seen["examples"], seen["longest"] = examples, real_longest(examples, max_length)
+        return seen["longest"]
+
+    def predict(folder, cfg, baseline, seq_len=None):
+        seen["seq_len"] = seq_len
+        return real_predict(folder, cfg, baseline, seq_len)
+
+    monkeypatch.setattr(run, "longest_sequence", longest)
+    monkeypatch.setattr(run, "predicted_peak_mb", predict)
+    cfg = load_config(overrides={"model": str(model_dir), "data.train": str(corpus), "output_dir": str(tmp_path / "r"),
+                                 "train.steps": 1, "train.batch_size": 2, "train.max_length": 512})
+    summary = run.run_training(cfg, log=RunLog(tmp_path / "r", quiet=True, tensorboard=False)).summary
+    assert seen["seq_len"] == seen["longest"] == max(len(e["input_ids"]) for e in seen["examples"]) < 512
+    assert "predicted_peak_mb" in summary
+    # inspect, without the data, bounds by train.max_length: more than the run's own prediction
+    assert real_predict(model_dir, cfg, 0.0, seen["longest"]) < real_predict(model_dir, cfg, 0.0)

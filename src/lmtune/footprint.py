@@ -242,12 +242,37 @@ def current_rss_bytes() -> float:
         return 0.0
 
 
-def predicted_peak_mb(folder: Path, cfg: RunConfig, baseline_bytes: float) -> float:
-    """The peak ``lmtune inspect`` predicts for ``cfg``'s run (what summary.json reports next to ``peak_rss_mb``)."""
+def predicted_peak_mb(folder: Path, cfg: RunConfig, baseline_bytes: float, seq_len: int | None = None) -> float:
+    """The peak ``lmtune inspect`` predicts for ``cfg``'s run (what summary.json reports next to ``peak_rss_mb``).
+
+    ``seq_len``: the run's longest sequence when its examples are known (:func:`longest_sequence`);
+    ``train.max_length`` otherwise, as ``inspect`` assumes.
+    """
     trust = cfg.trust_remote_code
     model = _meta_model(folder, trust)
     row = method_row(lambda: _meta_model(folder, trust), cfg.method, cfg)
-    return predict_peak(row, architecture(model.config), **_shape(cfg), baseline_bytes=baseline_bytes)["total"] / MB
+    shape = {**_shape(cfg), **({"seq_len": seq_len} if seq_len else {})}
+    return predict_peak(row, architecture(model.config), **shape, baseline_bytes=baseline_bytes)["total"] / MB
+
+
+def longest_sequence(examples: Any, max_length: int) -> int:
+    """Tokens in the longest row a batch of ``examples`` pads to: the bound of a step's activations.
+
+    Knows lmtune's example dicts: ``input_ids`` (LM, SFT, packed rows, classification); a preference
+    pair's prompt plus its longer side; a KTO example's longest prompt plus longest completion
+    (its KL rows pair a prompt with another example's completion). Anything else: ``max_length``.
+    """
+    if not isinstance(examples, list) or not examples or not all(isinstance(e, dict) for e in examples):
+        return max_length
+    if all("input_ids" in e for e in examples):
+        longest = max(len(e["input_ids"]) for e in examples)
+    elif all({"prompt_ids", "chosen_ids", "rejected_ids"} <= e.keys() for e in examples):
+        longest = max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples)
+    elif all({"prompt_ids", "completion_ids"} <= e.keys() for e in examples):
+        longest = max(len(e["prompt_ids"]) for e in examples) + max(len(e["completion_ids"]) for e in examples)
+    else:
+        return max_length
+    return min(longest, max_length)
 
 
 def added_chat_tokens(folder: Path, cfg: RunConfig) -> int:

@@ -20,7 +20,7 @@ from lmtune.data.readers import Record, read_records
 from lmtune.distributed import pick_device
 from lmtune.engine import check_strategy
 from lmtune.errors import InputError
-from lmtune.footprint import current_rss_bytes, predicted_peak_mb
+from lmtune.footprint import current_rss_bytes, longest_sequence, predicted_peak_mb
 from lmtune.methods.registry import METHODS, Method
 from lmtune.models.encoders import refuse_encoder
 from lmtune.models.loading import (
@@ -206,7 +206,8 @@ def run_training(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokeni
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(task.model)
         if model is None:  # a model passed in as an object has no config folder to inspect
-            task.summary["predicted_peak_mb"] = predicted_peak_mb(ctx.model_folder, cfg, baseline)
+            longest = longest_sequence(getattr(task.batches, "examples", None), cfg.train.max_length)
+            task.summary["predicted_peak_mb"] = predicted_peak_mb(ctx.model_folder, cfg, baseline, longest)
         ctx.log.say(f"model: {ctx.model_folder} | method: {cfg.method} | objective: {cfg.objective} | "
                     f"format: {cfg.data.format}")
         total, trainable = param_counts(task.model)

@@ -68,3 +68,16 @@ def test_train_show_example_prints_it_once(tmp_path, capsys):
     assert printed.count("first training example") == 1 and "[[the mat<|im_end|>]]" in printed
     assert "warning" not in printed
     assert "[[the mat<|im_end|>]]" in json.loads((out / "summary.json").read_text())["example"]
+
+
+def test_api_train_show_example_prints_it_as_the_cli_does(tmp_path, capsys):
+    import lmtune
+
+    tok = chatml_tokenizer("llama")
+    folder = tmp_path / "m"
+    save_model(build_model("llama", tok), tok, folder)
+    result = lmtune.train(str(folder), data=[ROW], output_dir=str(tmp_path / "run"), train={"steps": 1},
+                          show_example=True)
+    printed = capsys.readouterr().out
+    assert printed.count("first training example") == 1 and "[[the mat<|im_end|>]]" in printed
+    assert "[[the mat<|im_end|>]]" in result.summary["example"]

@@ -36,7 +36,8 @@ Data = PathLikeStr | Iterable[PathLikeStr] | Iterable[Mapping[str, Any]]
 def train(model: PathLikeStr | nn.Module | None = None, tokenizer: Any = None, *, data: Data | None = None,
           eval_data: Data | None = None, method: str | None = None, objective: str | None = None,
           output_dir: PathLikeStr | None = None, config: RunConfig | PathLikeStr | None = None,
-          overrides: list[str] | Mapping[str, Any] | None = None, **sections: Any) -> RunResult:
+          overrides: list[str] | Mapping[str, Any] | None = None, show_example: bool = False,
+          **sections: Any) -> RunResult:
     """Fine-tune a model: the run ``lmtune train`` makes, from Python.
 
     Example::
@@ -61,6 +62,8 @@ def train(model: PathLikeStr | nn.Module | None = None, tokenizer: Any = None, *
         output_dir: where the run writes its model or adapter, metrics and ``summary.json``.
         config: a ``RunConfig`` or a YAML file as the base; the other arguments override it.
         overrides: dotted keys over ``config``, as ``["train.lr=1e-4"]`` or ``{"data.format": "text"}``.
+        show_example: print the first training example with its loss mask before training, as
+            ``lmtune train --show-example`` (SFT; summary.json's ``example`` always holds it).
         **sections: config sections as dicts (``lora={"r": 16}``, ``train={"steps": 100}``) and
             top-level keys (``trust_remote_code=True``), applied last; ``lmtune train --keys``
             lists them all.
@@ -98,7 +101,7 @@ def train(model: PathLikeStr | nn.Module | None = None, tokenizer: Any = None, *
     with run_environment():
         cfg = load_config(config, overrides, **keys, **sections)
         return run_training(cfg, model=model if in_memory else None, tokenizer=tokenizer,
-                            train_records=train_records, eval_records=eval_records)
+                            train_records=train_records, eval_records=eval_records, show_example=show_example)
 
 
 def load(model: PathLikeStr | None = None, adapter: PathLikeStr | None = None, *,

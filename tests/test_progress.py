@@ -182,3 +182,17 @@ def test_in_memory_eval_rows_satisfy_eval_every_and_patience(gpt2_dir, tmp_path)
     assert result.summary["eval_loss"] is not None
     with pytest.raises(lmtune.InputError, match="train.eval_every=2 evaluates data.eval"):
         lmtune.train(gpt2_dir, data=ROWS, output_dir=tmp_path / "none", train={"steps": 4, "eval_every": 2})
+
+
+def test_dpo_held_out_pairs_go_through_one_pass_per_eval(gpt2_dir, tmp_path, monkeypatch):
+    # eval_loss and the reward accuracy/margin come from the same forward passes: before training,
+    # at each eval (steps 3 and 6) and after, so 4 passes over the eval pairs, besides 6 steps of 5.
+    from lmtune.objectives import dpo_task
+
+    collated = []
+    real = dpo_task.collate_pairs
+    monkeypatch.setattr(dpo_task, "collate_pairs", lambda ps, pad: collated.append(len(ps)) or real(ps, pad))
+    eval_rows = PAIRS[:3]
+    lmtune.train(gpt2_dir, data=PAIRS, eval_data=eval_rows, output_dir=tmp_path / "run",
+                 train={"steps": 6, "batch_size": 5, "eval_every": 3})
+    assert sum(collated) == 6 * 5 + 4 * len(eval_rows)

@@ -135,7 +135,7 @@ def test_resume_after_early_stopping_is_refused_and_keeps_the_best_weights(gpt2_
     from lmtune import evaluation_loop
 
     losses = iter([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])  # best at step 1, worse from then on
-    monkeypatch.setattr(evaluation_loop, "evaluate_loss", lambda *a, **k: next(losses))
+    monkeypatch.setattr(evaluation_loop, "held_out", lambda *a, **k: {"eval_loss": next(losses)})
     out = tmp_path / "out"
     args = train(gpt2_dir, corpus, out, f"data.eval={eval_corpus}", "train.eval_every=1", "train.patience=1",
                  "train.save_every=1", "train.steps=6")

@@ -26,8 +26,12 @@ def measure(evaluators: dict[str, Any], model: torch.nn.Module) -> dict[str, flo
 
 
 @torch.no_grad()
-def evaluate_loss(task: Task, settings: TrainConfig, device: torch.device, engine: Engine | None = None) -> float:
-    """Mean loss per loss unit over the task's eval examples (token-weighted for LM objectives).
+def held_out(task: Task, settings: TrainConfig, device: torch.device, engine: Engine | None = None) -> dict[str, float]:
+    """One pass over the task's eval examples: ``eval_loss`` and the task's ``eval_metrics``.
+
+    ``eval_loss`` is the mean loss per loss unit (token-weighted for LM objectives); each eval
+    metric is the loss's own batch mean weighted by the batch's loss units (a DPO batch's reward
+    accuracy by its pairs), i.e. the mean over every held-out unit.
 
     Under torchrun each eval batch of ``batch_size × world`` examples is split across the ranks
     (through ``engine``, so FSDP2 gathers weights) and the sums are reduced: no example is
@@ -38,19 +42,42 @@ def evaluate_loss(task: Task, settings: TrainConfig, device: torch.device, engin
     was_training = task.model.training
     task.model.eval()
     world = ddp.world if ddp else 1
-    total, units, bs, examples = 0.0, 0, settings.batch_size * world, task.eval_examples
+    total, units, bs, examples = 0.0, 0.0, settings.batch_size * world, task.eval_examples
+    named = list(task.eval_metrics.items())  # (the loss's metric, its name in the record)
+    sums = [0.0] * len(named)
     with autocast(settings.precision, device):
         for start in range(0, len(examples), bs):
             mine = distributed.shard(examples[start:start + bs], ddp)
             batch = to_device(task.batches.collate(mine or examples[start:start + 1]), device)
-            loss_sum = engine(batch, False)[0] if engine else task.loss(task.model, batch)[0]
+            if engine:
+                loss_sum, _, metrics = engine(batch, False)
+            else:
+                loss_sum, metrics = task.loss(task.model, batch)
             if mine:
+                n = float(batch["num_loss_tokens"])
                 total += float(loss_sum)
-                units += batch["num_loss_tokens"]
+                units += n
+                sums = [acc + float(metrics[key]) * n for acc, (key, _) in zip(sums, named)]
     if ddp:
-        total, units = ddp.sum(total, units)
+        total, units, *sums = ddp.sum(total, units, *sums)
     task.model.train(was_training)
-    return total / max(units, 1)
+    out = {"eval_loss": total / max(units, 1)}
+    out.update({name: acc / max(units, 1) for acc, (_, name) in zip(sums, named)})
+    return out
+
+
+def evaluate_loss(task: Task, settings: TrainConfig, device: torch.device, engine: Engine | None = None) -> float:
+    """Mean loss per loss unit over the task's eval examples (:func:`held_out`'s ``eval_loss``)."""
+    return held_out(task, settings, device, engine)["eval_loss"]
+
+
+def measure_task(task: Task, settings: TrainConfig, device: torch.device,
+                 engine: Engine | None = None) -> dict[str, float]:
+    """What summary.json compares before and after training: the evaluators and the eval metrics."""
+    out = measure(task.evaluators, task.model)
+    if task.eval_metrics and task.eval_examples:
+        out.update({k: v for k, v in held_out(task, settings, device, engine).items() if k != "eval_loss"})
+    return out
 
 
 def eval_and_keep_best(task: Task, settings: TrainConfig, device: torch.device, state: TrainState,
@@ -64,7 +91,9 @@ def eval_and_keep_best(task: Task, settings: TrainConfig, device: torch.device, 
     record.update(measure(task.evaluators, task.model))
     if not task.eval_examples:
         return False, best
-    record["eval_loss"] = state.eval_loss = evaluate_loss(task, settings, device, engine)
+    results = held_out(task, settings, device, engine)  # eval_loss and the eval metrics, one pass
+    record.update(results)
+    state.eval_loss = results["eval_loss"]
     if settings.patience <= 0:
         return False, best
     if state.best_eval is None or state.eval_loss < state.best_eval:

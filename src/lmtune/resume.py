@@ -18,7 +18,7 @@ from lmtune import checkpoint as ckpt
 from lmtune import distributed, fsdp
 from lmtune.config import TrainConfig
 from lmtune.engine import Engine
-from lmtune.evaluation_loop import measure
+from lmtune.evaluation_loop import measure_task
 from lmtune.models.loading import trainable_state
 from lmtune.objectives.task import Task, TrainingError
 from lmtune.progress import TrainState
@@ -26,7 +26,7 @@ from lmtune.runlog import RunLog
 
 
 def start_or_resume(task: Task, settings: TrainConfig, optimizer: torch.optim.Optimizer, output_dir: Path,
-                    log: RunLog, ddp: distributed.Dist | None = None,
+                    log: RunLog, device: torch.device, ddp: distributed.Dist | None = None,
                     engine: Engine | None = None) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
     """A fresh state, or the newest good checkpoint's when resuming; evaluators measured before training."""
     ckpt_root = output_dir / "checkpoints"
@@ -53,8 +53,8 @@ def start_or_resume(task: Task, settings: TrainConfig, optimizer: torch.optim.Op
             best = load_file(output_dir / "best.safetensors")
         log.truncate_after(state.step)
         log.say(f"resumed from {found} at step {state.step}")
-    if task.evaluators and not state.before:  # a resume keeps the first process's "before"
-        state.before = measure(task.evaluators, task.model)
+    if (task.evaluators or task.eval_metrics) and not state.before:  # a resume keeps the first process's "before"
+        state.before = measure_task(task, settings, device, engine)
     return state, best
 
 

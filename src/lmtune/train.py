@@ -22,7 +22,7 @@ from lmtune import distributed, fsdp
 from lmtune.config import TrainConfig
 from lmtune.engine import Engine, autocast, to_device
 from lmtune.errors import Interrupted
-from lmtune.evaluation_loop import eval_and_keep_best, measure
+from lmtune.evaluation_loop import eval_and_keep_best, measure_task
 from lmtune.models.loading import param_counts
 from lmtune.objectives.task import Task, TrainingError
 from lmtune.progress import Clock, TrainState, throughput_line
@@ -135,7 +135,7 @@ def _train(task: Task, settings: TrainConfig, output_dir: Path, ddp: distributed
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG stays
         # Each rank its own dropout/sampling stream (rank 0: the one-process stream); data order is seeded apart.
         torch.manual_seed(distributed.rank_seed(settings.seed, ddp))
-        state, best = start_or_resume(task, settings, optimizer, output_dir, log, ddp, engine)
+        state, best = start_or_resume(task, settings, optimizer, output_dir, log, device, ddp, engine)
         if settings.compile:
             # The loss calls the body (base_model) and the head apart: compile the body, where the time goes.
             getattr(model, "base_model", model).compile()
@@ -169,7 +169,7 @@ def _train(task: Task, settings: TrainConfig, output_dir: Path, ddp: distributed
                     log.say(f"early stopping at step {state.step}: eval loss has not improved for "
                             f"{settings.patience} evaluations")
                     break
-        return _finish(task, state, best, clock, output_dir, log, main, ddp, engine)
+        return _finish(task, settings, device, state, best, clock, output_dir, log, main, ddp, engine)
 
 
 def _optimizer_step(task: Task, settings: TrainConfig, optimizer: torch.optim.Optimizer, state: TrainState,
@@ -259,8 +259,9 @@ def _due(step: int, every: int, total: int) -> bool:
     return (every > 0 and step % every == 0) or step == total
 
 
-def _finish(task: Task, state: TrainState, best: dict[str, torch.Tensor] | None, clock: Clock, output_dir: Path,
-            log: RunLog, main: bool, ddp: distributed.Dist | None, engine: Engine | None = None) -> dict[str, Any]:
+def _finish(task: Task, settings: TrainConfig, device: torch.device, state: TrainState,
+            best: dict[str, torch.Tensor] | None, clock: Clock, output_dir: Path, log: RunLog, main: bool,
+            ddp: distributed.Dist | None, engine: Engine | None = None) -> dict[str, Any]:
     """Restore the best weights (early stopping), save the result, write summary.json."""
     if engine is not None:
         engine.gather_full()
@@ -283,7 +284,7 @@ def _finish(task: Task, state: TrainState, best: dict[str, torch.Tensor] | None,
         "wall_seconds": time.perf_counter() - clock.begun, "elapsed_s": clock.elapsed(), **task.summary,
         "first_step_seconds": clock.first_step,
     }
-    for name, after in measure(task.evaluators, model).items():
+    for name, after in measure_task(task, settings, device, engine).items():
         summary[f"{name}_before"] = state.before[name]
         summary[f"{name}_after"] = after
         summary[f"{name}_change"] = after - state.before[name]

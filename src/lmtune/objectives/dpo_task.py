@@ -115,29 +115,6 @@ def reference_free_loss(loss_type: str, beta: float, gamma: float, smoothing: fl
     return loss
 
 
-@torch.no_grad()
-def reward_accuracy(model: Any, pairs: list[dict[str, Any]], loss: LossFn, pad_id: int,
-                    batch_size: int) -> dict[str, float]:
-    """Held-out implicit-reward accuracy and margin: the loss's own batch metrics, averaged over all pairs.
-
-    Returns:
-        ``eval_reward_accuracy`` (share of pairs whose chosen reward beats the rejected one;
-        ties do not count) and ``eval_reward_margin`` (mean chosen − rejected reward).
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    accuracy = margin = 0.0
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate_pairs(chunk, pad_id).items()}
-        _, metrics = loss(model, batch)
-        accuracy += metrics["rewards/accuracies"] * len(chunk)  # batch means -> sums over pairs
-        margin += metrics["rewards/margins"] * len(chunk)
-    model.train(was_training)
-    return {"eval_reward_accuracy": accuracy / len(pairs), "eval_reward_margin": margin / len(pairs)}
-
-
 def build_task(ctx: RunContext) -> Task:
     """DPO task: pairs in, summed DPO loss over the batch's pairs out."""
     cfg, tok = ctx.cfg, ctx.tokenizer
@@ -161,13 +138,13 @@ def build_task(ctx: RunContext) -> Task:
                 precompute_reference(pairs, reference, pad_id, cfg.train.batch_size, device)
             ctx.log.say(f"precomputed reference log-probs for {len(train_pairs) + len(eval_pairs or [])} pairs")
         loss = reference_loss(reference, loss_type, beta, smoothing)
-    evaluators = {}
-    if eval_pairs:
-        bs = cfg.train.batch_size
-        evaluators["eval_reward"] = lambda m: reward_accuracy(m, eval_pairs, loss, pad_id, bs)
+    # Held-out implicit-reward accuracy (chosen reward above the rejected one; ties do not count)
+    # and margin: the loss's own batch metrics, averaged over the eval pairs in the eval_loss pass.
+    eval_metrics = {"rewards/accuracies": "eval_reward_accuracy", "rewards/margins": "eval_reward_margin"}
 
     return Task(model=policy, batches=ctx.batches(train_pairs, lambda ps: collate_pairs(ps, pad_id)),
-                eval_examples=eval_pairs, loss=loss, save=prepared.save, evaluators=evaluators,
+                eval_examples=eval_pairs, loss=loss, save=prepared.save,
+                eval_metrics=eval_metrics if eval_pairs else {},
                 summary={"data": stats, "dpo": {"beta": beta, "loss": loss_type, "precompute_ref": precompute,
                                                  "reference_model": loss_type not in REFERENCE_FREE},
                          **prepared.summary})

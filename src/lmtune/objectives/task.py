@@ -106,7 +106,9 @@ class Task:
     ``eval_examples`` (collated like training examples) give ``eval_loss`` and early stopping;
     ``evaluators`` are measured before training, at every eval, and after (``<name>_before``,
     ``<name>_after`` in summary.json); one may return a dict of metrics, each then named by its
-    own key; ``regularizers`` add a penalty to every step's loss.
+    own key; ``eval_metrics`` names metrics of the loss itself (``{"rewards/accuracies":
+    "eval_reward_accuracy"}``) that the eval pass averages over the eval examples, reported like
+    evaluators without a second pass; ``regularizers`` add a penalty to every step's loss.
     """
 
     model: torch.nn.Module
@@ -115,6 +117,7 @@ class Task:
     save: Callable[[Path], None]
     eval_examples: list[Any] | None = None
     evaluators: dict[str, Callable[[torch.nn.Module], float | dict[str, float]]] = field(default_factory=dict)
+    eval_metrics: dict[str, str] = field(default_factory=dict)  # the loss's metric -> its eval name
     regularizers: list[Callable[[torch.nn.Module], torch.Tensor]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)  # method/objective facts for summary.json
 

@@ -84,7 +84,7 @@ def main() -> None:
         f"# DDP: tokens/s of 1 vs 2 processes, overlap on and off (commit {commit}{' DIRTY' if dirty else ''})",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, flags {' '.join(flags)}; "
-        f"1-minute load {load:.1f} at the end (above ~1 means other jobs shared the cores: noisy figures); "
+        f"1-minute load {load:.1f} at the end (its own 2 processes count in it; more means other jobs: noise); "
         f"2 processes compete for the same {os.cpu_count()} cores; read the ratios, not the absolute rates. "
         f"GPT-2 4×256, per-rank batch 8 × 17 tokens, {a.steps} steps, gloo, OMP_NUM_THREADS=1.",
         "",

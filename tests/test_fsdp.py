@@ -91,8 +91,8 @@ def _runs(tmp: Path, gpt2: Path, llama: Path, corpus: Path) -> dict[str, tuple[l
         # bias gets an exactly-zero gradient, whose rounding noise Adam would scale up to ±lr.
         "reward_full": ([f"model={gpt2}", "objective=reward", f"data.train={pairs}", "reward.center_coef=0.01",
                          "train.steps=2", FSDP], 4),
-        "reward_lora": ([f"model={llama}", "objective=reward", f"data.train={pairs}", "method=lora", "lora.r=4",
-                         "train.steps=3", FSDP], 4),
+        "reward_lora": ([f"model={llama}", "objective=reward", f"data.train={pairs}", f"data.eval={pairs}",
+                         "method=lora", "lora.r=4", "train.steps=3", "train.eval_every=2", FSDP], 4),
     }
 
 
@@ -116,11 +116,19 @@ def job(gpt2_dir, llama_dir, tmp_path_factory):
     return tmp, runs
 
 
-def _equal_to_one_process(job, name: str) -> None:
+def _one_process_run(job, name: str) -> Path:
+    """The folder of ``name`` run in one process with the global batch (run once per job)."""
     tmp, runs = job
     args, batch = runs[name]
     one = tmp / f"{name}-one"
-    one_process([*args, f"train.batch_size={batch}", f"output_dir={one}"])
+    if not (one / "summary.json").exists():
+        one_process([*args, f"train.batch_size={batch}", f"output_dir={one}"])
+    return one
+
+
+def _equal_to_one_process(job, name: str) -> None:
+    tmp, _ = job
+    one = _one_process_run(job, name)
     two = tmp / name
     _close(tensors(one), tensors(two))
     torch.testing.assert_close(_losses(two), _losses(one), rtol=1e-5, atol=1e-6)
@@ -131,6 +139,19 @@ def _equal_to_one_process(job, name: str) -> None:
                                   "classify", "reward_full", "reward_lora"])
 def test_fsdp_equals_one_process(job, name):
     _equal_to_one_process(job, name)
+
+
+def test_fsdp_reward_eval_equals_one_process(job):
+    # The held-out pass is sharded and reduced: eval_loss and pairwise accuracy (before, at step 2,
+    # after) are one process's.
+    tmp, _ = job
+    one_dir, two_dir = _one_process_run(job, "reward_lora"), tmp / "reward_lora"
+    one, two = (json.loads((d / "summary.json").read_text()) for d in (one_dir, two_dir))
+    for key in ("eval_loss", "pairwise_accuracy_before", "pairwise_accuracy_after"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+    evals = [m[k] for m in metrics(two_dir) if "eval_loss" in m for k in ("eval_loss", "pairwise_accuracy")]
+    want = [m[k] for m in metrics(one_dir) if "eval_loss" in m for k in ("eval_loss", "pairwise_accuracy")]
+    assert len(evals) == 4 and evals == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
 def test_lora_with_dropout_equals_ddp(job):
@@ -156,7 +177,7 @@ def test_bf16_policy_trains_and_saves_fp32_master_weights(job):
     (["train.compile=true"], ["train.compile is not supported with train.distributed.strategy=fsdp"]),
     (["objective=grpo"], ["objective=grpo is not supported with train.distributed.strategy=fsdp (its rollouts"]),
     (["objective=ppo"], ["objective=ppo is not supported with train.distributed.strategy=fsdp (its rollouts"]),
-    (["objective=reward", "data.eval={corpus}"], ["data.eval is not supported with train.distributed.strategy=fsdp "
+    (["objective=classify", "data.eval={corpus}"], ["data.eval is not supported with train.distributed.strategy=fsdp "
                                                   "(eval accuracy runs the model outside the sharded loss)"]),
 ])
 def test_what_fsdp_cannot_do_is_refused_before_the_model_loads(capsys, gpt2_dir, corpus, tmp_path, args, needles):

@@ -57,7 +57,7 @@ def check_config(cfg: Any) -> None:
         "regularize.l2_init": (cfg.regularize.l2_init, "the penalty compares sharded weights with full ones"),
         "dpo.precompute_ref": (cfg.dpo.precompute_ref, "it runs the policy outside the sharded loss"),
     }
-    if cfg.objective in ("classify", "reward"):  # their accuracy evaluators call the model outside the sharded loss
+    if cfg.objective == "classify":  # its per-task accuracy evaluators call the model outside the sharded loss
         blocked["data.eval"] = (cfg.data.eval, "eval accuracy runs the model outside the sharded loss")
     for name, (value, why) in blocked.items():
         if value:

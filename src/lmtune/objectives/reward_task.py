@@ -25,22 +25,6 @@ from lmtune.objectives.reward import bradley_terry_loss, new_reward_model, rewar
 from lmtune.objectives.task import RunContext, Task
 
 
-@torch.no_grad()
-def pairwise_accuracy(model: Any, pairs: list[dict[str, Any]], pad_id: int, batch_size: int) -> float:
-    """Share of pairs whose chosen text the model scores above the rejected one."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    right = 0
-    for start in range(0, len(pairs), batch_size):
-        batch = collate_pairs(pairs[start:start + batch_size], pad_id)
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        chosen, rejected = reward_scores(model, batch).chunk(2)  # (B,), (B,)
-        right += int((chosen > rejected).sum())
-    model.train(was_training)
-    return right / len(pairs)
-
-
 def build_task(ctx: RunContext) -> Task:
     """Reward-model task: one forward over chosen+rejected, Bradley–Terry loss per pair."""
     cfg, tok = ctx.cfg, ctx.tokenizer
@@ -60,16 +44,16 @@ def build_task(ctx: RunContext) -> Task:
         def save(out: Path) -> None:
             prepared.save(out)
             save_heads_in_adapter(Path(out), {"score": model.score})
-    pad_id, batch_size = tok.pad_token_id, cfg.train.batch_size
+    pad_id = tok.pad_token_id
 
     def loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         chosen, rejected = reward_scores(model, batch).chunk(2)  # (B,), (B,) one forward for both
         mean, metrics = bradley_terry_loss(chosen, rejected, batch.get("margin"), center)
         return mean * batch["num_loss_tokens"], metrics  # the loop divides by the window's pair count
 
-    evaluators = {}
-    if eval_pairs:
-        evaluators["pairwise_accuracy"] = lambda m: pairwise_accuracy(m, eval_pairs, pad_id, batch_size)
+    # Held-out pairwise accuracy (chosen scored above rejected): the loss's own batch accuracy,
+    # averaged over the eval pairs in the eval_loss pass (sharded under torchrun, FSDP2 included).
+    eval_metrics = {"accuracy": "pairwise_accuracy"} if eval_pairs else {}
     return Task(model=prepared.model, batches=ctx.batches(train_pairs, lambda ps: collate_pairs(ps, pad_id)),
-                eval_examples=eval_pairs, loss=loss, save=save, evaluators=evaluators,
+                eval_examples=eval_pairs, loss=loss, save=save, eval_metrics=eval_metrics,
                 summary={"data": stats, "reward": {"margin": margin, "center_coef": center}, **prepared.summary})

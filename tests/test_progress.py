@@ -185,8 +185,9 @@ def test_in_memory_eval_rows_satisfy_eval_every_and_patience(gpt2_dir, tmp_path)
 
 
 def test_dpo_held_out_pairs_go_through_one_pass_per_eval(gpt2_dir, tmp_path, monkeypatch):
-    # eval_loss and the reward accuracy/margin come from the same forward passes: before training,
-    # at each eval (steps 3 and 6) and after, so 4 passes over the eval pairs, besides 6 steps of 5.
+    # eval_loss and the reward accuracy/margin come from the same forward passes: before training
+    # and at each eval (steps 3 and 6); the "after" values are step 6's eval (the same weights), so
+    # 3 passes over the eval pairs, besides 6 steps of 5.
     from lmtune.objectives import dpo_task
 
     collated = []
@@ -195,4 +196,4 @@ def test_dpo_held_out_pairs_go_through_one_pass_per_eval(gpt2_dir, tmp_path, mon
     eval_rows = PAIRS[:3]
     lmtune.train(gpt2_dir, data=PAIRS, eval_data=eval_rows, output_dir=tmp_path / "run",
                  train={"steps": 6, "batch_size": 5, "eval_every": 3})
-    assert sum(collated) == 6 * 5 + 4 * len(eval_rows)
+    assert sum(collated) == 6 * 5 + 3 * len(eval_rows)

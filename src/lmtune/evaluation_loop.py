@@ -71,12 +71,20 @@ def evaluate_loss(task: Task, settings: TrainConfig, device: torch.device, engin
     return held_out(task, settings, device, engine)["eval_loss"]
 
 
-def measure_task(task: Task, settings: TrainConfig, device: torch.device,
-                 engine: Engine | None = None) -> dict[str, float]:
-    """What summary.json compares before and after training: the evaluators and the eval metrics."""
+def measure_task(task: Task, settings: TrainConfig, device: torch.device, engine: Engine | None = None,
+                 measured: dict[str, Any] | None = None) -> dict[str, float]:
+    """What summary.json compares before and after training: the evaluators and the eval metrics.
+
+    ``measured``: the record of an eval made on these very weights (the last step's); its eval
+    metrics are taken as they are instead of a second pass over the held-out examples.
+    """
     out = measure(task.evaluators, task.model)
     if task.eval_metrics and task.eval_examples:
-        out.update({k: v for k, v in held_out(task, settings, device, engine).items() if k != "eval_loss"})
+        names = list(task.eval_metrics.values())
+        if measured is not None and all(name in measured for name in names):
+            out.update({name: measured[name] for name in names})
+        else:
+            out.update({k: v for k, v in held_out(task, settings, device, engine).items() if k != "eval_loss"})
     return out
 
 

@@ -140,6 +140,7 @@ def _train(task: Task, settings: TrainConfig, output_dir: Path, ddp: distributed
             # The loss calls the body (base_model) and the head apart: compile the body, where the time goes.
             getattr(model, "base_model", model).compile()
         clock = Clock(state)
+        last_eval = None  # the record of an eval on the current weights, if the last step made one
         with _StopSignal() as stop, log.progress(steps, state.step) as bar:
             while state.step < steps:
                 clock.start()
@@ -149,6 +150,7 @@ def _train(task: Task, settings: TrainConfig, output_dir: Path, ddp: distributed
                 if _due(state.step, settings.eval_every, steps):
                     stop_early, best = eval_and_keep_best(task, settings, device, state, record, best,
                                                          output_dir if main else None, engine)
+                last_eval = record if "eval_loss" in record else None
                 state.elapsed_s = record["elapsed_s"] = clock.elapsed()  # saved with the checkpoint below
                 record["time"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
                 if state.step % settings.log_every == 0 or state.step in (1, steps) or "eval_loss" in record:
@@ -169,7 +171,7 @@ def _train(task: Task, settings: TrainConfig, output_dir: Path, ddp: distributed
                     log.say(f"early stopping at step {state.step}: eval loss has not improved for "
                             f"{settings.patience} evaluations")
                     break
-        return _finish(task, settings, device, state, best, clock, output_dir, log, main, ddp, engine)
+        return _finish(task, settings, device, state, best, clock, output_dir, log, main, ddp, engine, last_eval)
 
 
 def _optimizer_step(task: Task, settings: TrainConfig, optimizer: torch.optim.Optimizer, state: TrainState,
@@ -261,8 +263,13 @@ def _due(step: int, every: int, total: int) -> bool:
 
 def _finish(task: Task, settings: TrainConfig, device: torch.device, state: TrainState,
             best: dict[str, torch.Tensor] | None, clock: Clock, output_dir: Path, log: RunLog, main: bool,
-            ddp: distributed.Dist | None, engine: Engine | None = None) -> dict[str, Any]:
-    """Restore the best weights (early stopping), save the result, write summary.json."""
+            ddp: distributed.Dist | None, engine: Engine | None = None,
+            last_eval: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore the best weights (early stopping), save the result, write summary.json.
+
+    ``last_eval``: the final step's eval record; unless best weights replace the last ones, its
+    eval metrics are the "after" values (no second pass over the held-out examples).
+    """
     if engine is not None:
         engine.gather_full()
     model = task.model
@@ -284,7 +291,7 @@ def _finish(task: Task, settings: TrainConfig, device: torch.device, state: Trai
         "wall_seconds": time.perf_counter() - clock.begun, "elapsed_s": clock.elapsed(), **task.summary,
         "first_step_seconds": clock.first_step,
     }
-    for name, after in measure_task(task, settings, device, engine).items():
+    for name, after in measure_task(task, settings, device, engine, last_eval if best is None else None).items():
         summary[f"{name}_before"] = state.before[name]
         summary[f"{name}_after"] = after
         summary[f"{name}_change"] = after - state.before[name]

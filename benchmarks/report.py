@@ -219,7 +219,7 @@ def write_report(run: dict[str, Any], path: Path) -> None:
               "output head only on loss rows) per loss token × tokens/s ÷ the arm's own `torch.mm` peak for its "
               "dtype (best square product measured in the arm's process before and after training; the run-level "
               "probe above when missing)",
-              "- peak RSS: `ru_maxrss` of the arm's process (imports, model, data, training); "
+              "- peak RSS: `VmHWM` of the arm's own process (imports, model, data, training); "
               "RSS at start: after loading, before the first step", ""]
     lines += ["## Goals (issue 9)", ""] + goals(run, rows) + [""]
     for rung in s["models"]:
